@@ -1,0 +1,155 @@
+"""`mmlora` command line: archs, tokens, correctness, faults, bench.
+
+Exit codes: 0 success, 1 a divergence or regression was found, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message over several lines; we want one
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _ints(text: str, sep: str, n: int, flag: str) -> tuple[int, ...]:
+    parts = text.lower().split(sep)
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected {n} integers separated by {sep!r}") from None
+    if len(vals) != n:
+        raise UsageError(f"{flag} {text!r}: expected {n} integers separated by {sep!r}")
+    return vals
+
+
+def geometry_from_args(args) -> dict:
+    geom = {}
+    if args.tiles is not None:
+        geom["tiles"] = args.tiles
+    if args.grid is not None:
+        geom["grid"] = _ints(args.grid, ",", 3, "--grid")
+    if args.patches is not None:
+        geom["patches"] = _ints(args.patches, "x", 2, "--patches")
+    if args.image_size is not None:
+        geom["size"] = _ints(args.image_size, "x", 2, "--image-size")
+    if args.split is not None:
+        geom["split"] = _ints(args.split, "x", 2, "--split")
+    return geom
+
+
+def add_geometry_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image geometry (after preprocessing); each arch takes the flags `mmlora archs` lists")
+    g.add_argument("--tiles", type=int, help="tiled towers (llama4, internvl, llava_next): tiles of S x S")
+    g.add_argument("--grid", help="qwen-style T,H,W in patches (image_grid_thw)")
+    g.add_argument("--patches", help="gemma4 real patch grid HpxWp")
+    g.add_argument("--image-size", help="pixel size HxW for any-resolution towers (mistral3)")
+    g.add_argument("--split", help="idefics3/smolvlm sub-image grid ROWSxCOLS (0x0: global image only)")
+
+
+def parse_sets(items: Sequence[str] | None) -> dict:
+    from harness.arch import parse_set
+
+    out = {}
+    for item in items or ():
+        k, v = parse_set(item)
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------- subcommands
+def cmd_archs(args) -> int:
+    from harness.arch import all_archs
+
+    rows = []
+    for a in all_archs():
+        rows.append({
+            "arch": a.model_type, "model_class": a.model_class_name, "geometry": list(a.geometry_fields),
+            "tower": list(a.tower), "connector": list(a.connector), "language_model": list(a.language_model),
+            "lora_groups": list(a.lora_groups()),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['arch']:<12} geometry={','.join(r['geometry']):<8} tower={r['tower']} "
+                  f"connector={r['connector']} lm={r['language_model']} lora={r['lora_groups']}")
+    return 0
+
+
+def cmd_tokens(args) -> int:
+    from harness.arch import ImageGeometry, apply_overrides, get_arch
+
+    arch = get_arch(args.arch)
+    cfg = apply_overrides(arch.tiny_config(), parse_sets(args.set))
+    geom_kw = geometry_from_args(args)
+    geom = ImageGeometry(**geom_kw) if geom_kw else arch.default_geometry(cfg)
+    counts = arch.counts(cfg, geom)
+    print(json.dumps(counts.as_dict()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mmlora", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("archs", help="list registered architectures and their module groups")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_archs)
+
+    t = sub.add_parser("tokens", help="rows per group for one image: encoder_rows, connector_rows, lm_tokens")
+    t.add_argument("--arch", required=True)
+    t.add_argument("--set", action="append", metavar="dotted.key=value",
+                   help="override a key of the arch's tiny config (repeatable), e.g. vision_config.image_size=504")
+    add_geometry_flags(t)
+    t.set_defaults(func=cmd_tokens)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+# Modules that add subcommands (correctness, faults, bench); each exposes register(subparsers).
+_EXTRA_COMMAND_MODULES = ("harness.correctness_cli", "harness.bench.cli")
+
+
+def _extra_commands() -> list[Callable]:
+    import importlib
+
+    out = []
+    for mod in _EXTRA_COMMAND_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod and not mod.startswith(f"{e.name}."):
+                raise
+            continue
+        out.append(m.register)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError) as e:
+        msg = " ".join(str(e).split())  # one line, whatever the message held
+        prefix = "" if msg.startswith("mmlora") else "mmlora: error: "
+        print(f"{prefix}{msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Runtime side: HF weights with targeted modules swapped for Triton-kernel modules."""

@@ -1,0 +1,83 @@
+"""Measure, with forward hooks on a real tiny HF model, how many rows reach each group."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+
+import torch
+
+from harness.arch import ArchSpec, ImageGeometry, apply_overrides
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[-1]
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor:
+    if "hidden_states" in kwargs and isinstance(kwargs["hidden_states"], torch.Tensor):
+        return kwargs["hidden_states"]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise AssertionError("hooked module received no tensor")
+
+
+def make_config(arch: ArchSpec, overrides_json: str = "{}"):
+    cfg = arch.tiny_config()
+    apply_overrides(cfg, json.loads(overrides_json))
+    return cfg
+
+
+@functools.lru_cache(maxsize=32)
+def tiny_model(model_type: str, overrides_json: str = "{}"):
+    """Build (and cache: hypothesis draws geometries far more often than configs) a tiny model."""
+    from harness.arch import get_arch
+
+    arch = get_arch(model_type)
+    cfg = make_config(arch, overrides_json)
+    torch.manual_seed(0)
+    model = arch.model_class()(cfg).eval()
+    return cfg, model
+
+
+def build_input_ids(arch: ArchSpec, cfg, geoms: Sequence[ImageGeometry], n_text: int = 3) -> torch.Tensor:
+    lo, hi = arch.text_vocab_safe_ids(cfg)
+    ids: list[int] = list(range(lo, lo + n_text))
+    for g in geoms:
+        ids += arch.prompt_image_ids(cfg, g)
+        ids += list(range(lo, lo + n_text))
+    assert max(ids) < cfg.get_text_config().vocab_size
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def measure(arch: ArchSpec, cfg, model, geoms: Sequence[ImageGeometry], lm_tokens_override=None) -> dict:
+    """Run one forward and count rows at the arch's measure points."""
+    gen = torch.Generator().manual_seed(0)
+    pix = arch.build_pixel_inputs(cfg, geoms, gen)
+    input_ids = build_input_ids(arch, cfg, geoms)
+    counts = {"encoder": 0, "connector": 0}
+    points = arch.measure_points(model)
+    modules = dict(model.named_modules())
+    handles = []
+    for key, name in points.items():
+        if name not in modules:
+            raise AssertionError(f"measure point {name!r} is not a module of {type(model).__name__}")
+
+        def hook(mod, args, kwargs, key=key):
+            counts[key] += _rows(_first_tensor(args, kwargs))
+
+        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = arch.forward_logits(model, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **pix)
+    finally:
+        for h in handles:
+            h.remove()
+    counts["logits_rows"] = _rows(out)
+    counts["seq_len"] = input_ids.shape[1]
+    return counts

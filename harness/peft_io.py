@@ -1,0 +1,134 @@
+"""Read and validate an adapter folder that PEFT saved (adapter_config.json + adapter_model.safetensors).
+
+Shared by the reference (which still loads through PEFT itself, after this check gives a clear error)
+and the runtime (which stacks the tensors into slots). Safetensors only: a pickle is refused, unread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float     # alpha / r, or alpha / sqrt(r) with rsLoRA
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    path: Path
+    config: dict
+    modules: dict[str, LoraWeights]  # runtime module name -> weights
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # PEFT matches rank_pattern / alpha_pattern keys as a regex against the end of the module name
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(folder: str | Path) -> AdapterFile:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"adapter folder {str(folder)!r} does not exist")
+    cfg_path = folder / "adapter_config.json"
+    st_path = folder / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise ValueError(f"adapter folder {str(folder)!r} has no adapter_config.json")
+    if not st_path.is_file():
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        if pickled:
+            raise ValueError(f"adapter {str(folder)!r} holds only {pickled[0]} (a pickle): refused, "
+                             f"save it as safetensors")
+        raise ValueError(f"adapter folder {str(folder)!r} has no adapter_model.safetensors")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"adapter config {str(cfg_path)!r} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"adapter config {str(cfg_path)!r} is not a JSON object")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"adapter {str(folder)!r} has peft_type={config.get('peft_type')!r}; only LORA is supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), int | float) or config[key] <= 0:
+            raise ValueError(f"adapter config {str(cfg_path)!r}: {key}={config.get(key)!r} must be a positive number")
+    tensors = _read_safetensors(st_path)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            continue  # e.g. modules_to_save copies: not LoRA weights
+        pairs.setdefault(m["module"], {})[m["ab"]] = t
+    if not pairs:
+        raise ValueError(f"adapter {str(st_path)!r} holds no lora_A/lora_B tensors")
+    modules = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has lora_{''.join(ab)} but not both A and B")
+        A, B = ab["A"], ab["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has lora_A {tuple(A.shape)} and "
+                             f"lora_B {tuple(B.shape)} whose ranks disagree")
+        r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+        if A.shape[0] != r:
+            raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has rank {A.shape[0]} but the config "
+                             f"says r={r}")
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        for name, t in (("lora_A", A), ("lora_B", B)):
+            if not t.is_floating_point():
+                raise ValueError(f"adapter {str(st_path)!r}: {module}.{name} has dtype {t.dtype}, not floating point")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"adapter {str(st_path)!r}: {module}.{name} holds NaN or Inf")
+        modules[module] = LoraWeights(A, B, float(scale))
+    return AdapterFile(folder, config, modules)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] == b"\x80" or head == b"PK":  # pickle protocol marker / torch.save zip
+        raise ValueError(f"{str(path)!r} is a pickle / zip archive, not safetensors: refused, never unpickled")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{str(path)!r} is not a valid safetensors file ({first})") from None
+
+
+def check_against_model(adapter: AdapterFile, model: torch.nn.Module, prefix: str = "") -> None:
+    """Every adapted module exists in the model as a Linear-like layer with matching in/out features."""
+    modules = dict(model.named_modules())
+    for name, w in adapter.modules.items():
+        mod = modules.get(prefix + name)
+        if mod is None:
+            raise ValueError(f"adapter {str(adapter.path)!r} targets module {name!r}, which the model does not have")
+        base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+        in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        if in_f is None or out_f is None:
+            raise ValueError(f"adapter {str(adapter.path)!r} targets {name!r}, a {type(base).__name__}, not a Linear")
+        if w.A.shape[1] != in_f or w.B.shape[0] != out_f:
+            raise ValueError(
+                f"adapter {str(adapter.path)!r}: module {name!r} is Linear({in_f}->{out_f}) but lora_A is "
+                f"{tuple(w.A.shape)} and lora_B {tuple(w.B.shape)}"
+            )

@@ -1,0 +1,1 @@
+"""The truth: Hugging Face transformers + PEFT, run eagerly. Never imports the runtime."""

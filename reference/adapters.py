@@ -1,0 +1,133 @@
+"""PEFT LoRA adapters from the registry's recipes: created with non-zero B, saved and loaded as PEFT does.
+
+PEFT's default init makes B zero, so every adapter would equal the base model and every comparison would
+pass trivially: we draw A and B from a seeded normal instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.arch import ArchSpec
+from harness.peft_io import check_against_model, read_adapter
+
+BASE_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    groups: tuple[str, ...]
+    rank: int = 8
+    alpha: float = 16
+    rslora: bool = False
+    seed: int = 0
+
+    def groups_for(self, arch: ArchSpec) -> tuple[str, ...]:
+        """The groups this arch can adapt (e.g. Gemma3's projector has no Linear)."""
+        return tuple(g for g in self.groups if g in arch.lora_groups())
+
+
+# The default mix: everything (the Llama 4 tower/connector validation layout, r=8 alpha=16), LM only,
+# tower only with rsLoRA and another rank: every slot path and both scalings get exercised.
+DEFAULT_SPECS = (
+    AdapterSpec("all", ("tower", "connector", "language_model"), rank=8, alpha=16, seed=1),
+    AdapterSpec("lm", ("language_model",), rank=4, alpha=8, seed=2),
+    AdapterSpec("tower", ("tower",), rank=16, alpha=16, rslora=True, seed=3),
+)
+
+
+def default_specs(n: int) -> list[AdapterSpec]:
+    if n < 0:
+        raise ValueError(f"--adapters {n}: must be >= 0")
+    specs = list(DEFAULT_SPECS[:n])
+    for i in range(len(specs), n):  # beyond three: more full adapters with other ranks
+        specs.append(AdapterSpec(f"extra{i}", ("tower", "connector", "language_model"), rank=2 + 2 * (i % 4),
+                                 alpha=8, seed=10 + i))
+    return specs
+
+
+def lora_config(arch: ArchSpec, spec: AdapterSpec):
+    from peft import LoraConfig
+
+    groups = spec.groups_for(arch)
+    if not groups:
+        raise ValueError(f"adapter {spec.name!r}: {arch.model_type} has no LoRA target in groups {spec.groups}")
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, use_rslora=spec.rslora, lora_dropout=0.0,
+                      target_modules=arch.target_regex(groups), bias="none")
+
+
+@torch.no_grad()
+def randomize(peft_model, name: str, seed: int) -> None:
+    """Non-zero A and B: A ~ N(0, 1/in), B ~ N(0, 1/r) / 4, so a LoRA changes a module's output by a
+    visible but not dominant fraction of the base output."""
+    from peft.tuners.lora import LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    for _, mod in sorted(peft_model.named_modules(), key=lambda kv: kv[0]):
+        if isinstance(mod, LoraLayer) and name in mod.lora_A:
+            A, B = mod.lora_A[name].weight, mod.lora_B[name].weight
+            A.copy_(torch.randn(A.shape, generator=g) / math.sqrt(A.shape[1]))
+            B.copy_(torch.randn(B.shape, generator=g) / (4 * math.sqrt(B.shape[1])))
+
+
+def add_adapters(model: torch.nn.Module, arch: ArchSpec, specs: Sequence[AdapterSpec]):
+    """Wrap `model` in a PeftModel holding every spec as a named adapter (random non-zero weights)."""
+    from peft import get_peft_model
+
+    if not specs:
+        raise ValueError("at least one adapter spec is needed")
+    peft_model = None
+    for spec in specs:
+        cfg = lora_config(arch, spec)
+        if peft_model is None:
+            peft_model = get_peft_model(model, cfg, adapter_name=spec.name)
+        else:
+            peft_model.add_adapter(spec.name, cfg)
+        randomize(peft_model, spec.name, spec.seed)
+    peft_model.eval()
+    return peft_model
+
+
+def save_adapters(peft_model, folder: str | Path) -> dict[str, Path]:
+    """One PEFT folder per adapter (adapter_config.json + adapter_model.safetensors)."""
+    folder = Path(folder)
+    out = {}
+    for name in peft_model.peft_config:
+        target = folder / name
+        target.mkdir(parents=True, exist_ok=True)
+        peft_model.save_pretrained(str(target), selected_adapters=[name], safe_serialization=True)
+        nested = target / name  # PEFT nests non-"default" adapters one level down
+        if nested.is_dir():
+            for f in nested.iterdir():
+                f.replace(target / f.name)
+            nested.rmdir()
+        out[name] = target
+    return out
+
+
+def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
+    """Load PEFT-saved adapters (any PEFT, not only ours) onto `model` after a clear-error pre-check."""
+    from peft import PeftModel
+
+    if not folders:
+        raise ValueError("no adapter folders given")
+    for name, folder in folders.items():
+        check_against_model(read_adapter(folder), model)
+    peft_model = None
+    for name, folder in folders.items():
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+            else:
+                peft_model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        except (ValueError, RuntimeError, KeyError) as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
+    peft_model.eval()
+    return peft_model

@@ -1,0 +1,112 @@
+"""Forward hooks recording every LoRA-carrying module's input and output, plus the group boundaries,
+keyed by the HF module name (PEFT's `base_model.model.` prefix removed), moved to CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from harness.arch import ArchSpec
+from harness.split import LM_IMAGE_EMBEDS, TOWER_OUT
+
+BASE_PREFIX = "base_model.model."
+
+
+def _first_tensor(args, kwargs, *names) -> torch.Tensor | None:
+    for n in names:
+        if isinstance(kwargs.get(n), torch.Tensor):
+            return kwargs[n]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def _out_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list):
+        return out[0]
+    return out[0]  # ModelOutput
+
+
+class Recorder:
+    """Collects {name: {"in": [tensors], "out": [tensors]}} over one forward; several calls are kept in
+    order (a module can run once per image)."""
+
+    def __init__(self, root: torch.nn.Module, names: Iterable[str], arch: ArchSpec, prefix: str = ""):
+        self.records: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self._handles = []
+        modules = dict(root.named_modules())
+        for name in names:
+            mod = modules[prefix + name]
+            self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
+        base = root.get_submodule(prefix.rstrip(".")) if prefix else root
+        conn = arch.measure_points(base).get("connector")
+        if conn is not None and prefix + conn in modules:
+            self._handles.append(modules[prefix + conn].register_forward_pre_hook(
+                self._pre(TOWER_OUT), with_kwargs=True))
+        lm_root = prefix + arch.language_model[0].rstrip(".")
+        self._image_token = None
+        if lm_root in modules:
+            self._handles.append(modules[lm_root].register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+
+    def _put(self, name, key, t):
+        self.records.setdefault(name, {"in": [], "out": []})[key].append(t.detach().to("cpu", copy=True))
+
+    def _hook(self, name):
+        def hook(_mod, args, kwargs, out):
+            x = _first_tensor(args, kwargs, "hidden_states", "input", "x")
+            if x is not None:
+                self._put(name, "in", x)
+            self._put(name, "out", _out_tensor(out))
+        return hook
+
+    def _pre(self, name):
+        def hook(_mod, args, kwargs):
+            x = _first_tensor(args, kwargs, "hidden_states", "input", "x")
+            if x is not None:
+                self._put(name, "out", x)
+        return hook
+
+    def set_image_positions(self, mask: torch.Tensor) -> None:
+        self._image_token = mask
+
+    def _lm_pre(self, _mod, args, kwargs):
+        emb = kwargs.get("inputs_embeds")
+        if isinstance(emb, torch.Tensor) and self._image_token is not None:
+            self._put(LM_IMAGE_EMBEDS, "out", emb[self._image_token.to(emb.device)])
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def lora_module_names(peft_model) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [n.removeprefix(BASE_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def save_captures(captures: list[dict[str, dict[str, torch.Tensor]]], path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    flat = {f"{i}/{name}/{k}": t.contiguous() for i, c in enumerate(captures) for name, io in c.items()
+            for k, t in io.items()}
+    save_file(flat, str(path))
+
+
+def load_captures(path: str | Path) -> list[dict[str, dict[str, torch.Tensor]]]:
+    from safetensors.torch import load_file
+
+    flat = load_file(str(path))
+    n = 1 + max(int(k.split("/", 1)[0]) for k in flat) if flat else 0
+    out: list[dict] = [{} for _ in range(n)]
+    for key, t in flat.items():
+        i, rest = key.split("/", 1)
+        name, k = rest.rsplit("/", 1)
+        out[int(i)].setdefault(name, {})[k] = t
+    return out

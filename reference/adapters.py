@@ -117,7 +117,7 @@ def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
 
     if not folders:
         raise ValueError("no adapter folders given")
-    for name, folder in folders.items():
+    for folder in folders.values():
         check_against_model(read_adapter(folder), model)
     peft_model = None
     for name, folder in folders.items():

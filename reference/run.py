@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from harness.arch import ArchSpec
+from harness.capture import Captures, Recorder, split_records
 from harness.requests import Batch, Request, build_batch
-from harness.split import LOGITS, split_capture
-from reference.capture import BASE_PREFIX, Recorder, lora_module_names
+from harness.split import LOGITS
 
-Captures = list[dict[str, dict[str, torch.Tensor]]]  # per request: module -> {"in", "out"} [rows, features]
+BASE_PREFIX = "base_model.model."
 MODES = ("single", "grouped", "peft_mixed")
 
 
@@ -33,6 +33,12 @@ class ReferenceRun:
 
     def logits(self, i: int) -> torch.Tensor:
         return self.captures[i][LOGITS]["out"]
+
+
+def lora_module_names(peft_model) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [n.removeprefix(BASE_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def _adapter_ctx(peft_model, adapter: str | None):
@@ -53,17 +59,7 @@ def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str],
             logits = arch.forward_logits(peft_model, **batch.model_inputs(), **extra)
     finally:
         rec.close()
-    rec.records[LOGITS] = {"in": [], "out": [logits.detach().cpu()]}
-    l_max = batch.input_ids.shape[1]
-    out: Captures = [{} for _ in batch.requests]
-    for name, io in rec.records.items():
-        for key, pieces in io.items():
-            if not pieces:
-                continue
-            for i, t in enumerate(split_capture(arch, config, batch.requests, batch.lengths, l_max, name, pieces)):
-                if t.shape[0]:  # a request without images has no tower / connector rows
-                    out[i].setdefault(name, {})[key] = t
-    return out
+    return split_records(rec.records, arch, config, batch, logits)
 
 
 def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request], mode: str = "single",

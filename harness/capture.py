@@ -1,4 +1,4 @@
-"""Forward hooks recording every LoRA-carrying module's input and output, plus the group boundaries,
+"""Shared by the reference and the runtime: forward hooks recording every LoRA-carrying module's input and output, plus the group boundaries,
 keyed by the HF module name (PEFT's `base_model.model.` prefix removed), moved to CPU."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from harness.arch import ArchSpec
-from harness.split import LM_IMAGE_EMBEDS, TOWER_OUT
+from harness.split import LM_IMAGE_EMBEDS, LOGITS, TOWER_OUT, split_capture
 
-BASE_PREFIX = "base_model.model."
+Captures = list[dict[str, dict[str, torch.Tensor]]]  # per request: module -> {"in", "out"} [rows, features]
 
 
 def _first_tensor(args, kwargs, *names) -> torch.Tensor | None:
@@ -85,10 +85,20 @@ class Recorder:
         self._handles.clear()
 
 
-def lora_module_names(peft_model) -> list[str]:
-    from peft.tuners.lora import LoraLayer
-
-    return [n.removeprefix(BASE_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+def split_records(records: dict, arch: ArchSpec, config, batch, logits: torch.Tensor) -> Captures:
+    """Per-request captures from one batched forward, rows split with the registry's formulas."""
+    records = dict(records)
+    records[LOGITS] = {"in": [], "out": [logits.detach().cpu()]}
+    l_max = batch.input_ids.shape[1]
+    out: Captures = [{} for _ in batch.requests]
+    for name, io in records.items():
+        for key, pieces in io.items():
+            if not pieces:
+                continue
+            for i, t in enumerate(split_capture(arch, config, batch.requests, batch.lengths, l_max, name, pieces)):
+                if t.shape[0]:  # a request without images has no tower / connector rows
+                    out[i].setdefault(name, {})[key] = t
+    return out
 
 
 def save_captures(captures: list[dict[str, dict[str, torch.Tensor]]], path: str | Path) -> None:

@@ -1,0 +1,93 @@
+"""Model sources shared by reference and runtime: a tiny random model from the registry's config, or a local checkpoint folder.
+
+Checkpoints load offline, from safetensors only, never with remote code; a missing or mis-shaped tensor
+is an error (transformers would otherwise leave it randomly initialised with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.arch import ArchSpec, apply_overrides, get_arch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_device(device: str) -> torch.device:
+    dev = torch.device(device) if device in ("cpu", "cuda") or device.startswith("cuda:") else None
+    if dev is None:
+        raise ValueError(f"unknown device {device!r}; expected cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def build_tiny(arch: ArchSpec | str, overrides: dict | None = None, seed: int = 0) -> tuple[Any, torch.nn.Module]:
+    """Random-init model from the registry's tiny config; the seed makes the weights reproducible."""
+    arch = get_arch(arch) if isinstance(arch, str) else arch
+    cfg = apply_overrides(arch.tiny_config(), overrides or {})
+    torch.manual_seed(seed)
+    model = arch.model_class()(cfg).eval()
+    return cfg, model
+
+
+def save_checkpoint(model: torch.nn.Module, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def read_checkpoint_config(folder: str | Path) -> tuple[ArchSpec, dict]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"checkpoint folder {str(folder)!r} has no config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(cfg_path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{str(cfg_path)!r} has no model_type")
+    arch = get_arch(model_type)
+    if not isinstance(raw.get("vision_config"), dict):
+        raise ValueError(f"{str(cfg_path)!r} (model_type {model_type!r}) has no vision_config: not a vision-language model")
+    return arch, raw
+
+
+def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> tuple[ArchSpec, Any, torch.nn.Module]:
+    folder = Path(folder)
+    arch, _ = read_checkpoint_config(folder)
+    if not any(folder.glob("*.safetensors")):
+        pickled = [p.name for p in folder.glob("*.bin")]
+        what = f"only {pickled[0]} (a pickle, refused)" if pickled else "no *.safetensors file"
+        raise ValueError(f"checkpoint folder {str(folder)!r} has {what}")
+    try:
+        model, info = arch.model_class().from_pretrained(
+            folder, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True,
+        )
+    except (RuntimeError, OSError, ValueError) as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(f"checkpoint {str(folder)!r} does not load: {first.strip()}") from None
+    missing = list(info.get("missing_keys", []))
+    mismatched = list(info.get("mismatched_keys", []))
+    if mismatched:
+        raise ValueError(f"checkpoint {str(folder)!r}: tensor {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]!r} has the wrong shape")
+    if missing:
+        raise ValueError(f"checkpoint {str(folder)!r} is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
+    return arch, model.config, model.to(device).eval()

@@ -136,7 +136,22 @@ def _extra_commands() -> list[Callable]:
     return out
 
 
+def _quiet_libraries() -> None:
+    # progress bars and deprecation chatter from transformers would bury the harness's own progress lines
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

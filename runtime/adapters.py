@@ -25,6 +25,7 @@ class SlotTables:
     A: dict[str, torch.Tensor] = field(default_factory=dict)
     B: dict[str, torch.Tensor] = field(default_factory=dict)
     slot_of: dict[str, int] = field(default_factory=dict)
+    configs: dict[str, dict] = field(default_factory=dict)  # adapter name -> its adapter_config.json
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -66,12 +67,14 @@ class SlotTables:
             # fold the scale in fp32, then cast once
             self.B[module][slot, :, :r] = (w.B.to(self.device, torch.float32) * w.scale).to(self.dtype)
         self.slot_of[name] = slot
+        self.configs[name] = dict(adapter.config)
         return slot
 
     def unload(self, name: str) -> None:
         if name not in self.slot_of:
             raise ValueError(f"adapter {name!r} is not loaded")
         self._clear(self.slot_of.pop(name))
+        self.configs.pop(name, None)
 
     def _clear(self, slot: int) -> None:
         for module in self.shapes:

@@ -54,6 +54,8 @@ class LoRALinear(torch.nn.Module):
 
 
 class RuntimeModel:
+    """Swap LoRA-target Linears of an HF model for `LoRALinear`; adapters live in `tables` slots."""
+
     def __init__(self, arch: ArchSpec, config, model: torch.nn.Module, *, max_slots: int = 8, r_max: int = 16,
                  extra_targets: Iterable[str] = (), kernel: str = "triton"):
         if kernel not in KERNELS:
@@ -76,7 +78,11 @@ class RuntimeModel:
             holder = model.get_submodule(parent) if parent else model
             setattr(holder, child, LoRALinear(getattr(holder, child), n, arch.group_of(n), self))
         self.device = p.device
-        self.slot_transform = None  # seeded faults hook in here: (name, group, slots) -> slots
+        # seeded faults (harness/faults.py) hook in here; all None in a healthy runtime
+        self.slot_transform = None   # (name, group, slots) -> slots
+        self.group_transform = None  # (name, group) -> group the module's rows are looked up in
+        self.counters: dict | None = None  # group -> row-count function replacing the registry's
+        self.mapping_transform = None  # (Mapping, requests, lengths) -> Mapping
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kw):
@@ -94,18 +100,27 @@ class RuntimeModel:
 
     # ------------------------------------------------------------------ running
     def slots_for(self, name: str, group: str, rows: int) -> torch.Tensor:
+        if self.group_transform is not None:
+            group = self.group_transform(name, group)
         slots = self.mapping.for_module(name, group, rows)
         if self.slot_transform is not None:
             slots = self.slot_transform(name, group, slots)
         return slots
 
+    def make_mapping(self, requests: Sequence[Request], lengths: Sequence[int], l_max: int,
+                     counters: dict | None = None) -> Mapping:
+        slots = [self.tables.slot(r.adapter) for r in requests]
+        mapping = build_mapping(self.arch, self.config, requests, slots, l_max, self.device,
+                                {**(self.counters or {}), **(counters or {})})
+        if self.mapping_transform is not None:
+            mapping = self.mapping_transform(mapping, requests, lengths)
+        return mapping
+
     def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None,
             counters: dict | None = None) -> Captures:
         """One batched forward of a mixed batch; per-request captures of every LoRA module + boundaries."""
         batch = build_batch(self.arch, self.config, requests).to(self.device, dtype)
-        slots = [self.tables.slot(r.adapter) for r in requests]
-        self.mapping = build_mapping(self.arch, self.config, requests, slots, batch.input_ids.shape[1],
-                                     self.device, counters)
+        self.mapping = self.make_mapping(requests, batch.lengths, batch.input_ids.shape[1], counters)
         rec = Recorder(self.model, self.lora_names, self.arch)
         rec.set_image_positions(batch.input_ids == self.arch.image_token_id(self.config))
         try:

@@ -1,0 +1,244 @@
+"""The correctness engine: reference (HF + PEFT, each request alone) vs runtime (one mixed batch), every
+LoRA module and group boundary, per request, in two modes:
+
+  e2e     each side feeds itself: shows drift through the model
+  replay  each runtime LoRA module is fed the reference's recorded inputs for the whole batch (with the
+          runtime's own batch mapping), so the first faulty module is named exactly
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.arch import ArchSpec, get_arch
+from harness.checkpoint import build_tiny, check_device, load_checkpoint, parse_dtype, save_checkpoint
+from harness.compare import Row, compare_tensors, error_metrics, first_divergence, tolerance
+from harness.requests import Request, make_request
+from harness.split import BOUNDARY_GROUP, group_row_counts, split_rows
+from reference.adapters import add_adapters, default_specs, load_adapters, save_adapters
+from reference.run import run_reference
+from runtime.mapping import MappingError
+from runtime.model import RuntimeModel
+
+MODES = ("e2e", "replay")
+
+
+@dataclass
+class Options:
+    archs: Sequence[str]
+    model: str = "tiny"
+    adapters: dict[str, str] = field(default_factory=dict)
+    n_adapters: int = 3
+    dtype: str = "fp32"
+    device: str = "cpu"
+    modes: Sequence[str] = MODES
+    fault: str | None = None
+    kernel: str = "triton"
+    seed: int = 0
+
+
+@dataclass
+class ArchResult:
+    arch: str
+    rows: list[Row]
+    summary: dict
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_requests(arch: ArchSpec, config, adapter_names: Sequence[str]) -> list[Request]:
+    """One image per adapter, a no-adapter image, a two-image request, a text-only request."""
+    g = arch.default_geometry(config)
+    names = list(adapter_names)
+    mix = [(n, [g]) for n in names] + [(None, [g])]
+    mix.append((names[-1] if names else None, [g, g]))
+    mix.append((names[0] if names else None, []))
+    mix.append((None, []))
+    return [make_request(arch, config, ims, a, seed=i) for i, (a, ims) in enumerate(mix)]
+
+
+def _order(captures) -> list[str]:
+    order: list[str] = []
+    for c in sorted(captures, key=len, reverse=True):
+        for n in c:
+            if n not in order:
+                order.append(n)
+    return order
+
+
+def _row(arch, i, req, mode, order, name, tol, dtype, metrics, detail=""):
+    group = BOUNDARY_GROUP.get(name) or arch.group_of(name)
+    return Row(arch.model_type, i, req.adapter or "-", mode, order, name, group,
+               "boundary" if name.startswith("@") else "lora", dtype, tol.atol, tol.rtol, metrics, detail)
+
+
+def _module_of_error(msg: str, fallback: str) -> str:
+    m = re.search(r"module '([^']+)'", msg)
+    return m.group(1) if m else fallback
+
+
+def compare_e2e(arch, reqs, ref, got, order, dtype) -> list[Row]:
+    tol = tolerance(dtype, "e2e")
+    rows = []
+    for i, req in enumerate(reqs):
+        for name in order:
+            if name not in ref[i]:
+                continue
+            if name not in got[i]:
+                rows.append(_row(arch, i, req, "e2e", order.index(name), name, tol, dtype,
+                                 error_metrics("missing"), "runtime did not capture this module"))
+                continue
+            m = compare_tensors(ref[i][name]["out"], got[i][name]["out"], tol)
+            rows.append(_row(arch, i, req, "e2e", order.index(name), name, tol, dtype, m))
+    return rows
+
+
+def replay(arch, config, rt: RuntimeModel, reqs, ref, order, dtype, device, torch_dtype) -> list[Row]:
+    """Feed every runtime LoRA module the reference's inputs for the whole batch at once."""
+    tol = tolerance(dtype, "replay")
+    rows = []
+    lengths = [len(r.prompt_ids) for r in reqs]
+    l_max = max(lengths)
+    for name in order:
+        if name not in rt.tables.shapes:
+            continue
+        group = arch.group_of(name)
+        have = [i for i in range(len(reqs)) if name in ref[i] and "in" in ref[i][name]]
+        if not have:
+            continue
+        if group == "language_model":
+            d = ref[have[0]][name]["in"].shape[-1]
+            x = torch.zeros(len(reqs), l_max, d, dtype=torch_dtype)
+            for i in have:
+                x[i, : lengths[i]] = ref[i][name]["in"]
+            counts = None
+        else:
+            x = torch.cat([ref[i][name]["in"] for i in have])
+            counts = group_row_counts(arch, config, reqs, group)
+        module = rt.model.get_submodule(name)
+        try:
+            rt.mapping = rt.make_mapping(reqs, lengths, l_max)
+            with torch.no_grad():
+                y = module(x.to(device)).cpu()
+            pieces = split_rows(y, group, counts, lengths, l_max, name)
+        except MappingError as e:
+            for i in have:
+                rows.append(_row(arch, i, reqs[i], "replay", order.index(name), name, tol, dtype,
+                                 error_metrics(str(e)), " ".join(str(e).split())))
+            continue
+        finally:
+            rt.mapping = None
+        for i in have:
+            m = compare_tensors(ref[i][name]["out"], pieces[i], tol)
+            rows.append(_row(arch, i, reqs[i], "replay", order.index(name), name, tol, dtype, m))
+    return rows
+
+
+def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
+    from harness.faults import get_fault
+
+    t0 = time.time()
+    torch_dtype = parse_dtype(opts.dtype)
+    device = check_device(opts.device)
+    fault = get_fault(opts.fault) if opts.fault else None
+    # --- one set of weights for both sides, through the real loading code
+    if opts.model == "tiny":
+        arch = get_arch(arch_name)
+        _, model = build_tiny(arch, seed=opts.seed)
+        ckpt = save_checkpoint(model, workdir / arch_name / "ckpt")
+        del model
+    else:
+        ckpt = Path(opts.model)
+    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
+    if opts.adapters:
+        folders = {k: Path(v) for k, v in opts.adapters.items()}
+        pm = load_adapters(ref_model, folders)
+    else:
+        specs = default_specs(opts.n_adapters)
+        if not specs:
+            pm, folders = None, {}
+        else:
+            pm = add_adapters(ref_model, arch, specs)
+            folders = save_adapters(pm, workdir / arch.model_type / "adapters")
+    reqs = default_requests(arch, config, list(folders))
+    _log(f"  {arch.model_type}: reference ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
+    if pm is None:
+        pm = add_adapters(ref_model, arch, default_specs(1))  # hooks only: every request runs with none
+    ref = run_reference(pm, arch, config, reqs, "single", device, torch_dtype).captures
+    del pm, ref_model
+    ranks = [int(v.get("r", 1)) for v in _adapter_configs(folders)] or [1]
+    rt = RuntimeModel.from_checkpoint(ckpt, dtype=torch_dtype, device=device, kernel=opts.kernel,
+                                      max_slots=max(8, len(folders)), r_max=max(16, *ranks))
+    for name, folder in folders.items():
+        rt.load_adapter(name, folder)
+    if fault is not None:
+        fault.apply(rt)
+    order = _order(ref)
+    rows: list[Row] = []
+    summary: dict = {"arch": arch.model_type, "requests": [{"adapter": r.adapter, "images": len(r.images),
+                                                             "tokens": len(r.prompt_ids)} for r in reqs]}
+    if "e2e" in opts.modes:
+        _log(f"  {arch.model_type}: runtime e2e")
+        try:
+            got = rt.run(reqs)
+            rows += compare_e2e(arch, reqs, ref, got, order, opts.dtype)
+        except MappingError as e:
+            name = _module_of_error(str(e), order[0])
+            tol = tolerance(opts.dtype, "e2e")
+            rows += [_row(arch, i, r, "e2e", order.index(name) if name in order else 0, name, tol, opts.dtype,
+                          error_metrics(str(e)), " ".join(str(e).split())) for i, r in enumerate(reqs)
+                     if name in ref[i]] or [_row(arch, 0, reqs[0], "e2e", 0, name, tol, opts.dtype,
+                                                 error_metrics(str(e)), str(e))]
+    if "replay" in opts.modes:
+        _log(f"  {arch.model_type}: replay of {len(rt.lora_names)} LoRA modules")
+        rows += replay(arch, config, rt, reqs, ref, order, opts.dtype, device, torch_dtype)
+    for mode in opts.modes:
+        first = first_divergence([r for r in rows if r.mode == mode])
+        summary.setdefault("first_divergence", {})[mode] = None if first is None else {
+            "module": first.module, "group": first.group, "request": first.request, "status": first.metrics.status,
+            "max_abs": first.metrics.max_abs, "detail": first.detail}
+    worst: dict = {}
+    for r in rows:
+        if r.metrics.max_abs == r.metrics.max_abs:  # not NaN
+            key = f"{r.mode}/{r.group}"
+            worst[key] = max(worst.get(key, 0.0), r.metrics.max_abs)
+    summary["max_abs_by_group"] = worst
+    summary["ok"] = all(r.metrics.ok for r in rows)
+    if fault is not None:
+        expected = fault.expected_first(rt, order)
+        got_first = (summary["first_divergence"].get("replay") or {}).get("module")
+        summary["fault"] = {"name": fault.name, "breaks": fault.breaks, "expected_first": expected,
+                            "first_replay": got_first, "caught": expected is not None and got_first == expected}
+    summary["seconds"] = round(time.time() - t0, 2)
+    _log(f"  {arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
+    return ArchResult(arch.model_type, rows, summary)
+
+
+def _adapter_configs(folders) -> list[dict]:
+    import json
+
+    return [json.loads((Path(f) / "adapter_config.json").read_text()) for f in folders.values()]
+
+
+def run(opts: Options) -> list[ArchResult]:
+    for m in opts.modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; expected one of {', '.join(MODES)}")
+    parse_dtype(opts.dtype)
+    check_device(opts.device)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mmlora-work-") as tmp:
+        for k, name in enumerate(opts.archs, 1):
+            _log(f"[{k}/{len(opts.archs)}] {name}")
+            results.append(run_arch(name, opts, Path(tmp)))
+    return results

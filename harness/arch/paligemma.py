@@ -1,0 +1,122 @@
+"""PaliGemma (1 and 2): SigLIP tower at one fixed resolution, one Linear projector, Gemma LM.
+
+The processor resizes every image to S x S; the tower runs (S/p)^2 patch rows (no CLS, no pooling head
+in PaliGemma checkpoints), all of which reach the projector's Linear and the prompt: (S/p)^2 placeholders
+per image, written before <bos> and the text. Geometry: `size`, the pixel (H, W) fed to the tower,
+which must be exactly (S, S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from harness.arch import register
+from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+
+
+@dataclass(frozen=True)
+class PaliGemma(ArchSpec):
+    model_type = "paligemma"
+    model_class_name = "PaliGemmaForConditionalGeneration"
+
+    tower: tuple[str, ...] = ("model.vision_tower.",)
+    connector: tuple[str, ...] = ("model.multi_modal_projector.",)
+    language_model: tuple[str, ...] = ("model.language_model.",)
+    lora_targets: dict = field(default_factory=lambda: {
+        "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
+        "connector": r"model\.multi_modal_projector\.linear",
+        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
+                          r"|mlp\.(gate|up|down)_proj)",
+    })
+    geometry_fields: tuple[str, ...] = ("size",)
+
+    # ---------------------------------------------------------------- formulas
+    @staticmethod
+    def _side(config) -> int:
+        vc = config.vision_config
+        # SigLIP's patch conv (stride p) and its position table both use S // p
+        side = vc.image_size // vc.patch_size
+        if side < 1:
+            raise ValueError(
+                f"invalid geometry: image_size={vc.image_size} is smaller than patch_size={vc.patch_size}"
+            )
+        return side
+
+    def _validate(self, config, geom: ImageGeometry) -> None:
+        self._side(config)
+        if not isinstance(geom.size, tuple) or len(geom.size) != 2:
+            raise ValueError(f"invalid geometry: size={geom.size!r} must be (H, W)")
+        h, w = geom.size
+        require_int("H", h)
+        require_int("W", w)
+        s = config.vision_config.image_size
+        if (h, w) != (s, s):
+            # SigLIP's position table holds (S/p)^2 rows: any other size fails inside the embeddings
+            raise ValueError(
+                f"invalid geometry: size=({h}, {w}) must be the tower's image_size ({s}, {s}) "
+                "(the processor resizes to it)"
+            )
+
+    def _counts(self, config, geom: ImageGeometry) -> TokenCounts:
+        n = self._side(config) ** 2
+        return TokenCounts(encoder_rows=n, connector_rows=n, lm_tokens=n)
+
+    def default_geometry(self, config) -> ImageGeometry:
+        s = config.vision_config.image_size
+        return ImageGeometry(size=(s, s))
+
+    def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
+        s = config.vision_config.image_size
+        if valid:
+            return ImageGeometry(size=(s, s))
+        kind = draw("invalid kind", 0, 2)
+        off = draw("offset", 1, s)
+        if kind == 0:
+            return ImageGeometry(size=(s, s + off))
+        if kind == 1:
+            return ImageGeometry(size=(s + off, s))
+        return ImageGeometry(size=(draw("H", -2, 0), s))
+
+    def invalid_config_variants(self) -> list[dict]:
+        return [{"vision_config.image_size": 2}]  # smaller than one 4-pixel patch
+
+    # ---------------------------------------------------------------- models and inputs
+    def tiny_config(self, seed_overrides=None):
+        from transformers import PaliGemmaConfig
+
+        return PaliGemmaConfig(
+            text_config=dict(
+                model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=8, vocab_size=256,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2,
+            ),
+            vision_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=32, patch_size=4, vision_use_head=False,
+            ),
+            # projection_dim is copied into vision_config and must equal the LM hidden size;
+            # top-level vocab_size / hidden_size are legacy mirrors of the text config
+            projection_dim=32, hidden_size=32, vocab_size=256, image_token_index=250,
+        )
+
+    def config_variants(self) -> list[dict]:
+        return [
+            {},  # 8x8 patches
+            {"vision_config.image_size": 48, "vision_config.patch_size": 8},  # 6x6
+            {"vision_config.image_size": 40},  # 10x10
+        ]
+
+    def build_pixel_inputs(self, config, geoms, generator) -> dict:
+        for g in geoms:
+            self.validate_geometry(config, g)
+        s = config.vision_config.image_size
+        return {"pixel_values": torch.randn(len(geoms), 3, s, s, generator=generator)}
+
+    def measure_points(self, model) -> dict[str, str]:
+        return {"encoder": "model.vision_tower.encoder.layers.0",
+                "connector": "model.multi_modal_projector.linear"}
+
+
+register(PaliGemma())

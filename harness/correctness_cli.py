@@ -101,7 +101,8 @@ def _depth_plot(r) -> str:
                 ax.semilogy(xs, [pts[x] for x in xs], marker=".", label=g)
             ax.set_title(f"{r.arch} {mode}: max |error| by module depth")
             ax.set_xlabel("module order (reference execution)")
-            ax.legend(fontsize=7)
+            if by_group:
+                ax.legend(fontsize=7)
         axes[0].set_ylabel("max abs error")
         return fig
     return png_data_uri(draw)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 import triton.language as tl
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpreted() -> bool:
@@ -24,7 +25,18 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, next_pow2(n)))
 
 
-def tl_dtype(dtype: torch.dtype):
-    if dtype not in _TL_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype}; expected one of {sorted(map(str, _TL_DTYPES))}")
-    return _TL_DTYPES[dtype]
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in FLOAT_DTYPES]}")
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """fp32 -> dtype, rounding to nearest even. The interpreter (triton 3.9) truncates fp32 -> bf16 while
+    CUDA rounds, so bf16 is rounded by hand: the same bits on both (NaN kept as NaN)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
+    else:
+        return x.to(dtype)

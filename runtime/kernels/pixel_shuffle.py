@@ -1,0 +1,104 @@
+"""Pixel shuffle (space-to-depth) of a vision connector, Triton op + torch twin; a pure permutation.
+
+Both HF versions compute the same permutation; they differ in tensor rank and in what they reject:
+  variant="llama4":   `modeling_llama4.pixel_shuffle(x[B, N, C], ratio)` -> [B, N*ratio^2, C/ratio^2];
+                      needs N = P^2 and P divisible by n = 1/ratio (else HF fails inside `.view`).
+  variant="internvl": `InternVLModel.pixel_shuffle(x[B, W, H, C], scale_factor)` -> [B, W/n, H/n, C*n^2];
+                      W and H may differ but each must be divisible by n (HF's own divisibility check is
+                      `H % 0.5`, always 0, so it too fails inside `.view`).
+With n = round(1/ratio):  out[b, w2, h2, (dw*n + dh)*C + c] = x[b, n*w2 + dw, n*h2 + dh, c].
+Invalid grids raise ValueError naming the value. Substitute by calling this where HF calls its function:
+`Llama4VisionPixelShuffleMLP.forward` (then `.mlp`) or `InternVLModel.get_image_features`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.kernels._util import clamp_pow2, interpreted
+
+
+@triton.jit
+def _shuffle_kernel(x_ptr, out_ptr, n_chunks, C, W2, H2, stride_xb, stride_xw, stride_xh, stride_xc,
+                    N_RATIO: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One "chunk" = the C contiguous output channels that come from a single input patch.
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    q = offs_q.to(tl.int64)
+    dh = q % N_RATIO
+    dw = (q // N_RATIO) % N_RATIO
+    cell = q // (N_RATIO * N_RATIO)  # flat (b, w2, h2)
+    h2 = cell % H2
+    w2 = (cell // H2) % W2
+    b = cell // (H2 * W2)
+    src = x_ptr + b * stride_xb + (w2 * N_RATIO + dw) * stride_xw + (h2 * N_RATIO + dh) * stride_xh
+    mask = (offs_q < n_chunks)[:, None] & (offs_c < C)[None, :]
+    vals = tl.load(src[:, None] + offs_c[None, :] * stride_xc, mask=mask)
+    tl.store(out_ptr + q[:, None] * C + offs_c[None, :], vals, mask=mask)
+
+
+def _ratio_n(ratio: float) -> int:
+    n = round(1.0 / ratio) if ratio > 0 else 0
+    if n < 1 or abs(n * ratio - 1.0) > 1e-9:
+        raise ValueError(f"pixel shuffle ratio must be 1/n for an integer n >= 1, got ratio={ratio}")
+    return n
+
+
+def _grid(x: torch.Tensor, ratio: float, variant: str) -> tuple[torch.Tensor, int]:
+    """Validate and return (x viewed as [B, W, H, C], n)."""
+    n = _ratio_n(ratio)
+    if variant == "llama4":
+        if x.dim() != 3:
+            raise ValueError(f"llama4 pixel shuffle takes [B, N, C], got shape {tuple(x.shape)}")
+        B, N, C = x.shape
+        p = int(N**0.5)
+        p = p + 1 if (p + 1) ** 2 <= N else p  # guard float sqrt
+        if p * p != N:
+            raise ValueError(f"llama4 pixel shuffle needs a square patch grid, got N={N} patches")
+        if p % n:
+            raise ValueError(f"llama4 pixel shuffle needs grid side P={p} divisible by 1/ratio={n}")
+        return x.view(B, p, p, C) if x.is_contiguous() else x.reshape(B, p, p, C), n
+    if variant == "internvl":
+        if x.dim() != 4:
+            raise ValueError(f"internvl pixel shuffle takes [B, W, H, C], got shape {tuple(x.shape)}")
+        for name, side in (("width", x.shape[1]), ("height", x.shape[2])):
+            if side % n:
+                raise ValueError(f"internvl pixel shuffle needs {name}={side} divisible by 1/scale_factor={n}")
+        return x, n
+    raise ValueError(f"unknown pixel shuffle variant={variant!r}; expected 'llama4' or 'internvl'")
+
+
+def _out_shape(x: torch.Tensor, grid: torch.Tensor, n: int, variant: str) -> tuple[int, ...]:
+    B, W, H, C = grid.shape
+    if variant == "llama4":
+        return (B, (W // n) * (H // n), C * n * n)
+    return (B, W // n, H // n, C * n * n)
+
+
+def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5, variant: str = "llama4") -> torch.Tensor:
+    """Space-to-depth by 1/ratio with HF's layout for `variant`; bit-identical to HF (no arithmetic)."""
+    g, n = _grid(x, ratio, variant)
+    B, W, H, C = g.shape
+    out = torch.empty(_out_shape(x, g, n, variant), dtype=x.dtype, device=x.device)
+    n_chunks = B * W * H
+    if n_chunks * C == 0:
+        return out
+    # interpreter: few big programs; CUDA: 32 chunks x up to 256 contiguous channels (coalesced copies)
+    if interpreted():
+        block_q, block_c = clamp_pow2(n_chunks, 1, max(1, 65536 // clamp_pow2(C, 1, 65536))), clamp_pow2(C, 1, 65536)
+    else:
+        block_q, block_c = 32, clamp_pow2(C, 16, 256)
+    grid = (triton.cdiv(n_chunks, block_q), triton.cdiv(C, block_c))
+    _shuffle_kernel[grid](g, out, n_chunks, C, W // n, H // n, *g.stride(), N_RATIO=n,
+                          BLOCK_Q=block_q, BLOCK_C=block_c)
+    return out
+
+
+def pixel_shuffle_torch(x: torch.Tensor, ratio: float = 0.5, variant: str = "llama4") -> torch.Tensor:
+    """Twin: the same permutation as one reshape/permute (written from the index formula, not from HF)."""
+    g, n = _grid(x, ratio, variant)
+    B, W, H, C = g.shape
+    out = g.reshape(B, W // n, n, H // n, n, C).permute(0, 1, 3, 2, 4, 5)  # [b, w2, h2, dw, dh, c]
+    return out.reshape(_out_shape(x, g, n, variant))

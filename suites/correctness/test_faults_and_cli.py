@@ -1,0 +1,63 @@
+"""A harness that cannot fail is worthless: every seeded fault must be caught (exit 1) and, in replay mode,
+the first divergent module must be the one the fault names. Plus the CLI contract and the report files."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from harness.cli import main
+from harness.compare import CSV_COLUMNS
+from harness.faults import FAULTS
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_is_caught_at_the_named_module(fault, tmp_path):
+    out = tmp_path / "rep"
+    rc = main(["correctness", "--arch", "llama4", "--mode", "replay", "--inject-fault", fault, "--out", str(out)])
+    assert rc == 1
+    s = json.loads((out / "summary.json").read_text())["archs"]["llama4"]
+    assert s["fault"]["expected_first"] is not None
+    assert s["fault"]["first_replay"] == s["fault"]["expected_first"], s["fault"]
+    assert s["fault"]["caught"] is True
+
+
+def test_clean_run_exits_0_and_writes_a_complete_report(tmp_path):
+    out = tmp_path / "rep"
+    assert main(["correctness", "--arch", "llama4", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "layers.csv", "summary.json"]
+    df = pd.read_csv(out / "layers.csv")
+    assert list(df.columns) == CSV_COLUMNS
+    assert set(df["mode"]) == {"e2e", "replay"}
+    # one row per (arch, request, module, mode)
+    assert not df.duplicated(["arch", "request", "module", "mode"]).any()
+    assert df["ok"].all()
+    # every group is covered, boundaries included
+    assert {"tower", "connector", "language_model"} <= set(df["group"])
+    assert {"@tower_out", "@lm_image_embeds", "@logits"} <= set(df["module"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True and summary["exit_code"] == 0
+    html = (out / "index.html").read_text()
+    assert "data:image/png;base64," in html and "llama4" in html
+    assert not list(tmp_path.glob(".rep.partial-*"))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["correctness", "--arch", "nope"], "'nope'"),
+    (["correctness", "--arch", "llama4", "--dtype", "fp8"], "'fp8'"),
+    (["correctness", "--arch", "llama4", "--inject-fault", "gremlins"], "'gremlins'"),
+    (["correctness", "--arch", "llama4", "--mode", "sideways"], "sideways"),
+    (["correctness", "--model", "/no/such/ckpt"], "/no/such/ckpt"),
+    (["correctness", "--arch", "llama4", "--adapter", "x=/no/such/adapter"], "/no/such/adapter"),
+    (["tokens", "--arch", "llama4", "--set", "vision_config.nokey=1"], "nokey"),
+    (["tokens", "--arch", "llama4", "--tiles", "0"], "tiles=0"),
+])
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
+    rc = main(argv + (["--out", str(tmp_path / "o")] if argv[0] == "correctness" else []))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert needle in err
+    assert not (tmp_path / "o").exists()

@@ -11,13 +11,17 @@ from harness.arch.base import GROUPS, ArchSpec, ImageGeometry, TokenCounts, appl
 
 _ARCH_MODULES = (
     "llama4",
-    # "gemma4",
-    # "llava",
+    "gemma4",
+    "llava",
     "qwen2_vl",
-    # "internvl",
-    # "gemma3",
-    # "idefics3",
-    # "mistral3",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "gemma3",
+    "paligemma",
+    "llava_next",
+    "idefics3",
+    "mistral3",
 )
 
 REGISTRY: dict[str, ArchSpec] = {}

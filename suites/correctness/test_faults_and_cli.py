@@ -61,3 +61,13 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
     assert len(err.splitlines()) == 1, err
     assert needle in err
     assert not (tmp_path / "o").exists()
+
+
+def test_default_correctness_run_passes_for_every_registered_arch(tmp_path):
+    """What `nox -s correctness` runs: every arch, both modes, 3 adapters + none, fp32 CPU."""
+    out = tmp_path / "all"
+    assert main(["correctness", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    from harness.arch import REGISTRY
+
+    assert set(s["archs"]) == set(REGISTRY)

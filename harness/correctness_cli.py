@@ -6,7 +6,16 @@ import sys
 from pathlib import Path
 
 from harness.compare import CSV_COLUMNS
-from harness.report import PAGE, atomic_dir, check_writable, default_run_dir, esc, png_data_uri, write_csv, write_json
+from harness.report import (
+    PAGE,
+    atomic_dir,
+    check_writable,
+    default_run_dir,
+    esc,
+    png_data_uri,
+    write_csv,
+    write_json,
+)
 
 
 def _parse_adapter(item: str) -> tuple[str, str]:

@@ -78,10 +78,9 @@ def compare_tensors(ref: torch.Tensor, got: torch.Tensor, tol: Tolerance) -> Met
     return Metrics(max_abs, max_rel, mism, cos, float(rn), 0, 0, True, ok, "ok" if ok else "mismatch")
 
 
-def error_metrics(message: str) -> Metrics:
-    m = Metrics(float("nan"), float("nan"), 1.0, float("nan"), float("nan"), 0, 0, True, False, "error")
-    m.status = "error"
-    return m
+def error_metrics() -> Metrics:
+    """A module that could not be compared (mapping error, missing capture): the row's detail says why."""
+    return Metrics(float("nan"), float("nan"), 1.0, float("nan"), float("nan"), 0, 0, True, False, "error")
 
 
 @dataclass

@@ -96,7 +96,7 @@ def compare_e2e(arch, reqs, ref, got, order, dtype) -> list[Row]:
                 continue
             if name not in got[i]:
                 rows.append(_row(arch, i, req, "e2e", order.index(name), name, tol, dtype,
-                                 error_metrics("missing"), "runtime did not capture this module"))
+                                 error_metrics(), "runtime did not capture this module"))
                 continue
             m = compare_tensors(ref[i][name]["out"], got[i][name]["out"], tol)
             rows.append(_row(arch, i, req, "e2e", order.index(name), name, tol, dtype, m))
@@ -134,7 +134,7 @@ def replay(arch, config, rt: RuntimeModel, reqs, ref, order, dtype, device, torc
         except MappingError as e:
             for i in have:
                 rows.append(_row(arch, i, reqs[i], "replay", order.index(name), name, tol, dtype,
-                                 error_metrics(str(e)), " ".join(str(e).split())))
+                                 error_metrics(), " ".join(str(e).split())))
             continue
         finally:
             rt.mapping = None
@@ -196,9 +196,9 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
             name = _module_of_error(str(e), order[0])
             tol = tolerance(opts.dtype, "e2e")
             rows += [_row(arch, i, r, "e2e", order.index(name) if name in order else 0, name, tol, opts.dtype,
-                          error_metrics(str(e)), " ".join(str(e).split())) for i, r in enumerate(reqs)
+                          error_metrics(), " ".join(str(e).split())) for i, r in enumerate(reqs)
                      if name in ref[i]] or [_row(arch, 0, reqs[0], "e2e", 0, name, tol, opts.dtype,
-                                                 error_metrics(str(e)), str(e))]
+                                                 error_metrics(), str(e))]
     if "replay" in opts.modes:
         _log(f"  {arch.model_type}: replay of {len(rt.lora_names)} LoRA modules")
         rows += replay(arch, config, rt, reqs, ref, order, opts.dtype, device, torch_dtype)

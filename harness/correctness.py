@@ -151,6 +151,9 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
     torch_dtype = parse_dtype(opts.dtype)
     device = check_device(opts.device)
     fault = get_fault(opts.fault) if opts.fault else None
+    if fault is not None and not fault.applies_to(arch_name if opts.model == "tiny" else
+                                                   get_arch_of_checkpoint(opts.model)):
+        raise ValueError(f"fault {fault.name!r} applies only to {', '.join(fault.archs)}, not {arch_name!r}")
     # --- one set of weights for both sides, through the real loading code
     if opts.model == "tiny":
         arch = get_arch(arch_name)
@@ -216,12 +219,18 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
     summary["ok"] = all(r.metrics.ok for r in rows)
     if fault is not None:
         expected = fault.expected_first(rt, order)
-        got_first = (summary["first_divergence"].get("replay") or {}).get("module")
+        got_first = (summary["first_divergence"].get(fault.mode) or {}).get("module")
         summary["fault"] = {"name": fault.name, "breaks": fault.breaks, "expected_first": expected,
-                            "first_replay": got_first, "caught": expected is not None and got_first == expected}
+                            "mode": fault.mode, "first": got_first, "caught": expected is not None and got_first == expected}
     summary["seconds"] = round(time.time() - t0, 2)
     _log(f"  {arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(arch.model_type, rows, summary)
+
+
+def get_arch_of_checkpoint(folder: str) -> str:
+    from harness.checkpoint import read_checkpoint_config
+
+    return read_checkpoint_config(folder)[0].model_type
 
 
 def _adapter_configs(folders) -> list[dict]:

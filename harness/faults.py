@@ -23,8 +23,17 @@ class Fault:
     group: str
     apply: Callable[[RuntimeModel], None]
     name_regex: str = ".*"
+    # replay localises LoRA-module faults; a substituted vision kernel sits between LoRA modules, so its
+    # faults are localised end to end (the first capture downstream of the kernel)
+    mode: str = "replay"
+    archs: tuple[str, ...] = ()  # empty: every arch
+
+    def applies_to(self, model_type: str) -> bool:
+        return not self.archs or model_type in self.archs
 
     def expected_first(self, rt: RuntimeModel, order: list[str]) -> str | None:
+        if self.name_regex.startswith("@"):
+            return self.name_regex if self.name_regex in order else None
         rx = re.compile(self.name_regex)
         for n in order:
             if n in rt.tables.shapes and rt.arch.group_of(n) == self.group and rx.fullmatch(n):
@@ -33,7 +42,10 @@ class Fault:
 
     @property
     def must_name(self) -> str:
-        return f"first {self.group} LoRA module" + ("" if self.name_regex == ".*" else f" matching {self.name_regex}")
+        where = (self.name_regex if self.name_regex.startswith("@") else f"first {self.group} LoRA module"
+                 + ("" if self.name_regex == ".*" else f" matching {self.name_regex}"))
+        only = f", {'/'.join(self.archs)} only" if self.archs else ""
+        return f"{where} ({self.mode}{only})"
 
 
 def _tower_from_lm(rt):
@@ -123,6 +135,45 @@ def _rank_truncated(rt):
             A[slot, r - 1:] = 0
 
 
+def _rope_axes_swapped(rt):
+    from runtime.kernels import rope_2d
+
+    def swapped(x, cos, sin, position_ids, unsqueeze_dim=2):
+        # cos/sin hold one channel part per axis (positions are baked in): exchange the parts
+        def flip(t):
+            a, b = t.chunk(2, dim=-1)
+            return torch.cat([b, a], dim=-1)
+        return rope_2d(x, flip(cos), flip(sin), position_ids, unsqueeze_dim=unsqueeze_dim)
+    rt.global_overrides["rope_2d"] = swapped
+
+
+def _shuffle_transposed(rt):
+    # the shuffled grid read with rows and columns exchanged before the adapter MLP
+    for m in rt.model.modules():
+        if type(m).__name__ == "Llama4VisionPixelShuffleMLP":
+            inner = m.forward
+
+            def fwd(x, inner=inner):
+                n, rows, d = x.shape
+                side = int(rows ** 0.5)
+                return inner(x.view(n, side, side, d).transpose(1, 2).reshape(n, rows, d))
+            m.forward = fwd
+
+
+def _pool_xy_swapped(rt):
+    # pixel_position_ids hold (x, y); reading them as (row, col) transposes every pooled bin
+    for m in rt.model.modules():
+        if type(m).__name__ == "Gemma4VisionPooler":
+            inner = m.forward
+
+            def fwd(*args, inner=inner, **kw):
+                kw["pixel_position_ids"] = kw["pixel_position_ids"].flip(-1)
+                return inner(*args, **kw)
+            m.forward = fwd
+
+
+_O = r".*(o_proj|out_proj)(\.linear)?"
+
 FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("tower-map-from-lm-counts", "tower mapping sized with the LM placeholder count", "tower", _tower_from_lm),
     Fault("cls-dropped", "one row (the CLS) per image missing from the tower mapping", "tower", _cls_dropped),
@@ -138,6 +189,12 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           _connector_order_reversed),
     Fault("lm-packed-lengths", "LM mapping laid out for packed tokens on a right-padded batch",
           "language_model", _lm_packed_lengths),
+    Fault("rope-axes-swapped", "2-D vision RoPE applied with the (x, y) position axes exchanged", "tower",
+          _rope_axes_swapped, name_regex=_O, mode="e2e", archs=("gemma4",)),
+    Fault("pool-xy-swapped", "Gemma4 pooler reads patch positions as (row, col) instead of (x, y)", "connector",
+          _pool_xy_swapped, name_regex="@tower_out", mode="e2e", archs=("gemma4",)),
+    Fault("pixel-shuffle-transposed", "patch grid transposed before the pixel shuffle", "connector",
+          _shuffle_transposed, name_regex="@tower_out", mode="e2e", archs=("llama4",)),
     Fault("rank-truncated", "the last rank of every adapter dropped (r_max padding off by one)", "tower",
           _rank_truncated),
 ]}

@@ -15,6 +15,7 @@ from harness.requests import Request, build_batch
 from runtime.adapters import SlotTables
 from runtime.kernels import lora_apply, lora_apply_torch
 from runtime.mapping import Mapping, build_mapping
+from runtime.substitutions import active, install
 
 KERNELS = {"triton": lora_apply, "torch": lora_apply_torch}
 
@@ -57,7 +58,7 @@ class RuntimeModel:
     """Swap LoRA-target Linears of an HF model for `LoRALinear`; adapters live in `tables` slots."""
 
     def __init__(self, arch: ArchSpec, config, model: torch.nn.Module, *, max_slots: int = 8, r_max: int = 16,
-                 extra_targets: Iterable[str] = (), kernel: str = "triton"):
+                 extra_targets: Iterable[str] = (), kernel: str = "triton", substitute: bool = True):
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel provider {kernel!r}; expected one of {', '.join(KERNELS)}")
         self.arch, self.config, self.model = arch, config, model.eval()
@@ -78,11 +79,14 @@ class RuntimeModel:
             holder = model.get_submodule(parent) if parent else model
             setattr(holder, child, LoRALinear(getattr(holder, child), n, arch.group_of(n), self))
         self.device = p.device
+        # vision kernels (Gemma4 pooler / RoPE, Llama 4 / InternVL pixel shuffle) replace HF's code
+        self.substitutions = install(arch.model_type, model) if substitute else []
         # seeded faults (harness/faults.py) hook in here; all None in a healthy runtime
         self.slot_transform = None   # (name, group, slots) -> slots
         self.group_transform = None  # (name, group) -> group the module's rows are looked up in
         self.counters: dict | None = None  # group -> row-count function replacing the registry's
         self.mapping_transform = None  # (Mapping, requests, lengths) -> Mapping
+        self.global_overrides: dict = {}  # substitution label -> replacement kernel
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kw):
@@ -124,7 +128,7 @@ class RuntimeModel:
         rec = Recorder(self.model, self.lora_names, self.arch)
         rec.set_image_positions(batch.input_ids == self.arch.image_token_id(self.config))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), active(self.arch.model_type, self.substitutions, self.global_overrides):
                 logits = self.arch.forward_logits(self.model, **batch.model_inputs())
         finally:
             rec.close()

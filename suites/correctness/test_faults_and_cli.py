@@ -15,13 +15,21 @@ from harness.faults import FAULTS
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_fault_is_caught_at_the_named_module(fault, tmp_path):
+    f = FAULTS[fault]
+    arch = f.archs[0] if f.archs else "llama4"
     out = tmp_path / "rep"
-    rc = main(["correctness", "--arch", "llama4", "--mode", "replay", "--inject-fault", fault, "--out", str(out)])
+    rc = main(["correctness", "--arch", arch, "--mode", f.mode, "--inject-fault", fault, "--out", str(out)])
     assert rc == 1
-    s = json.loads((out / "summary.json").read_text())["archs"]["llama4"]
+    s = json.loads((out / "summary.json").read_text())["archs"][arch]
     assert s["fault"]["expected_first"] is not None
-    assert s["fault"]["first_replay"] == s["fault"]["expected_first"], s["fault"]
+    assert s["fault"]["first"] == s["fault"]["expected_first"], s["fault"]
     assert s["fault"]["caught"] is True
+
+
+def test_fault_for_another_arch_is_bad_input(capsys, tmp_path):
+    assert main(["correctness", "--arch", "llama4", "--inject-fault", "rope-axes-swapped",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "gemma4" in capsys.readouterr().err
 
 
 def test_clean_run_exits_0_and_writes_a_complete_report(tmp_path):

@@ -98,8 +98,10 @@ def render_html(results, summary) -> str:
 
 def _depth_plot(r) -> str:
     def draw(plt):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
-        for ax, mode in zip(axes, ("e2e", "replay")):
+        modes = [m for m in ("e2e", "replay") if any(row.mode == m for row in r.rows)] or ["e2e"]
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.2), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, mode in zip(axes, modes):
             by_group: dict = {}
             for row in r.rows:
                 if row.mode == mode and row.metrics.max_abs == row.metrics.max_abs:
@@ -119,10 +121,19 @@ def _depth_plot(r) -> str:
 
 def _table(r) -> str:
     first = {m: (d or {}).get("module") for m, d in r.summary.get("first_divergence", {}).items()}
+    bad = sorted((x for x in r.rows if not x.metrics.ok), key=lambda x: (x.mode, x.order, x.request))
+    top = ""
+    if bad:  # the rows a user needs first, before the full table
+        top = "<h3>first divergent rows</h3>" + _rows_table(bad[:20], first)
+    return top + (f"<details><summary>all {len(r.rows)} rows</summary>"
+                  + _rows_table(sorted(r.rows, key=lambda x: (x.mode, x.order, x.request)), first) + "</details>")
+
+
+def _rows_table(rows, first) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in ("mode", "request", "adapter", "module", "group", "status",
                                                  "max_abs", "max_rel", "mismatch", "cosine", "ref_norm"))
     body = []
-    for row in sorted(r.rows, key=lambda x: (x.mode, x.order, x.request)):
+    for row in rows:
         m = row.metrics
         cls = "first" if first.get(row.mode) == row.module and not m.ok else ("bad" if not m.ok else "")
         body.append(f"<tr class='{cls}'><td class='l'>{esc(row.mode)}</td><td>{row.request}</td>"
@@ -130,8 +141,7 @@ def _table(r) -> str:
                     f"<td class='l'>{esc(row.group)}</td><td class='l'>{esc(m.status)}</td><td>{m.max_abs:.3g}</td>"
                     f"<td>{m.max_rel:.3g}</td><td>{m.mismatch_frac:.3g}</td><td>{m.cosine:.6f}</td>"
                     f"<td>{m.ref_norm:.3g}</td></tr>")
-    return (f"<details {'open' if not r.summary['ok'] else ''}><summary>{len(r.rows)} rows</summary>"
-            f"<table><tr>{head}</tr>{''.join(body)}</table></details>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def cmd_faults(args) -> int:

@@ -43,6 +43,9 @@ class Options:
     fault: str | None = None
     kernel: str = "triton"
     seed: int = 0
+    quantize: str | None = None  # "lm-int8": weight-only int8 of the runtime's LM Linears
+    quantize_projector: bool = False  # also quantize the connector (against the registry's skip list)
+    quant_honour_skips: bool = True  # False only in tests: a quantizer that ignores the skip list
 
 
 @dataclass
@@ -186,6 +189,17 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
         rt.load_adapter(name, folder)
     if fault is not None:
         fault.apply(rt)
+    quant = None
+    if opts.quantize:
+        from harness.quantize import quantize_model, skip_violations, snapshot
+
+        before = snapshot(rt.model)
+        done = quantize_model(rt.model, arch, opts.quantize, opts.quantize_projector, opts.quant_honour_skips)
+        quant = {"scheme": opts.quantize, "projector_quantized": opts.quantize_projector,
+                 "quantized_modules": len(done),
+                 "violations": skip_violations(before, rt.model, arch, opts.quantize_projector)}
+        _log(f"  {arch.model_type}: {opts.quantize} on {len(done)} Linear layers"
+             f"{' (projector too)' if opts.quantize_projector else ''}")
     order = _order(ref)
     rows: list[Row] = []
     summary: dict = {"arch": arch.model_type, "requests": [{"adapter": r.adapter, "images": len(r.images),
@@ -217,6 +231,10 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
             worst[key] = max(worst.get(key, 0.0), r.metrics.max_abs)
     summary["max_abs_by_group"] = worst
     summary["ok"] = all(r.metrics.ok for r in rows)
+    if quant is not None:
+        # quantization drifts by design: the report shows it per group; the verdict is the skip list
+        summary["quantization"] = quant
+        summary["ok"] = not quant["violations"]
     if fault is not None:
         expected = fault.expected_first(rt, order)
         got_first = (summary["first_divergence"].get(fault.mode) or {}).get("module")

@@ -55,21 +55,34 @@ def cmd_correctness(args) -> int:
     modes = MODES if args.mode == "both" else (args.mode,)
     out = Path(args.out) if args.out else default_run_dir("correctness")
     check_writable(out)
+    if args.quantize_projector and not args.quantize:
+        raise ValueError("--quantize-projector needs --quantize lm-int8")
     opts = Options(archs=archs, model=args.model, adapters=adapters, n_adapters=args.adapters, dtype=args.dtype,
-                   device=args.device, modes=modes, fault=args.inject_fault, kernel=args.kernel)
+                   device=args.device, modes=modes, fault=args.inject_fault, kernel=args.kernel,
+                   quantize=args.quantize, quantize_projector=args.quantize_projector)
     results = run(opts)
     ok = all(r.summary["ok"] for r in results)
     with atomic_dir(out) as tmp:
         write_csv(tmp / "layers.csv", [row.as_dict() for r in results for row in r.rows], CSV_COLUMNS)
         summary = {"ok": ok, "exit_code": 0 if ok else 1, "options": {
             "archs": archs, "model": args.model, "dtype": args.dtype, "device": args.device, "modes": list(modes),
-            "adapters": adapters or args.adapters, "fault": args.inject_fault, "kernel": args.kernel},
+            "adapters": adapters or args.adapters, "fault": args.inject_fault, "kernel": args.kernel,
+            "quantize": args.quantize, "quantize_projector": args.quantize_projector},
             "archs": {r.arch: r.summary for r in results}}
         write_json(tmp / "summary.json", summary)
         (tmp / "index.html").write_text(render_html(results, summary))
-    verdict = "all modules within tolerance" if ok else "DIVERGENCE"
+    if args.quantize:
+        verdict = "quantization skip list honoured (drift below)" if ok else "QUANTIZATION SKIP-LIST VIOLATION"
+    else:
+        verdict = "all modules within tolerance" if ok else "DIVERGENCE"
     print(f"mmlora correctness: {verdict}; report in {out}", file=sys.stderr)
     for r in results:
+        q = r.summary.get("quantization")
+        if q:
+            drift = ", ".join(f"{k}={v:.3g}" for k, v in sorted(r.summary["max_abs_by_group"].items()))
+            print(f"  {r.arch} {q['scheme']}{' +projector' if q['projector_quantized'] else ''}: drift {drift}; "
+                  f"skip-list violations: {q['violations'] or 'none'}", file=sys.stderr)
+            continue
         fd = r.summary.get("first_divergence", {})
         for mode, d in fd.items():
             if d:
@@ -91,6 +104,14 @@ def render_html(results, summary) -> str:
                          f"{d['request']}, {d['status']}) {d['detail']}") if d else "none") + "</p>")
         if "fault" in s:
             parts.append(f"<p>fault: {esc(s['fault'])}</p>")
+        if "quantization" in s:
+            q = s["quantization"]
+            drift = "".join(f"<tr><td class='l'>{esc(k)}</td><td>{v:.3g}</td></tr>"
+                            for k, v in sorted(s["max_abs_by_group"].items()))
+            parts.append(f"<p>quantization {esc(q['scheme'])}, projector quantized: {esc(q['projector_quantized'])}, "
+                         f"{esc(q['quantized_modules'])} Linear layers; skip-list violations: "
+                         f"<b>{esc(q['violations'] or 'none')}</b></p><table><tr><th class='l'>mode/group</th>"
+                         f"<th>max abs drift</th></tr>{drift}</table>")
         parts.append(f"<img alt='error by depth' src='{_depth_plot(r)}'>")
         parts.append(_table(r))
     return PAGE.format(title="mmlora correctness", body="\n".join(parts))
@@ -163,6 +184,9 @@ def register(sub) -> None:
     c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"])
     c.add_argument("--inject-fault", help="a seeded fault from `mmlora faults`")
     c.add_argument("--kernel", default="triton", choices=["triton", "torch"], help="runtime LoRA provider")
+    c.add_argument("--quantize", choices=["lm-int8"], help="weight-only int8 on the runtime's LM Linears "
+                   "(registry skip list honoured); reports drift per group, fails only on a skip violation")
+    c.add_argument("--quantize-projector", action="store_true", help="with --quantize: quantize the connector too")
     c.add_argument("--out", help="report folder (default reports/correctness/<timestamp>)")
     c.set_defaults(func=cmd_correctness)
     f = sub.add_parser("faults", help="list the seeded-fault catalog")

@@ -83,8 +83,9 @@ class ArchSpec:
     lora_targets: Mapping[str, str | None]
     geometry_fields: tuple[str, ...]
     no_lora_reason: Mapping[str, str] = field(default_factory=dict)
-    # Modules (regex, full match) kept out of weight-only int8 besides tower and connector.
-    quant_skip_extra: tuple[str, ...] = (r".*norm.*",)
+    # Modules (regex, full match) kept out of weight-only int8 besides tower and connector: norms stay
+    # fp32, and the output head stays in full precision as bitsandbytes' int8 loading keeps it.
+    quant_skip_extra: tuple[str, ...] = (r".*norm.*", r"(.*\.)?lm_head")
 
     # ---------------------------------------------------------------- module groups
     def prefixes(self) -> dict[str, tuple[str, ...]]:

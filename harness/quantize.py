@@ -1,0 +1,67 @@
+"""Weight-only int8 of the language model's Linear layers (the LLaVA practice), honouring the registry's
+`quant_skip_modules()`: tower and connector stay in full precision, norms fp32, the output head too.
+
+Per-output-channel symmetric int8, stored dequantized (fake quant): the numbers equal what an int8
+weight-only GEMM computes up to its accumulation order, which is what the drift report needs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from harness.arch import ArchSpec
+
+SCHEMES = ("lm-int8",)
+
+
+def _base_linears(model: torch.nn.Module):
+    """(HF module name, the nn.Linear holding its base weight): runtime LoRA modules are looked through."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.endswith(".base_layer"):
+            yield name, mod
+        elif hasattr(mod, "base_layer") and isinstance(mod.base_layer, torch.nn.Linear):
+            yield name, mod.base_layer
+
+
+def should_quantize(arch: ArchSpec, name: str, include_projector: bool) -> bool:
+    group = arch.group_or_none(name)
+    if group == "connector" and include_projector:
+        return not any(re.fullmatch(rx, name) for rx in arch.quant_skip_extra)
+    return group == "language_model" and not arch.is_quant_skipped(name)
+
+
+@torch.no_grad()
+def int8_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    scale = w.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    return (torch.round(w.float() / scale).clamp(-127, 127) * scale).to(w.dtype)
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module, arch: ArchSpec, scheme: str = "lm-int8",
+                   include_projector: bool = False, honour_skips: bool = True) -> list[str]:
+    """Quantize in place; returns the HF names of the quantized Linear layers."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    done = []
+    for name, lin in _base_linears(model):
+        if should_quantize(arch, name, include_projector) or (not honour_skips and arch.group_or_none(name)):
+            lin.weight.copy_(int8_roundtrip(lin.weight))
+            done.append(name)
+    return done
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: lin.weight.detach().clone() for name, lin in _base_linears(model)}
+
+
+def skip_violations(before: dict[str, torch.Tensor], model: torch.nn.Module, arch: ArchSpec,
+                    include_projector: bool) -> list[str]:
+    """Modules the skip list protects whose weights changed anyway (the run fails on any)."""
+    out = []
+    for name, lin in _base_linears(model):
+        allowed = include_projector and arch.group_or_none(name) == "connector"
+        if arch.is_quant_skipped(name) and not allowed and not torch.equal(before[name], lin.weight):
+            out.append(name)
+    return out

@@ -80,6 +80,9 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
         model, info = arch.model_class().from_pretrained(
             folder, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False,
             output_loading_info=True,
+            # let transformers report a mis-shaped tensor by name (we refuse it below) instead of its
+            # generic "look at the above report" error
+            ignore_mismatched_sizes=True,
         )
     except (RuntimeError, OSError, ValueError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -87,7 +90,10 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
     missing = list(info.get("missing_keys", []))
     mismatched = list(info.get("mismatched_keys", []))
     if mismatched:
-        raise ValueError(f"checkpoint {str(folder)!r}: tensor {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]!r} has the wrong shape")
+        first = mismatched[0]
+        detail = f"{first[0]!r} has shape {tuple(first[1])}, the model needs {tuple(first[2])}" \
+            if isinstance(first, tuple | list) and len(first) == 3 else f"{first!r} has the wrong shape"
+        raise ValueError(f"checkpoint {str(folder)!r}: tensor {detail}")
     if missing:
         raise ValueError(f"checkpoint {str(folder)!r} is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
     return arch, model.config, model.to(device).eval()

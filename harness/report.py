@@ -28,6 +28,8 @@ def check_writable(out: Path) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"output folder {str(out)!r} cannot be created: {str(probe)!r} is a file")
     if not os.access(probe, os.W_OK):
         raise ValueError(f"output folder {str(out)!r} is not writable ({str(probe)!r} refuses writes)")
     if out.exists() and not out.is_dir():

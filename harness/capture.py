@@ -14,11 +14,13 @@ from harness.split import LM_IMAGE_EMBEDS, LOGITS, TOWER_OUT, split_capture
 Captures = list[dict[str, dict[str, torch.Tensor]]]  # per request: module -> {"in", "out"} [rows, features]
 
 
-def _first_tensor(args, kwargs, *names) -> torch.Tensor | None:
+def first_tensor(args, kwargs, *names) -> torch.Tensor | None:
+    """A module's main input: a named keyword first, then the first positional tensor, then any tensor
+    keyword (e.g. Llama 4's vision layers take `hidden_state=`)."""
     for n in names:
         if isinstance(kwargs.get(n), torch.Tensor):
             return kwargs[n]
-    for a in args:
+    for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
             return a
     return None
@@ -58,7 +60,7 @@ class Recorder:
 
     def _hook(self, name):
         def hook(_mod, args, kwargs, out):
-            x = _first_tensor(args, kwargs, "hidden_states", "input", "x")
+            x = first_tensor(args, kwargs, "hidden_states", "input", "x")
             if x is not None:
                 self._put(name, "in", x)
             self._put(name, "out", _out_tensor(out))
@@ -66,7 +68,7 @@ class Recorder:
 
     def _pre(self, name):
         def hook(_mod, args, kwargs):
-            x = _first_tensor(args, kwargs, "hidden_states", "input", "x")
+            x = first_tensor(args, kwargs, "hidden_states", "input", "x")
             if x is not None:
                 self._put(name, "out", x)
         return hook

@@ -9,22 +9,11 @@ from collections.abc import Sequence
 import torch
 
 from harness.arch import ArchSpec, ImageGeometry, apply_overrides
+from harness.capture import first_tensor
 
 
 def _rows(t: torch.Tensor) -> int:
     return t.numel() // t.shape[-1]
-
-
-def _first_tensor(args, kwargs) -> torch.Tensor:
-    if "hidden_states" in kwargs and isinstance(kwargs["hidden_states"], torch.Tensor):
-        return kwargs["hidden_states"]
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a
-    for v in kwargs.values():
-        if isinstance(v, torch.Tensor):
-            return v
-    raise AssertionError("hooked module received no tensor")
 
 
 def make_config(arch: ArchSpec, overrides_json: str = "{}"):
@@ -68,8 +57,10 @@ def measure(arch: ArchSpec, cfg, model, geoms: Sequence[ImageGeometry], lm_token
         if name not in modules:
             raise AssertionError(f"measure point {name!r} is not a module of {type(model).__name__}")
 
-        def hook(mod, args, kwargs, key=key):
-            counts[key] += _rows(_first_tensor(args, kwargs))
+        def hook(mod, args, kwargs, key=key, name=name):
+            x = first_tensor(args, kwargs, "hidden_states")
+            assert x is not None, f"{name} received no tensor"
+            counts[key] += _rows(x)
 
         handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
     try:

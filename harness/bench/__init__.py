@@ -1,0 +1,17 @@
+"""`mmlora bench`: timings, throughput, GB/s, TFLOP/s and % of roofline for the runtime's kernels and for
+vision tower + connector (+ LM prefill) end to end, against a pure-torch twin, HF + PEFT and vLLM.
+
+One job per module:
+  schema    the CSV's fixed column set, row keys, value formatting
+  roofline  GPU profiles (HBM TB/s, bf16 TFLOP/s), detection, byte / flop formulas
+  timing    do_bench on CUDA, a perf_counter loop on CPU; p50 / p20 / p80 and peak memory
+  cases     kernel cases (LoRA shrink / expand / apply, position_pool, pixel_shuffle, rope_2d)
+  e2e       end-to-end cases built from real-size or tiny configs with random weights
+  presets   which points each preset sweeps (smoke / nightly / full)
+  sweep     running points: metrics, OOM and error rows, progress
+  store     results.csv appended in place (fsync), resume, the .incomplete marker
+  baseline  regression table against a baseline CSV
+  report    index.html with inline PNG plots
+  env       environment columns (GPU, driver, library versions, git sha)
+  cli       the `bench` subcommand
+"""

@@ -1,0 +1,126 @@
+"""`mmlora bench`: sweep a preset, append rows to OUT/results.csv, write OUT/index.html when complete.
+
+Exit codes: 0 done (no regression), 1 a regression against --baseline, 2 bad input (one line on stderr),
+130 interrupted (rerun with the same --out to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+PRESET_CHOICES = ("auto", "smoke", "nightly", "full")
+
+
+def _csv_list(values) -> list[str] | None:
+    if not values:
+        return None
+    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return out or None
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    import runtime  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton (CPU machines)
+    from harness.bench import baseline as bl
+    from harness.bench import roofline, sweep
+    from harness.bench.cases import all_cases
+    from harness.bench.env import collect
+    from harness.bench.presets import PRESETS
+    from harness.bench.report import render_html
+    from harness.bench.store import Store
+    from harness.report import check_writable, default_run_dir, write_json
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    device_name = torch.cuda.get_device_name(device) if cuda else None
+    profile, warning = roofline.resolve(args.gpu, device_name)
+    name = args.preset if args.preset != "auto" else ("nightly" if cuda else "smoke")
+    if name not in PRESETS:
+        raise ValueError(f"unknown --preset {args.preset!r}; expected one of {', '.join(PRESET_CHOICES)}")
+    preset = PRESETS[name]
+    if preset.needs_cuda and not cuda:
+        raise ValueError(f"--preset {name} needs a CUDA GPU and none is available here (use --preset smoke)")
+    rep_ms = preset.rep_ms if args.rep_ms is None else args.rep_ms
+    warmup_ms = preset.warmup_ms if args.warmup_ms is None else args.warmup_ms
+    if rep_ms <= 0 or warmup_ms < 0:
+        raise ValueError(f"--rep-ms must be > 0 and --warmup-ms >= 0, got {rep_ms} and {warmup_ms}")
+    filters = sweep.parse_filters(args.filter)
+    the_plan = sweep.plan(preset, _csv_list(args.cases), _csv_list(args.providers), filters, cuda)
+    base_rows = bl.load(args.baseline) if args.baseline else None
+
+    if args.list:
+        for p in the_plan.points:
+            extra = f"  [unavailable: {p.unavailable}]" if p.unavailable else ""
+            print(f"{p.case:<16} {p.provider:<7} {sweep.schema.describe(p.params)}{extra}")
+        for note in the_plan.notes:
+            print(f"# {note}")
+        return 0
+
+    out = Path(args.out) if args.out else default_run_dir("bench")
+    check_writable(out)
+    store = Store(out)
+    done = store.open()
+    if warning:
+        sweep.log(warning)
+    for note in dict.fromkeys(the_plan.notes):
+        sweep.log(note)
+    sweep.log(f"preset {name} on {device_name or 'cpu'}; results go to {store.csv} "
+              f"(rerun with --out {out} to resume)")
+
+    repro_base = ["python", "-m", "harness.cli", "bench", "--preset", name, "--gpu", args.gpu]
+    if args.rep_ms is not None:
+        repro_base += ["--rep-ms", f"{rep_ms:g}"]
+    if args.warmup_ms is not None:
+        repro_base += ["--warmup-ms", f"{warmup_ms:g}"]
+    env = collect(device)
+    ctx = sweep.Context(device, profile, env, rep_ms, warmup_ms, preset.min_reps, repro_base)
+    store.begin()
+    try:
+        counts = sweep.run(the_plan.points, done, ctx, store.append)
+    except KeyboardInterrupt:
+        sweep.log(f"interrupted; finished points are in {store.csv}; rerun with --out {out} to resume")
+        raise
+
+    rows = store.rows()
+    comps = bl.compare(rows, base_rows) if base_rows is not None else None
+    meta = {"preset": name, "gpu profile": profile.name if profile else "none", "device": device_name or "cpu",
+            "rep_ms": rep_ms, "git": env["git_sha"], "torch": env["torch"], "triton": env["triton"]}
+    html = render_html(rows, all_cases(), meta, comps, args.baseline)
+    summary = {"preset": name, "gpu_profile": profile.name if profile else None, "env": env,
+               "rows": len(rows), "points_run_now": counts, "baseline": args.baseline,
+               "regressions": sum(c.regression for c in comps) if comps is not None else None}
+    tmp_json = out / ".summary.json.tmp"
+    write_json(tmp_json, summary)
+    store.finish({"index.html": html, "summary.json": tmp_json.read_text()})
+    tmp_json.unlink()
+    sweep.log(f"done: {len(rows)} rows in {store.csv}; report {store.html}")
+    if comps is not None:
+        print(bl.format_table(comps, args.baseline))
+        return 1 if any(c.regression for c in comps) else 0
+    return 0
+
+
+def register(sub) -> None:
+    b = sub.add_parser("bench", help="kernel and end-to-end timings, GB/s, % of roofline; results.csv + index.html")
+    b.add_argument("--gpu", default="auto", help="roofline profile: h100 | h200 | a100 | auto (detect; none on CPU)")
+    b.add_argument("--preset", default="auto",
+                   help="smoke (CPU-sized) | nightly | full (GPU only) | auto (nightly with CUDA, else smoke)")
+    b.add_argument("--providers", action="append", metavar="P[,P...]",
+                   help="subset of triton,torch,peft,vllm (default: every provider a case has)")
+    b.add_argument("--cases", action="append", metavar="C[,C...]", help="subset of the preset's cases")
+    b.add_argument("--filter", action="append", metavar="PARAM=VALUE",
+                   help="keep points whose parameter equals VALUE (repeatable; the repro column uses it)")
+    b.add_argument("--baseline", help="results.csv to compare against: exit 1 when a p50 latency is > 5%% slower")
+    b.add_argument("--out", help="run folder (default reports/bench/<timestamp>); an existing one is resumed")
+    b.add_argument("--rep-ms", type=float, help="timing budget per point in ms (default: the preset's)")
+    b.add_argument("--warmup-ms", type=float, help="warmup per point in ms (default: the preset's)")
+    b.add_argument("--list", action="store_true", help="print the planned points and exit")
+    b.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from harness.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,206 @@
+"""index.html of a bench run: self-contained, plots as inline PNGs (harness.report.png_data_uri).
+
+Plots: latency vs the case's x parameter per provider, % of roofline, speed-up over peft. Each panel
+is one case (and one model for end-to-end cases); its lines hold the other parameters at the base
+combination (the one swept over the most x values), one line per (provider, GPU), so a CSV holding
+several GPUs draws one line per GPU instead of mixing them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+from harness.bench import schema
+from harness.bench.baseline import Comparison
+from harness.report import PAGE, esc, png_data_uri
+
+_OTHER = [c for c in schema.PARAM_COLUMNS if c != "model"]
+COLORS = {"triton": "tab:blue", "torch": "tab:orange", "peft": "tab:green", "vllm": "tab:red"}
+
+
+def _num(s: str) -> float:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ok(rows, metric):
+    return [r for r in rows if r.get("status") == "ok" and r.get("metric") == metric and _num(r.get("p50")) > 0]
+
+
+def _x_of(case: str, cases: dict) -> str:
+    c = cases.get(case)
+    return c.x if c is not None else "T"
+
+
+def _panels(rows: list[dict], cases: dict) -> dict[tuple[str, str], dict]:
+    """(case, model) -> {"x", "series": {(provider, gpu): {x: row}}, "base"} at the base combination.
+
+    The x axis is the case's own x parameter when it varies in the panel, else the parameter that varies
+    most (e.g. n_adapters for a prefill sweep at one image count)."""
+    by_panel: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        by_panel[(r["case"], r.get("model", ""))].append(r)
+    out = {}
+    for panel, prs in by_panel.items():
+        def spread(c, prs=prs):
+            return len({r.get(c, "") for r in prs if not math.isnan(_num(r.get(c)))})
+        x = _x_of(panel[0], cases)
+        if spread(x) < 2:
+            x = max(_OTHER, key=lambda c: (spread(c), c == x))
+        others = [c for c in _OTHER if c != x]
+        xs_per_combo: dict[tuple, set] = defaultdict(set)
+        for r in prs:
+            xs_per_combo[tuple(r.get(c, "") for c in others)].add(r.get(x, ""))
+        base = max(xs_per_combo, key=lambda k: (len(xs_per_combo[k]), k))
+        series: dict[tuple[str, str], dict[float, dict]] = defaultdict(dict)
+        for r in prs:
+            if tuple(r.get(c, "") for c in others) == base and not math.isnan(_num(r.get(x))):
+                series[(r["provider"], r.get("gpu_name", ""))][_num(r[x])] = r
+        base_desc = " ".join(f"{c}={v}" for c, v in zip(others, base) if v)
+        out[panel] = {"x": x, "series": series, "base": base_desc}
+    return out
+
+
+def _grid(plt, n: int):
+    cols = min(3, max(1, n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    flat = [a for row in axes for a in row]
+    for a in flat[n:]:
+        a.axis("off")
+    return fig, flat
+
+
+def _style(gpus: list[str]):
+    styles = ["-", "--", ":", "-."]
+    return {g: styles[i % len(styles)] for i, g in enumerate(gpus)}
+
+
+def _plot(panels: dict, ylabel: str, value, title: str, logy: bool, hline: float | None = None) -> str:
+    keys = sorted(panels)
+    gpus = sorted({g for p in panels.values() for (_, g) in p["series"]})
+    ls = _style(gpus)
+
+    def draw(plt):
+        fig, axes = _grid(plt, len(keys))
+        for ax, key in zip(axes, keys):
+            p = panels[key]
+            for (prov, gpu), pts in sorted(p["series"].items()):
+                xs = sorted(pts)
+                ys = [value(pts[x], x, prov, gpu) for x in xs]
+                xy = [(a, b) for a, b in zip(xs, ys) if b is not None and b > 0]
+                if not xy:
+                    continue
+                label = prov if len(gpus) == 1 else f"{prov} @ {gpu}"
+                ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", ms=3, linestyle=ls[gpu], label=label,
+                        color=COLORS.get(prov))
+            xs_all = [x for s in p["series"].values() for x in s]
+            if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
+                ax.set_xscale("log", base=2)
+            ys_all = [y for line in ax.lines for y in line.get_ydata()]
+            if logy and ys_all and max(ys_all) / min(ys_all) >= 10:
+                ax.set_yscale("log")
+            if hline is not None:
+                ax.axhline(hline, color="grey", lw=0.8)
+            case, model = key
+            ax.set_title(f"{case}{' ' + model if model else ''}", fontsize=9)
+            ax.set_xlabel(f"{p['x']}  ({p['base']})", fontsize=7)
+            ax.set_ylabel(ylabel, fontsize=8)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        fig.suptitle(title, fontsize=11)
+        fig.tight_layout()
+        return fig
+    return png_data_uri(draw)
+
+
+def _section(title: str, img: str | None, note: str = "") -> str:
+    body = f"<img alt='{esc(title)}' src='{img}'>" if img else f"<p>{esc(note)}</p>"
+    return f"<h2>{esc(title)}</h2>{body}"
+
+
+def plots(rows: list[dict], cases: dict) -> list[str]:
+    parts = []
+    lat = _panels(_ok(rows, "latency_ms"), cases)
+    parts.append(_section("Latency (p50) per provider", _plot(
+        lat, "p50 latency (ms)", lambda r, x, p, g: _num(r["p50"]), "latency vs swept parameter", True)
+        if lat else None, "no ok latency rows"))
+    roof = _panels(_ok(rows, "pct_roofline"), cases)
+    if roof:
+        parts.append(_section("% of roofline", _plot(
+            roof, "% of roofline (p50)", lambda r, x, p, g: _num(r["p50"]), "% of roofline (max of HBM and "
+            "compute bound)", False)))
+    else:  # no GPU profile applied (CPU, or a GPU without a profile): show what was achieved instead
+        gbps = _panels(_ok(rows, "gbps"), cases)
+        parts.append(_section("% of roofline", None, "no % of roofline rows: no GPU profile applied to this run "
+                              "(CPU, or a GPU without a profile; see --gpu). Achieved GB/s instead:"))
+        if gbps:
+            parts.append(f"<img alt='achieved GB/s' src='{_plot(gbps, 'GB/s (p50)', lambda r, x, p, g: _num(r['p50']), 'achieved GB/s (FACTS.md byte counts)', True)}'>")
+    peft = {k: v for k, v in lat.items() if any(prov == "peft" for prov, _ in v["series"])}
+    if peft:
+        sp: dict = {}
+        for key, p in peft.items():
+            series = {}
+            for (prov, gpu), pts in p["series"].items():
+                ref = p["series"].get(("peft", gpu), {})
+                if prov == "peft":
+                    continue
+                series[(prov, gpu)] = {x: {"ratio": _num(ref[x]["p50"]) / _num(r["p50"])}
+                                       for x, r in pts.items() if x in ref}
+            sp[key] = {**p, "series": series}
+        img = _plot(sp, "speed-up over peft (x)", lambda r, x, p, g: r["ratio"], "speed-up over HF + PEFT "
+                    "(peft p50 / provider p50)", True, hline=1.0)
+        parts.append(_section("Speed-up over peft", img))
+    else:
+        parts.append(_section("Speed-up over peft", None, "no peft rows in this run"))
+    return parts
+
+
+def _params(r: dict) -> str:
+    return " ".join(f"{c}={r[c]}" for c in schema.PARAM_COLUMNS if r.get(c))
+
+
+def _regression_table(comps: list[Comparison], baseline: str) -> str:
+    n = sum(c.regression for c in comps)
+    head = "".join(f"<th{' class=l' if h in ('verdict', 'point', 'gpu') else ''}>{h}</th>"
+                   for h in ("verdict", "ratio", "baseline p50 ms", "p50 ms", "point", "gpu"))
+    body = "".join(
+        f"<tr class='{'first' if c.regression else ''}'><td class='l {'fail' if c.regression else 'ok'}'>"
+        f"{'REGRESSION' if c.regression else 'ok'}</td><td>{c.ratio:.3f}</td><td>{c.base_p50:.4g}</td>"
+        f"<td>{c.p50:.4g}</td><td class='l'>{esc(c.label())}</td><td class='l'>{esc(c.gpu)}</td></tr>"
+        for c in comps)
+    return (f"<h2>Regressions vs baseline</h2><p>baseline {esc(baseline)}: <b class='{'fail' if n else 'ok'}'>{n}"
+            f"</b> of {len(comps)} latency rows slower by more than 5 % (p50)</p>"
+            f"<table><tr>{head}</tr>{body}</table>")
+
+
+def render_html(rows: list[dict], cases: dict, meta: dict, comps: list[Comparison] | None = None,
+                baseline: str | None = None) -> str:
+    status = Counter(r.get("status", "") for r in rows)
+    gpus = sorted({r.get("gpu_name", "") for r in rows})
+    parts = ["<h1>mmlora bench</h1>",
+             "<p>" + " &middot; ".join(f"{esc(k)}: {esc(v)}" for k, v in meta.items()) + "</p>",
+             f"<p>{len(rows)} rows; status: {esc(dict(status))}; GPUs: {esc(', '.join(gpus))}</p>"]
+    if comps is not None:
+        parts.append(_regression_table(comps, baseline or ""))
+    parts += plots(rows, cases)
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if bad:
+        parts.append("<h2>Rows without numbers</h2><table><tr><th class=l>case</th><th class=l>provider</th>"
+                     "<th class=l>params</th><th class=l>status</th><th class=l>note</th></tr>" + "".join(
+                         f"<tr class='bad'><td class='l'>{esc(r['case'])}</td><td class='l'>{esc(r['provider'])}</td>"
+                         f"<td class='l'>{esc(_params(r))}</td><td class='l'>{esc(r['status'])}</td>"
+                         f"<td class='l'>{esc(r.get('note', ''))}</td></tr>" for r in bad) + "</table>")
+    lat = [r for r in rows if r.get("metric") == "latency_ms" and r.get("status") == "ok"]
+    parts.append(f"<details><summary>{len(lat)} latency rows (p50 / p20 / p80 ms, repro)</summary><table><tr>"
+                 "<th class=l>case</th><th class=l>provider</th><th class=l>params</th><th>p50</th><th>p20</th>"
+                 "<th>p80</th><th class=l>gpu</th><th class=l>repro</th></tr>" + "".join(
+                     f"<tr><td class='l'>{esc(r['case'])}</td><td class='l'>{esc(r['provider'])}</td>"
+                     f"<td class='l'>{esc(_params(r))}</td><td>{esc(r['p50'])}</td><td>{esc(r['p20'])}</td>"
+                     f"<td>{esc(r['p80'])}</td><td class='l'>{esc(r.get('gpu_name', ''))}</td>"
+                     f"<td class='l'><code>{esc(r.get('repro', ''))}</code></td></tr>" for r in lat)
+                 + "</table></details>")
+    return PAGE.format(title="mmlora bench", body="\n".join(parts))

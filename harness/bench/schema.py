@@ -1,0 +1,68 @@
+"""The long-form results.csv: one row per (case, provider, params, metric); a fixed column set.
+
+Parameter columns are the same for every case and empty where a case has no such parameter; the key of
+a row is (case, provider, every parameter column, metric). Values are stored as text exactly as
+`fmt` writes them, so a key read back from the CSV equals the key of a planned point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# case parameters (README "Benchmarks" documents each)
+PARAM_COLUMNS: tuple[str, ...] = (
+    "model",       # e2e: registry arch / size, e.g. llama4/scout, gemma3/tiny
+    "dtype",       # fp32 | fp16 | bf16
+    "T",           # rows: LoRA tokens, patches per image (position_pool, pixel_shuffle), sequence (rope_2d)
+    "H",           # input width: LoRA hidden (A is [r, H]), channels (vision kernels)
+    "O",           # LoRA output width per slice
+    "n_adapters",  # distinct adapters in the batch (e2e: 0 = no LoRA)
+    "rank",        # LoRA rank
+    "slices",      # LoRA slices in one launch (e.g. 3 for packed q/k/v)
+    "batch",       # vision kernels: images in the batch
+    "heads",       # rope_2d: attention heads
+    "head_dim",    # rope_2d: head dim
+    "pool_k",      # position_pool: pooling kernel k (k x k patches per token)
+    "images",      # e2e: images per batch (one image per request)
+)
+ENV_COLUMNS: tuple[str, ...] = ("gpu_name", "driver", "cuda", "torch", "triton", "transformers", "peft", "git_sha",
+                                "timestamp")
+KEY_COLUMNS: tuple[str, ...] = ("case", "provider", *PARAM_COLUMNS)
+COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "metric", "unit", "p50", "p20", "p80", "status", "note", *ENV_COLUMNS,
+                            "repro")
+STATUSES: tuple[str, ...] = ("ok", "oom", "unavailable", "error")
+PROVIDERS: tuple[str, ...] = ("triton", "torch", "peft", "vllm")
+
+# metric -> unit; latency is the measured one, the others are derived from it
+UNITS: dict[str, str] = {
+    "latency_ms": "ms",
+    "tokens_per_s": "tok/s",
+    "images_per_s": "img/s",
+    "gbps": "GB/s",
+    "tflops": "TFLOP/s",
+    "pct_roofline": "%",
+    "peak_mem_mib": "MiB",
+}
+
+
+def fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def point_key(case: str, provider: str, params: Mapping) -> tuple[str, ...]:
+    return (case, provider, *(fmt(params.get(c)) for c in PARAM_COLUMNS))
+
+
+def row_key(row: Mapping) -> tuple[str, ...]:
+    """Key of a CSV row: the point key plus the metric."""
+    return (*(row.get(c, "") or "" for c in KEY_COLUMNS), row.get("metric", "") or "")
+
+
+def describe(params: Mapping) -> str:
+    return " ".join(f"{c}={fmt(params[c])}" for c in PARAM_COLUMNS if params.get(c) is not None)

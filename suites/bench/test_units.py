@@ -1,0 +1,142 @@
+"""Unit checks of the bench pieces: roofline formulas, profile resolution, derived metrics, timing,
+store repair, plots with several GPUs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from harness.bench import roofline, schema
+from harness.bench.cases import KERNEL_CASES, Work, all_cases
+from harness.bench.report import render_html
+from harness.bench.store import Store
+from harness.bench.sweep import derive
+from harness.bench.timing import Timing, measure
+
+
+def test_lora_formulas_are_facts_md_for_bf16():
+    T, H, Ow, n, r = 4096, 4096, 1408, 4, 16
+    assert roofline.lora_shrink_work(T, H, n, r, 1, 2) == (2 * T * H + 2 * n * H * r + 4 * T * r, 2 * T * H * r)
+    assert roofline.lora_expand_work(T, Ow, n, r, 1, 2) == (4 * T * r + 2 * n * r * Ow + 4 * T * Ow, 2 * T * r * Ow)
+    b, f = roofline.lora_apply_work(T, H, Ow, n, r, 1, 2)
+    assert (b, f) == (roofline.lora_shrink_work(T, H, n, r, 1, 2)[0] + roofline.lora_expand_work(T, Ow, n, r, 1, 2)[0],
+                      2 * T * H * r + 2 * T * r * Ow)
+    # fp32 elements double the x / weight / y terms, the fp32 intermediate stays 4 bytes
+    assert roofline.lora_shrink_work(T, H, n, r, 1, 4)[0] == 4 * T * H + 4 * n * H * r + 4 * T * r
+    # slices: x read once, everything else per slice
+    assert roofline.lora_shrink_work(T, H, n, r, 3, 2)[0] == 2 * T * H + 3 * (2 * n * H * r + 4 * T * r)
+
+
+def test_roofline_is_memory_bound_for_lora():
+    p = roofline.PROFILES["h100"]
+    nbytes, flops = roofline.lora_apply_work(4096, 4096, 4096, 4, 16, 1, 2)
+    assert p.roof_seconds(nbytes, flops) == pytest.approx(nbytes / 3.35e12)
+
+
+@pytest.mark.parametrize("gpu,device,want,warns", [
+    ("auto", None, None, True),
+    ("auto", "NVIDIA H100 80GB HBM3", "h100", False),
+    ("auto", "NVIDIA H200", "h200", False),
+    ("auto", "NVIDIA A100-SXM4-80GB", "a100", False),
+    ("auto", "NVIDIA L4", None, True),
+    ("h100", "NVIDIA H100 80GB HBM3", "h100", False),
+    ("h100", "NVIDIA H200", "h100", True),
+    ("a100", None, "a100", True),
+])
+def test_profile_resolution(gpu, device, want, warns):
+    p, warning = roofline.resolve(gpu, device)
+    assert (p.name if p else None) == want
+    assert bool(warning) == warns
+    if warning:
+        assert "\n" not in warning
+
+
+def test_unknown_profile_is_a_value_error():
+    with pytest.raises(ValueError, match="'b200'"):
+        roofline.resolve("b200", None)
+
+
+def test_derived_quantiles_keep_order():
+    t = Timing(p50_ms=2.0, p20_ms=1.5, p80_ms=3.0, samples=10, peak_bytes=2**20)
+    w = Work(tokens=1000, images=4, nbytes=1e9, flops=1e12)
+    p = roofline.PROFILES["h200"]
+    for m in ("latency_ms", "tokens_per_s", "images_per_s", "gbps", "tflops", "pct_roofline", "peak_mem_mib"):
+        p50, p20, p80 = derive(m, t, w, p)
+        assert p20 <= p50 <= p80, m
+    assert derive("gbps", t, w, p)[0] == pytest.approx(500.0)
+    # 1 TFLOP at 989 TFLOP/s takes longer than 1 GB at 4.8 TB/s: the compute roof applies
+    assert derive("pct_roofline", t, w, p)[0] == pytest.approx(100 * (1e12 / 989e12) / 2e-3)
+
+
+def test_case_metrics_per_device():
+    c = KERNEL_CASES["lora_apply"]
+    assert c.metrics(False, False) == ("latency_ms", "tokens_per_s", "gbps", "tflops")
+    assert c.metrics(True, True)[-2:] == ("pct_roofline", "peak_mem_mib")
+    assert "tflops" not in KERNEL_CASES["pixel_shuffle"].metrics(False, False)
+    assert all_cases()["tower_connector"].metrics(False, True) == ("latency_ms", "images_per_s", "tokens_per_s")
+
+
+def test_cpu_timing_loop_excludes_first_call_and_orders_quantiles():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) == 1:
+            import time
+
+            time.sleep(0.2)  # a slow first call (compilation) must not reach the quantiles
+    t = measure(fn, torch.device("cpu"), rep_ms=5, warmup_ms=0, min_reps=5)
+    assert t.samples >= 5 and t.p20_ms <= t.p50_ms <= t.p80_ms < 100
+    assert t.peak_bytes is None
+
+
+def _row(case="pixel_shuffle", provider="torch", T="16", metric="latency_ms", p50="1", gpu="g0", status="ok"):
+    r = {c: "" for c in schema.COLUMNS}
+    r.update(case=case, provider=provider, T=T, H="32", batch="2", dtype="fp32", metric=metric,
+             unit=schema.UNITS[metric], p50=p50, p20=p50, p80=p50, status=status, gpu_name=gpu)
+    return r
+
+
+def test_store_drops_a_torn_tail_with_its_point_and_duplicates(tmp_path):
+    s = Store(tmp_path / "run")
+    assert s.open() == set()
+    a = [_row(T="16"), _row(T="16", metric="gbps")]
+    b = [_row(T="64"), _row(T="64", metric="gbps")]
+    s.append(a)
+    s.append(a[:1])  # a duplicate row
+    s.append(b)
+    with open(s.csv, "ab") as f:
+        f.write(b"pixel_shuffle,torch,,fp32,256,3")  # a write torn by SIGKILL
+    done = Store(tmp_path / "run").open()
+    # the torn point's predecessor (T=64) is dropped too: it may be the point whose write was torn
+    assert done == {schema.row_key(a[0])[:-1]}
+    rows = s.rows()
+    assert [schema.row_key(r) for r in rows] == [schema.row_key(r) for r in a]
+    assert s.csv.read_text().endswith("\n")
+
+
+@pytest.mark.parametrize("content", [b"", b"case,provider,mo"])
+def test_store_restarts_an_empty_or_torn_header_file(tmp_path, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.csv").write_bytes(content)
+    assert Store(out).open() == set()
+    assert (out / "results.csv").read_text().splitlines() == [",".join(schema.COLUMNS)]
+
+
+def test_report_with_several_gpus_in_one_csv():
+    rows = []
+    for gpu, scale in (("NVIDIA H100 80GB HBM3", 1.0), ("NVIDIA H200", 0.7)):
+        for case in ("lora_apply", "pixel_shuffle"):
+            for prov in ("triton", "torch", "peft") if case == "lora_apply" else ("triton", "torch"):
+                for T in ("16", "256", "4096"):
+                    lat = scale * float(T) / (100 if prov == "triton" else 10)
+                    rows.append(_row(case, prov, T, "latency_ms", f"{lat:.4g}", gpu))
+                    rows.append(_row(case, prov, T, "pct_roofline", f"{50 / lat:.4g}", gpu))
+    rows.append(_row("lora_apply", "vllm", "", "latency_ms", "", "g0", "unavailable"))
+    html = render_html(rows, all_cases(), {"preset": "test"})
+    imgs = re.findall(r"src='data:image/png;base64,", html)
+    assert len(imgs) == 3
+    assert "unavailable" in html

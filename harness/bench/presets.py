@@ -66,10 +66,10 @@ def _smoke() -> dict[str, list[dict]]:
 
 def _gpu_kernels(full: bool) -> dict[str, list[dict]]:
     base = dict(dtype="bf16", T=4096, H=4096, O=4096, n_adapters=4, rank=16, slices=1)
-    lora = one_at_a_time(base, T=[1, 16, 128, 1024, 16384], n_adapters=[1, 16, 32], rank=[8, 32, 64, 128],
+    lora = one_at_a_time(base, T=[1, 16, 128, 1024, 16384], n_adapters=[1, 8, 16, 32], rank=[8, 32, 64, 128],
                          slices=[3], dtype=["fp16"])
     if full:
-        lora = _dedupe(lora + grid(base, T=[1, 16, 128, 1024, 4096, 16384], n_adapters=[1, 4, 16, 32],
+        lora = _dedupe(lora + grid(base, T=[1, 16, 128, 1024, 4096, 16384], n_adapters=[1, 4, 8, 16, 32],
                                    rank=[8, 16, 64, 128]))
     pts: dict[str, list[dict]] = {c: lora for c in LORA_CASES}
     pool = dict(dtype="bf16", T=2304, H=1152, batch=8, pool_k=3)

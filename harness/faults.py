@@ -111,7 +111,7 @@ def _connector_order_reversed(rt):
         pieces = list(torch.split(slots["connector"], per_req))
         fixed = [torch.full_like(p, int(q[0]) if q.numel() else -1) for p, q in zip(pieces, reversed(pieces))]
         slots["connector"] = torch.cat(fixed) if fixed else slots["connector"]
-        return Mapping(slots)
+        return Mapping(slots)  # active=None: recomputed from the device tensors
     rt.mapping_transform = rev
 
 

@@ -9,7 +9,7 @@ mapping length: anything else is a loud error naming the module, the group and b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,22 @@ COUNTERS: dict[str, RowCounter] = {
 @dataclass
 class Mapping:
     slots: dict[str, torch.Tensor]  # group -> int32 [rows]
+    # group -> does any row carry an adapter (known on the host at build time: no device sync per module)
+    active: dict[str, bool] | None = None
+    _groups: dict = field(default_factory=dict, repr=False)
+
+    def is_active(self, group: str) -> bool:
+        if self.active is None:  # a mapping rebuilt by a fault transform: ask the device
+            return bool((self.slots[group] >= 0).any())
+        return self.active[group]
+
+    def groups(self, group: str, n_slots: int):
+        """Token grouping by slot for the kernel, computed once per group per batch."""
+        from runtime.kernels import lora_groups
+
+        if group not in self._groups:
+            self._groups[group] = lora_groups(self.slots[group], n_slots)
+        return self._groups[group]
 
     def for_module(self, name: str, group: str, rows: int) -> torch.Tensor:
         s = self.slots[group]
@@ -50,4 +66,5 @@ def build_mapping(arch: ArchSpec, config, requests: Sequence[Request], slots: Se
             out["tower"] += [slot] * counters["tower"](arch, config, g)
             out["connector"] += [slot] * counters["connector"](arch, config, g)
         out["language_model"] += [slot] * l_max
-    return Mapping({k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in out.items()})
+    return Mapping({k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in out.items()},
+                   {k: any(s >= 0 for s in v) for k, v in out.items()})

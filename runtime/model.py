@@ -47,10 +47,8 @@ class LoRALinear(torch.nn.Module):
         if owner.mapping is None:
             return y
         x2 = x.reshape(-1, x.shape[-1])
-        slots = owner.slots_for(self.name, self.group, x2.shape[0])
         y2 = y.reshape(-1, y.shape[-1])
-        if bool((slots >= 0).any()):
-            owner.kernel(x2, y2, [owner.tables.A[self.name]], [owner.tables.B[self.name]], slots)
+        owner.apply_lora(self.name, self.group, x2, y2)
         return y2.view(y.shape)
 
 
@@ -78,7 +76,7 @@ class RuntimeModel:
             parent, _, child = n.rpartition(".")
             holder = model.get_submodule(parent) if parent else model
             setattr(holder, child, LoRALinear(getattr(holder, child), n, arch.group_of(n), self))
-        self.device = p.device
+        self.device, self.dtype = p.device, p.dtype
         # vision kernels (Gemma4 pooler / RoPE, Llama 4 / InternVL pixel shuffle) replace HF's code
         self.substitutions = install(arch.model_type, model) if substitute else []
         # seeded faults (harness/faults.py) hook in here; all None in a healthy runtime
@@ -120,10 +118,23 @@ class RuntimeModel:
             mapping = self.mapping_transform(mapping, requests, lengths)
         return mapping
 
+    def apply_lora(self, name: str, group: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
+        slots = self.slots_for(name, group, x2.shape[0])
+        A, B = [self.tables.A[name]], [self.tables.B[name]]
+        healthy = self.slot_transform is None and self.group_transform is None
+        if healthy and self.kernel is lora_apply:
+            # the grouping and the "any adapter" test are shared by every module of the group: no host
+            # sync and no argsort per module
+            if self.mapping.is_active(group):
+                lora_apply(x2, y2, A, B, slots, groups=self.mapping.groups(group, self.tables.max_slots))
+        elif bool((slots >= 0).any()):
+            self.kernel(x2, y2, A, B, slots)
+
     def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None,
             counters: dict | None = None) -> Captures:
         """One batched forward of a mixed batch; per-request captures of every LoRA module + boundaries."""
-        batch = build_batch(self.arch, self.config, requests).to(self.device, dtype)
+        # pixels in the model's dtype, as a serving engine feeds them (Llama 4's patch embedding does not cast)
+        batch = build_batch(self.arch, self.config, requests).to(self.device, dtype or self.dtype)
         self.mapping = self.make_mapping(requests, batch.lengths, batch.input_ids.shape[1], counters)
         rec = Recorder(self.model, self.lora_names, self.arch)
         rec.set_image_positions(batch.input_ids == self.arch.image_token_id(self.config))

@@ -7,6 +7,7 @@ from runtime.kernels.lora import (
     lora_block_sizes,
     lora_expand,
     lora_expand_torch,
+    lora_groups,
     lora_shrink,
     lora_shrink_torch,
 )
@@ -21,7 +22,7 @@ from runtime.kernels.rope_2d import rope_2d, rope_2d_torch
 
 __all__ = [
     "gemma4_pooler_forward", "interpreted", "lora_apply", "lora_apply_torch", "lora_block_sizes",
-    "lora_expand", "lora_expand_torch", "lora_shrink", "lora_shrink_torch", "pixel_shuffle",
+    "lora_expand", "lora_expand_torch", "lora_groups", "lora_shrink", "lora_shrink_torch", "pixel_shuffle",
     "pixel_shuffle_torch", "position_pool", "position_pool_bruteforce", "position_pool_torch", "rope_2d",
     "rope_2d_torch",
 ]

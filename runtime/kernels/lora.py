@@ -228,10 +228,17 @@ def lora_expand(v: torch.Tensor, B_slices: Sequence[torch.Tensor], slot_ids: tor
     return _expand(v, B_slices, y, offsets, _groups(slot_ids, B_slices[0].shape[0], y.shape[0]))
 
 
+def lora_groups(slot_ids: torch.Tensor, n_slots: int):
+    """The token grouping (stable sort by slot) that `lora_apply(..., groups=)` accepts: a runtime computes
+    it once per batch and group of modules instead of once per module (one host sync, one argsort)."""
+    return _groups(slot_ids, n_slots, slot_ids.shape[0])
+
+
 def lora_apply(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.Tensor],
                B_slices: Sequence[torch.Tensor], slot_ids: torch.Tensor,
-               slice_offsets: Sequence[int] | None = None) -> torch.Tensor:
-    """Shrink then expand with one token grouping; adds the LoRA delta into y in place and returns y."""
+               slice_offsets: Sequence[int] | None = None, groups=None) -> torch.Tensor:
+    """Shrink then expand with one token grouping; adds the LoRA delta into y in place and returns y.
+    `groups` (from `lora_groups(slot_ids, S)`) skips recomputing the grouping."""
     _check_slices("A_slices", A_slices)
     _check_slices("B_slices", B_slices, A_slices[0].shape[1])
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
@@ -239,7 +246,10 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.Tensor
     if B_slices[0].shape[0] != A_slices[0].shape[0]:
         raise ValueError(f"A has {A_slices[0].shape[0]} slots, B has {B_slices[0].shape[0]}")
     offsets = _offsets(B_slices, y, slice_offsets)  # validated before any work
-    groups = _groups(slot_ids, A_slices[0].shape[0], x.shape[0])
+    if groups is None:
+        groups = _groups(slot_ids, A_slices[0].shape[0], x.shape[0])
+    elif groups[0].shape[0] != x.shape[0]:
+        raise ValueError(f"groups were computed for {groups[0].shape[0]} rows, x has {x.shape[0]}")
     v = _shrink(x, A_slices, groups)
     _check_expand(v, B_slices, y)
     return _expand(v, B_slices, y, offsets, groups)

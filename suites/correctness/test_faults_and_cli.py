@@ -79,3 +79,12 @@ def test_default_correctness_run_passes_for_every_registered_arch(tmp_path):
     from harness.arch import REGISTRY
 
     assert set(s["archs"]) == set(REGISTRY)
+
+
+def test_bf16_run_passes(tmp_path):
+    """The GPU runners' dtype, on CPU: pixels must reach the runtime in the model's dtype (Llama 4's patch
+    embedding does not cast), and bf16 rounding must stay within the bf16 tolerances."""
+    out = tmp_path / "bf16"
+    assert main(["correctness", "--arch", "llama4", "--dtype", "bf16", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())["archs"]["llama4"]
+    assert s["ok"] and s["max_abs_by_group"]["replay/tower"] > 0  # bf16 really ran: rounding is visible

@@ -295,6 +295,29 @@ def c_nan_in_weights(saved, tmp):
     assert not (df["status"] == "mismatch").any()
 
 
+def c_nan_in_pixels(saved, tmp):
+    # a NaN pixel poisons every row after attention: nonfinite rows, exit 1, no NaN "error figure"
+    from harness.arch import get_arch
+    from harness.correctness import Options, run_arch
+
+    arch = get_arch("llama4")
+    cls = type(arch)
+    original = cls.build_pixel_inputs
+
+    def poisoned(self, config, geoms, generator):
+        out = original(self, config, geoms, generator)
+        out["pixel_values"][0, 0, 0, 0] = float("nan")
+        return out
+
+    cls.build_pixel_inputs = poisoned
+    try:
+        res = run_arch("llama4", Options(archs=["llama4"]), tmp)
+    finally:
+        cls.build_pixel_inputs = original
+    statuses = {r.metrics.status for r in res.rows if r.group == "tower"}
+    assert res.summary["ok"] is False and "nonfinite" in statuses and "mismatch" not in statuses
+
+
 def c_cuda_without_cuda(saved, tmp):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -377,6 +400,7 @@ CATALOG = [
     Case("every-request-without-adapter", "cli", "legal: no request has an adapter (exit 0)",
          c_every_request_without_adapter),
     Case("nan-in-weights", "cli", "NaN in checkpoint weights: reported as nonfinite (exit 1)", c_nan_in_weights),
+    Case("nan-in-pixels", "reference", "NaN in pixel values: reported as nonfinite", c_nan_in_pixels),
     Case("cuda-without-cuda", "cli", "--device cuda on a machine without CUDA", c_cuda_without_cuda),
     Case("unknown-dtype", "cli", "--dtype not fp32/fp16/bf16", c_unknown_dtype),
     Case("negative-adapter-count", "cli", "--adapters -1", c_negative_adapter_count),

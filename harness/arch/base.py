@@ -276,6 +276,18 @@ def _prefix_match(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+# -------------------------------------------------------------------- recipe fragments
+def decoder_lm_recipe(prefix: str) -> str:
+    """q/k/v/o attention and gate/up/down MLP of every layer of a Llama-style decoder below `prefix`
+    (the LM of most VLMs)."""
+    return re.escape(prefix) + r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def clip_tower_recipe(prefix: str) -> str:
+    """q/k/v/out attention and fc1/fc2 MLP of every layer of a CLIP / SigLIP encoder below `prefix`."""
+    return re.escape(prefix) + r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
+
+
 # -------------------------------------------------------------------- config overrides
 def parse_set(item: str) -> tuple[str, Any]:
     """'vision_config.image_size=504' -> ('vision_config.image_size', 504)."""

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from harness.arch.base import (
+    ArchSpec,
+    DrawInt,
+    ImageGeometry,
+    TokenCounts,
+    clip_tower_recipe,
+    decoder_lm_recipe,
+    require_int,
+)
 
 
 @dataclass(frozen=True)
@@ -27,10 +35,9 @@ class Gemma3(ArchSpec):
     connector: tuple[str, ...] = ("model.multi_modal_projector.",)
     language_model: tuple[str, ...] = ("model.language_model.",)
     lora_targets: dict = field(default_factory=lambda: {
-        "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
+        "tower": clip_tower_recipe("model.vision_tower."),
         "connector": None,
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
     no_lora_reason: dict = field(default_factory=lambda: {
         "connector": "Gemma3MultiModalProjector has no nn.Linear: it is AvgPool2d + RMSNorm + a matmul with "

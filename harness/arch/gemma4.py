@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
 
 # Gemma4ImageProcessor.max_soft_tokens default (transformers 5.x)
 PROCESSOR_MAX_SOFT_TOKENS = 280
@@ -38,8 +38,7 @@ class Gemma4(ArchSpec):
         "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
                  r"|mlp\.(gate|up|down)_proj)\.linear",
         "connector": r"model\.embed_vision\.embedding_projection",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("patches",)
 

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from harness.arch.base import (
+    ArchSpec,
+    DrawInt,
+    ImageGeometry,
+    TokenCounts,
+    clip_tower_recipe,
+    decoder_lm_recipe,
+    require_int,
+)
 
 
 @dataclass(frozen=True)
@@ -32,10 +40,9 @@ class Idefics3(ArchSpec):
     connector: tuple[str, ...] = ("model.connector.",)
     language_model: tuple[str, ...] = ("model.text_model.",)
     lora_targets: dict = field(default_factory=lambda: {
-        "tower": r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
+        "tower": clip_tower_recipe("model.vision_model."),
         "connector": r"model\.connector\.modality_projection\.proj",
-        "language_model": r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.text_model."),
     })
     geometry_fields: tuple[str, ...] = ("split",)
 

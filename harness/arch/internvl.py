@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -44,8 +44,7 @@ class InternVL(ArchSpec):
         "tower": r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)"
                  r"|mlp\.fc(1|2))",
         "connector": r"model\.multi_modal_projector\.linear_(1|2)",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("tiles",)
 

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from harness.arch.base import (
+    ArchSpec,
+    DrawInt,
+    ImageGeometry,
+    TokenCounts,
+    clip_tower_recipe,
+    decoder_lm_recipe,
+    require_int,
+)
 
 
 @dataclass(frozen=True)
@@ -26,10 +34,9 @@ class Llava(ArchSpec):
     connector: tuple[str, ...] = ("model.multi_modal_projector.",)
     language_model: tuple[str, ...] = ("model.language_model.",)
     lora_targets: dict = field(default_factory=lambda: {
-        "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
+        "tower": clip_tower_recipe("model.vision_tower."),
         "connector": r"model\.multi_modal_projector\.linear_(1|2)",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("size",)
 

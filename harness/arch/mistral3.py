@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,7 @@ class Mistral3(ArchSpec):
         "tower": r"model\.vision_tower\.transformer\.layers\.\d+\.(attention\.(q|k|v|o)_proj"
                  r"|feed_forward\.(gate|up|down)_proj)",
         "connector": r"model\.multi_modal_projector\.(patch_merger\.merging_layer|linear_(1|2))",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("size",)
 

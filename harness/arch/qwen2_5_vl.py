@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.arch import register
-from harness.arch.base import ImageGeometry
+from harness.arch.base import ImageGeometry, decoder_lm_recipe
 from harness.arch.qwen2_vl import Qwen2VL
 
 
@@ -27,8 +27,7 @@ class Qwen2_5VL(Qwen2VL):
         # fused qkv + proj, and a gated MLP (unlike Qwen2-VL's fc1/fc2) in the tower
         "tower": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)",
         "connector": r"model\.visual\.merger\.mlp\.(0|2)",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
 
     # ---------------------------------------------------------------- formulas

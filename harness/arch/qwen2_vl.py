@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,7 @@ class Qwen2VL(ArchSpec):
         "tower": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc(1|2))",
         # the merger MLP is an nn.Sequential: its Linears are named by index (1 is the GELU)
         "connector": r"model\.visual\.merger\.mlp\.(0|2)",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("grid",)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.arch import register
+from harness.arch.base import decoder_lm_recipe
 from harness.arch.qwen2_vl import Qwen2VL
 
 
@@ -26,8 +27,7 @@ class Qwen3VL(Qwen2VL):
     lora_targets: dict = field(default_factory=lambda: {
         "tower": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))",
         "connector": r"model\.visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc(1|2)",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj"
-                          r"|mlp\.(gate|up|down)_proj)",
+        "language_model": decoder_lm_recipe("model.language_model."),
     })
 
     # ---------------------------------------------------------------- models and inputs

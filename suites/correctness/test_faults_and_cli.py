@@ -88,3 +88,23 @@ def test_bf16_run_passes(tmp_path):
     assert main(["correctness", "--arch", "llama4", "--dtype", "bf16", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())["archs"]["llama4"]
     assert s["ok"] and s["max_abs_by_group"]["replay/tower"] > 0  # bf16 really ran: rounding is visible
+
+
+def test_local_checkpoint_with_peft_saved_adapters(tmp_path):
+    """The user path: a checkpoint folder (arch read from its config.json) and adapter folders PEFT saved."""
+    from harness.checkpoint import build_tiny, save_checkpoint
+    from reference.adapters import AdapterSpec, add_adapters, save_adapters
+
+    _, model = build_tiny("qwen2_vl", seed=7)
+    save_checkpoint(model, tmp_path / "ckpt")
+    from harness.arch import get_arch
+
+    arch = get_arch("qwen2_vl")
+    pm = add_adapters(build_tiny(arch, seed=7)[1], arch, [AdapterSpec("mine", ("tower", "language_model"), 4, 8)])
+    folders = save_adapters(pm, tmp_path / "ad")
+    out = tmp_path / "rep"
+    assert main(["correctness", "--model", str(tmp_path / "ckpt"), "--adapter", f"mine={folders['mine']}",
+                 "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["archs"]) == ["qwen2_vl"]
+    assert {r["adapter"] for r in s["archs"]["qwen2_vl"]["requests"]} == {"mine", None}

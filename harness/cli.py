@@ -164,6 +164,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmlora: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - an upstream crash must not read as "divergence" (exit 1)
+        import os
+        import traceback
+
+        if os.environ.get("MMLORA_TRACEBACK"):
+            traceback.print_exc()
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"mmlora: error: {type(e).__name__}: {msg} (at {where.filename}:{where.lineno}; "
+              f"MMLORA_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,13 +68,24 @@ def read_adapter(folder: str | Path) -> AdapterFile:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), int | float) or config[key] <= 0:
             raise ValueError(f"adapter config {str(cfg_path)!r}: {key}={config.get(key)!r} must be a positive number")
+    # what plain LoRA slots cannot express is refused, not silently dropped: the run would otherwise blame
+    # the runtime for a difference that lies in the adapter's format
+    for key in ("use_dora", "lora_bias", "use_qalora"):
+        if config.get(key):
+            raise ValueError(f"adapter {str(folder)!r} uses {key}=true, which the runtime's LoRA slots do not "
+                             f"implement")
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if config.get(key):
+            raise ValueError(f"adapter {str(folder)!r} sets {key}={config[key]!r}, which the runtime's LoRA slots "
+                             f"do not implement")
     tensors = _read_safetensors(st_path)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            continue  # e.g. modules_to_save copies: not LoRA weights
+            raise ValueError(f"adapter {str(st_path)!r} holds tensor {key!r}, which is not a lora_A / lora_B "
+                             f"weight (DoRA magnitude, bias or a saved module copy): refused")
         pairs.setdefault(m["module"], {})[m["ab"]] = t
     if not pairs:
         raise ValueError(f"adapter {str(st_path)!r} holds no lora_A/lora_B tensors")

@@ -36,12 +36,23 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"output path {str(out)!r} exists and is not a folder")
 
 
-@contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary folder; on success it replaces `out`, on any exception it is removed."""
+def check_replaceable(out: Path, marker: str) -> None:
+    """A run replaces its output folder whole: refuse a folder that holds anything but an earlier report
+    (recognised by `marker`), so `--out .` or `--out reports` can never delete a user's files."""
     check_writable(out)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise ValueError(f"output folder {str(out)!r} exists and is not an earlier report (no {marker}): "
+                         f"refusing to replace it; choose a new or empty folder")
+
+
+@contextmanager
+def atomic_dir(out: Path, marker: str = "summary.json"):
+    """Yield a temporary folder; on success it replaces `out`, on any exception it is removed."""
+    out = out.resolve()
+    check_replaceable(out, marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700: CI artifact uploaders and other users must read reports
     try:
         yield tmp
     except BaseException:
@@ -64,8 +75,19 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
             w.writerow(r)
 
 
+def _json_safe(obj):
+    # NaN / Inf are not JSON: strict parsers (JavaScript, most CI tools) reject them; write null
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str, allow_nan=True))
+    path.write_text(json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False))
 
 
 def png_data_uri(draw: Callable) -> str:

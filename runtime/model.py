@@ -94,7 +94,8 @@ class RuntimeModel:
         return cls(arch, config, model, **kw)
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, name: str, folder: str | Path, slot: int | None = None) -> int:
+    def load_adapter(self, name: str, folder, slot: int | None = None) -> int:
+        """`folder`: a PEFT adapter folder or an already read `harness.peft_io.AdapterFile`."""
         return self.tables.load(name, folder, slot)
 
     def unload_adapter(self, name: str) -> None:

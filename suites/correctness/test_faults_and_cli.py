@@ -108,3 +108,23 @@ def test_local_checkpoint_with_peft_saved_adapters(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert list(s["archs"]) == ["qwen2_vl"]
     assert {r["adapter"] for r in s["archs"]["qwen2_vl"]["requests"]} == {"mine", None}
+
+
+def test_rank_and_alpha_patterns_from_peft(tmp_path):
+    """A PEFT adapter whose per-module rank (rank_pattern) exceeds r: slots sized by the real ranks, and
+    alpha_pattern scales checked against PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    from harness.arch import get_arch
+    from harness.checkpoint import build_tiny, save_checkpoint
+    from reference.adapters import randomize, save_adapters
+
+    arch = get_arch("llava")
+    save_checkpoint(build_tiny(arch)[1], tmp_path / "ckpt")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=arch.target_regex(["tower", "language_model"]),
+                     rank_pattern={"q_proj": 32}, alpha_pattern={"v_proj": 3})
+    pm = get_peft_model(build_tiny(arch)[1], cfg, adapter_name="pat")
+    randomize(pm, "pat", seed=3)
+    folders = save_adapters(pm, tmp_path / "ad")
+    assert main(["correctness", "--model", str(tmp_path / "ckpt"), "--adapter", f"pat={folders['pat']}",
+                 "--out", str(tmp_path / "rep")]) == 0

@@ -57,3 +57,9 @@ def test_skip_list(name, skipped):
     from harness.arch import get_arch
 
     assert get_arch("llava").is_quant_skipped(name) is skipped
+
+
+def test_quantized_run_still_fails_on_a_broken_tower(tmp_path):
+    """Drift is allowed only where quantization acts: a slot bug in the (unquantized) tower still fails."""
+    assert main(["correctness", "--arch", "llama4", "--quantize", "lm-int8", "--inject-fault", "slot-shift",
+                 "--out", str(tmp_path / "q")]) == 1

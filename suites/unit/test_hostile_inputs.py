@@ -294,6 +294,10 @@ def c_nan_in_weights(saved, tmp):
     assert (df["status"] == "nonfinite").any()
     assert not (df["status"] == "mismatch").any()
 
+    def strict(c):
+        raise ValueError(f"summary.json holds {c}: not JSON")
+    json.loads((out / "summary.json").read_text(), parse_constant=strict)
+
 
 def c_nan_in_pixels(saved, tmp):
     # a NaN pixel poisons every row after attention: nonfinite rows, exit 1, no NaN "error figure"
@@ -316,6 +320,55 @@ def c_nan_in_pixels(saved, tmp):
         cls.build_pixel_inputs = original
     statuses = {r.metrics.status for r in res.rows if r.group == "tower"}
     assert res.summary["ok"] is False and "nonfinite" in statuses and "mismatch" not in statuses
+
+
+def c_adapter_dora(saved, tmp):
+    ad = _copy_adapter(saved, tmp)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapter", f"x={ad}"], "use_dora")
+
+
+def c_adapter_extra_tensor(saved, tmp):
+    from safetensors.torch import load_file, save_file
+
+    ad = _copy_adapter(saved, tmp)
+    f = ad / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    key = "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    sd[key] = torch.ones(32)
+    save_file(sd, str(f))
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapter", f"x={ad}"], "lora_magnitude_vector")
+
+
+def c_out_holds_other_files(saved, tmp):
+    mine = tmp / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--out", str(mine)], "not an earlier report")
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "sub").is_dir()
+
+
+def c_fault_mode_not_run(saved, tmp):
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--mode", "replay", "--inject-fault",
+                      "pixel-shuffle-transposed"], "e2e")
+
+
+def c_upstream_crash(saved, tmp):
+    # an exception from transformers / PEFT mid-run is one line and exit 2, never exit 1 ("divergence")
+    import harness.correctness as corr
+
+    original = corr.run_reference
+
+    def boom(*a, **k):
+        raise AttributeError("'tuple' object has no attribute 'dtype'")
+
+    corr.run_reference = boom
+    try:
+        cli_refuses(tmp, ["correctness", "--arch", "llama4"], "AttributeError")
+    finally:
+        corr.run_reference = original
 
 
 def c_cuda_without_cuda(saved, tmp):
@@ -401,6 +454,12 @@ CATALOG = [
          c_every_request_without_adapter),
     Case("nan-in-weights", "cli", "NaN in checkpoint weights: reported as nonfinite (exit 1)", c_nan_in_weights),
     Case("nan-in-pixels", "reference", "NaN in pixel values: reported as nonfinite", c_nan_in_pixels),
+    Case("adapter-dora", "reference", "a DoRA adapter (use_dora): refused, not run as plain LoRA", c_adapter_dora),
+    Case("adapter-extra-tensor", "reference", "an adapter tensor that is no lora_A/lora_B weight", c_adapter_extra_tensor),
+    Case("out-holds-other-files", "cli", "--out a folder holding other files: refused, files kept",
+         c_out_holds_other_files),
+    Case("fault-mode-not-run", "cli", "--inject-fault localised in a mode --mode leaves out", c_fault_mode_not_run),
+    Case("upstream-crash", "cli", "an exception inside transformers / PEFT: one line, exit 2", c_upstream_crash),
     Case("cuda-without-cuda", "cli", "--device cuda on a machine without CUDA", c_cuda_without_cuda),
     Case("unknown-dtype", "cli", "--dtype not fp32/fp16/bf16", c_unknown_dtype),
     Case("negative-adapter-count", "cli", "--adapters -1", c_negative_adapter_count),

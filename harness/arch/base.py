@@ -276,6 +276,50 @@ def _prefix_match(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+# -------------------------------------------------------------------- fixed-size towers
+def patch_side(config: Any) -> int:
+    """Patches per side, S // p: the tower's patch conv (stride p) and its position table both use it."""
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    if side < 1:
+        raise ValueError(f"invalid geometry: image_size={vc.image_size} is smaller than patch_size={vc.patch_size}")
+    return side
+
+
+class FixedSizeTower:
+    """Mixin for towers that take one S x S image (CLIP / SigLIP without position interpolation): the
+    geometry field `size` must be (S, S), the size the processor resizes every image to."""
+
+    def check_size(self, config: Any, geom: ImageGeometry) -> None:
+        patch_side(config)
+        if not isinstance(geom.size, tuple) or len(geom.size) != 2:
+            raise ValueError(f"invalid geometry: size={geom.size!r} must be (H, W)")
+        h, w = geom.size
+        _require_int("H", h)
+        _require_int("W", w)
+        s = config.vision_config.image_size
+        if (h, w) != (s, s):
+            # the tower's position table holds (S/p)^2 rows: any other size fails inside its embeddings
+            raise ValueError(f"invalid geometry: size=({h}, {w}) must be the tower's image_size ({s}, {s}) "
+                             "(the processor resizes to it)")
+
+    def default_geometry(self, config: Any) -> ImageGeometry:
+        s = config.vision_config.image_size
+        return ImageGeometry(size=(s, s))
+
+    def draw_geometry(self, config: Any, draw: DrawInt, valid: bool = True) -> ImageGeometry:
+        s = config.vision_config.image_size
+        if valid:
+            return ImageGeometry(size=(s, s))
+        kind = draw("invalid kind", 0, 2)
+        off = draw("offset", 1, s)
+        if kind == 0:
+            return ImageGeometry(size=(s, s + off))
+        if kind == 1:
+            return ImageGeometry(size=(s + off, s))
+        return ImageGeometry(size=(draw("H", -2, 0), s))
+
+
 # -------------------------------------------------------------------- recipe fragments
 def decoder_lm_recipe(prefix: str) -> str:
     """q/k/v/o attention and gate/up/down MLP of every layer of a Llama-style decoder below `prefix`

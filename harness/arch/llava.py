@@ -16,17 +16,17 @@ import torch
 from harness.arch import register
 from harness.arch.base import (
     ArchSpec,
-    DrawInt,
+    FixedSizeTower,
     ImageGeometry,
     TokenCounts,
     clip_tower_recipe,
     decoder_lm_recipe,
-    require_int,
+    patch_side,
 )
 
 
 @dataclass(frozen=True)
-class Llava(ArchSpec):
+class Llava(FixedSizeTower, ArchSpec):
     model_type = "llava"
     model_class_name = "LlavaForConditionalGeneration"
 
@@ -42,17 +42,6 @@ class Llava(ArchSpec):
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
-    def _side(config) -> int:
-        vc = config.vision_config
-        # CLIP's patch conv (stride p) and its position table both use S // p
-        side = vc.image_size // vc.patch_size
-        if side < 1:
-            raise ValueError(
-                f"invalid geometry: image_size={vc.image_size} is smaller than patch_size={vc.patch_size}"
-            )
-        return side
-
-    @staticmethod
     def _keeps_cls(config) -> bool:
         strategy = config.vision_feature_select_strategy
         if strategy not in ("default", "full"):
@@ -62,41 +51,14 @@ class Llava(ArchSpec):
         return strategy == "full"
 
     def _validate(self, config, geom: ImageGeometry) -> None:
-        if not isinstance(geom.size, tuple) or len(geom.size) != 2:
-            raise ValueError(f"invalid geometry: size={geom.size!r} must be (H, W)")
-        self._side(config)
+        # CLIPVisionEmbeddings raises on any other size (no interpolate_pos_encoding in LLaVA's forward)
+        self.check_size(config, geom)
         self._keeps_cls(config)
-        h, w = geom.size
-        require_int("H", h)
-        require_int("W", w)
-        s = config.vision_config.image_size
-        if (h, w) != (s, s):
-            # CLIPVisionEmbeddings raises on any other size (no interpolate_pos_encoding in LLaVA's forward)
-            raise ValueError(
-                f"invalid geometry: size=({h}, {w}) must be the tower's image_size ({s}, {s}) "
-                "(the processor resizes and crops to it)"
-            )
 
     def _counts(self, config, geom: ImageGeometry) -> TokenCounts:
-        side = self._side(config)
+        side = patch_side(config)
         feats = side * side + (1 if self._keeps_cls(config) else 0)
         return TokenCounts(encoder_rows=side * side + 1, connector_rows=feats, lm_tokens=feats)
-
-    def default_geometry(self, config) -> ImageGeometry:
-        s = config.vision_config.image_size
-        return ImageGeometry(size=(s, s))
-
-    def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
-        s = config.vision_config.image_size
-        if valid:
-            return ImageGeometry(size=(s, s))
-        kind = draw("invalid kind", 0, 2)
-        off = draw("offset", 1, s)
-        if kind == 0:
-            return ImageGeometry(size=(s, s + off))
-        if kind == 1:
-            return ImageGeometry(size=(s + off, s))
-        return ImageGeometry(size=(draw("H", -2, 0), s))
 
     def invalid_config_variants(self) -> list[dict]:
         # (an unknown vision_feature_select_strategy is refused by the strict config itself)

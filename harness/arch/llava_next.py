@@ -25,6 +25,7 @@ from harness.arch.base import (
     TokenCounts,
     clip_tower_recipe,
     decoder_lm_recipe,
+    patch_side,
     require_int,
 )
 
@@ -74,9 +75,7 @@ class LlavaNext(ArchSpec):
     def _side_and_tile(config) -> tuple[int, int]:
         vc = config.vision_config
         s = vc.image_size
-        side = s // vc.patch_size
-        if side < 1:
-            raise ValueError(f"invalid geometry: image_size={s} is smaller than patch_size={vc.patch_size}")
+        side = patch_side(config)
         if config.vision_feature_select_strategy != "default":
             # with CLS kept, a tile's (S/p)^2 + 1 rows cannot be viewed as the (S/p) x (S/p) grid that
             # pack_image_features builds (HF: a view error after its own warning)

@@ -15,17 +15,17 @@ import torch
 from harness.arch import register
 from harness.arch.base import (
     ArchSpec,
-    DrawInt,
+    FixedSizeTower,
     ImageGeometry,
     TokenCounts,
     clip_tower_recipe,
     decoder_lm_recipe,
-    require_int,
+    patch_side,
 )
 
 
 @dataclass(frozen=True)
-class PaliGemma(ArchSpec):
+class PaliGemma(FixedSizeTower, ArchSpec):
     model_type = "paligemma"
     model_class_name = "PaliGemmaForConditionalGeneration"
 
@@ -40,51 +40,12 @@ class PaliGemma(ArchSpec):
     geometry_fields: tuple[str, ...] = ("size",)
 
     # ---------------------------------------------------------------- formulas
-    @staticmethod
-    def _side(config) -> int:
-        vc = config.vision_config
-        # SigLIP's patch conv (stride p) and its position table both use S // p
-        side = vc.image_size // vc.patch_size
-        if side < 1:
-            raise ValueError(
-                f"invalid geometry: image_size={vc.image_size} is smaller than patch_size={vc.patch_size}"
-            )
-        return side
-
     def _validate(self, config, geom: ImageGeometry) -> None:
-        self._side(config)
-        if not isinstance(geom.size, tuple) or len(geom.size) != 2:
-            raise ValueError(f"invalid geometry: size={geom.size!r} must be (H, W)")
-        h, w = geom.size
-        require_int("H", h)
-        require_int("W", w)
-        s = config.vision_config.image_size
-        if (h, w) != (s, s):
-            # SigLIP's position table holds (S/p)^2 rows: any other size fails inside the embeddings
-            raise ValueError(
-                f"invalid geometry: size=({h}, {w}) must be the tower's image_size ({s}, {s}) "
-                "(the processor resizes to it)"
-            )
+        self.check_size(config, geom)
 
     def _counts(self, config, geom: ImageGeometry) -> TokenCounts:
-        n = self._side(config) ** 2
+        n = patch_side(config) ** 2
         return TokenCounts(encoder_rows=n, connector_rows=n, lm_tokens=n)
-
-    def default_geometry(self, config) -> ImageGeometry:
-        s = config.vision_config.image_size
-        return ImageGeometry(size=(s, s))
-
-    def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
-        s = config.vision_config.image_size
-        if valid:
-            return ImageGeometry(size=(s, s))
-        kind = draw("invalid kind", 0, 2)
-        off = draw("offset", 1, s)
-        if kind == 0:
-            return ImageGeometry(size=(s, s + off))
-        if kind == 1:
-            return ImageGeometry(size=(s + off, s))
-        return ImageGeometry(size=(draw("H", -2, 0), s))
 
     def invalid_config_variants(self) -> list[dict]:
         return [{"vision_config.image_size": 2}]  # smaller than one 4-pixel patch

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 
 class UsageError(ValueError):
@@ -56,7 +56,7 @@ def add_geometry_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:
-    from harness.arch import parse_set
+    from vlm.arch import parse_set
 
     out = {}
     for item in items or ():
@@ -67,14 +67,14 @@ def parse_sets(items: Sequence[str] | None) -> dict:
 
 # ---------------------------------------------------------------------------- subcommands
 def cmd_archs(args) -> int:
-    from harness.arch import all_archs
+    from vlm.arch import all_archs
 
     rows = []
     for a in all_archs():
         rows.append({
             "arch": a.model_type, "model_class": a.model_class_name, "geometry": list(a.geometry_fields),
             "tower": list(a.tower), "connector": list(a.connector), "language_model": list(a.language_model),
-            "lora_groups": list(a.lora_groups()),
+            "lora_groups": list(a.targetable_groups()),
         })
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -86,7 +86,7 @@ def cmd_archs(args) -> int:
 
 
 def cmd_tokens(args) -> int:
-    from harness.arch import ImageGeometry, apply_overrides, get_arch
+    from vlm.arch import ImageGeometry, apply_overrides, get_arch
 
     arch = get_arch(args.arch)
     cfg = apply_overrides(arch.tiny_config(), parse_sets(args.set))
@@ -112,28 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_geometry_flags(t)
     t.set_defaults(func=cmd_tokens)
 
-    for register in _extra_commands():
-        register(sub)
+    from harness.bench.cli import register as register_bench
+    from harness.correctness.cli import register as register_correctness
+
+    register_correctness(sub)
+    register_bench(sub)
     return p
-
-
-# Modules that add subcommands (correctness, faults, bench); each exposes register(subparsers).
-_EXTRA_COMMAND_MODULES = ("harness.correctness_cli", "harness.bench.cli")
-
-
-def _extra_commands() -> list[Callable]:
-    import importlib
-
-    out = []
-    for mod in _EXTRA_COMMAND_MODULES:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod and not mod.startswith(f"{e.name}."):
-                raise
-            continue
-        out.append(m.register)
-    return out
 
 
 def _quiet_libraries() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from harness.arch import ArchSpec
-from harness.peft_io import check_against_model, read_adapter
+from vlm.adapter_files import check_against_model, read_adapter
+from vlm.arch import ArchSpec
 
 BASE_PREFIX = "base_model.model."
 
@@ -30,7 +30,7 @@ class AdapterSpec:
 
     def groups_for(self, arch: ArchSpec) -> tuple[str, ...]:
         """The groups this arch can adapt (e.g. Gemma3's projector has no Linear)."""
-        return tuple(g for g in self.groups if g in arch.lora_groups())
+        return tuple(g for g in self.groups if g in arch.targetable_groups())
 
 
 # The default mix: everything (the Llama 4 tower/connector validation layout, r=8 alpha=16), LM only,

@@ -2,7 +2,7 @@
 
 Modes:
   single      each request alone, its adapter made active with `set_adapter` (or none, inside
-              `disable_adapter()`): the truth (FACTS.md: PEFT's mixed-adapter path cannot reach a tower)
+              `disable_adapter()`): the truth (PEFT 0.21's mixed-adapter path cannot reach a tower)
   grouped     requests grouped by adapter, each group batched: a mixed batch PEFT can run for any group
   peft_mixed  one call with PEFT's `adapter_names`; works only where every adapted module sees one row per
               request. PEFT 0.21 raises for tower/connector LoRA and keeps stale hooks afterwards, so this
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.arch import ArchSpec
-from harness.capture import Captures, Recorder, split_records
-from harness.requests import Batch, Request, build_batch
-from harness.split import LOGITS
+from vlm.arch import ArchSpec
+from vlm.capture import Captures, Recorder, captures_per_request
+from vlm.requests import Batch, Request, build_batch
+from vlm.rows import LOGITS
 
 BASE_PREFIX = "base_model.model."
 MODES = ("single", "grouped", "peft_mixed")
@@ -59,7 +59,7 @@ def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str],
             logits = arch.forward_logits(peft_model, **batch.model_inputs(), **extra)
     finally:
         rec.close()
-    return split_records(rec.records, arch, config, batch, logits)
+    return captures_per_request(rec.records, arch, config, batch, logits)
 
 
 def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request], mode: str = "single",

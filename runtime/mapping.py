@@ -13,41 +13,40 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import ArchSpec
-from harness.requests import Request
+from runtime.hooks import NO_FAULT, RuntimeHooks
+from vlm.arch import ArchSpec
+from vlm.requests import Request
 
 
 class MappingError(ValueError):
     """Rows reaching a LoRA module disagree with the mapping's length for its group."""
 
 
-# Count functions per group; a seeded fault may swap one (e.g. tower rows counted with LM formulas).
-RowCounter = Callable[[ArchSpec, object, object], int]
-COUNTERS: dict[str, RowCounter] = {
-    "tower": lambda arch, cfg, g: arch.encoder_rows(cfg, g),
-    "connector": lambda arch, cfg, g: arch.connector_rows(cfg, g),
-}
-
-
 @dataclass
-class Mapping:
-    slots: dict[str, torch.Tensor]  # group -> int32 [rows]
+class SlotMapping:
+    slots: dict[str, torch.Tensor]  # group -> int32 [rows] on the device
     # group -> does any row carry an adapter (known on the host at build time: no device sync per module)
-    active: dict[str, bool] | None = None
-    _groups: dict = field(default_factory=dict, repr=False)
+    active: dict[str, bool]
+    # builds what the LoRA provider needs from a slot vector (e.g. the kernels' TokenGrouping)
+    make_grouping: Callable[[torch.Tensor], object] = lambda slots: None
+    _groupings: dict = field(default_factory=dict, repr=False)
 
-    def is_active(self, group: str) -> bool:
-        if self.active is None:  # a mapping rebuilt by a fault transform: ask the device
-            return bool((self.slots[group] >= 0).any())
-        return self.active[group]
+    def _group_holding(self, slots: torch.Tensor) -> str | None:
+        return next((g for g, s in self.slots.items() if s is slots), None)
 
-    def groups(self, group: str, n_slots: int):
-        """Token grouping by slot for the kernel, computed once per group per batch."""
-        from runtime.kernels import lora_groups
+    def is_active(self, slots: torch.Tensor) -> bool:
+        g = self._group_holding(slots)
+        return self.active[g] if g is not None else bool((slots >= 0).any())
 
-        if group not in self._groups:
-            self._groups[group] = lora_groups(self.slots[group], n_slots)
-        return self._groups[group]
+    def grouping(self, slots: torch.Tensor):
+        """The provider's grouping of exactly this slot vector: computed once per group per batch for the
+        group's own vector, and afresh for any other vector a module is handed."""
+        g = self._group_holding(slots)
+        if g is None:
+            return self.make_grouping(slots)
+        if g not in self._groupings:
+            self._groupings[g] = self.make_grouping(slots)
+        return self._groupings[g]
 
     def for_module(self, name: str, group: str, rows: int) -> torch.Tensor:
         s = self.slots[group]
@@ -58,13 +57,19 @@ class Mapping:
 
 
 def build_mapping(arch: ArchSpec, config, requests: Sequence[Request], slots: Sequence[int], l_max: int,
-                  device: torch.device | str = "cpu", counters: dict[str, RowCounter] | None = None) -> Mapping:
-    counters = {**COUNTERS, **(counters or {})}
+                  device: torch.device | str = "cpu", hooks: RuntimeHooks = NO_FAULT,
+                  make_grouping: Callable[[torch.Tensor], object] = lambda s: None) -> SlotMapping:
     out: dict[str, list[int]] = {"tower": [], "connector": [], "language_model": []}
+    image = 0
     for req, slot in zip(requests, slots, strict=True):
         for g in req.images:
-            out["tower"] += [slot] * counters["tower"](arch, config, g)
-            out["connector"] += [slot] * counters["connector"](arch, config, g)
+            counts = arch.counts(config, g)  # the registry's formulas; the hooks see them per image
+            out["tower"] += [slot] * hooks.row_count("tower", image, counts)
+            out["connector"] += [slot] * hooks.row_count("connector", image, counts)
+            image += 1
         out["language_model"] += [slot] * l_max
-    return Mapping({k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in out.items()},
-                   {k: any(s >= 0 for s in v) for k, v in out.items()})
+    built = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in out.items()}
+    final = hooks.slot_mapping(dict(built), requests, [len(r.prompt_ids) for r in requests])
+    active = {k: (any(s >= 0 for s in out[k]) if final[k] is built[k] else bool((final[k] >= 0).any()))
+              for k in final}
+    return SlotMapping(final, active, make_grouping)

@@ -1,23 +1,40 @@
 """The runtime under test: the same HF model with every LoRA-target Linear swapped for a multi-LoRA module
-(slot tables + Triton kernels) that keeps the HF module name, so captures line up by name."""
+(slot tables + a LoRA provider's kernels) that keeps the HF module name, so captures line up by name."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from harness.arch import ArchSpec, get_arch
-from harness.capture import Captures, Recorder, split_records
-from harness.requests import Request, build_batch
-from runtime.adapters import SlotTables
-from runtime.kernels import lora_apply, lora_apply_torch
-from runtime.mapping import Mapping, build_mapping
+from runtime.hooks import NO_FAULT, RuntimeHooks
+from runtime.kernels import lora_apply, lora_apply_torch, token_grouping
+from runtime.mapping import SlotMapping, build_mapping
+from runtime.slot_tables import SlotTables
 from runtime.substitutions import active, install
+from vlm.arch import ArchSpec
+from vlm.capture import Captures, Recorder, captures_per_request
+from vlm.requests import Request, build_batch
 
-KERNELS = {"triton": lora_apply, "torch": lora_apply_torch}
+
+@dataclass(frozen=True)
+class LoRAProvider:
+    """How a runtime computes y += B[slot] A[slot] x for a mixed batch."""
+
+    name: str
+    # (x[T,H], y[T,O], A slices, B slices, slots[T], grouping) -> y, in place
+    apply: Callable
+    # (slots, n_slots) -> the provider's per-batch grouping of these slots (built once per group per batch)
+    grouping: Callable[[torch.Tensor, int], object]
+
+
+PROVIDERS: dict[str, LoRAProvider] = {
+    "triton": LoRAProvider("triton", lora_apply, token_grouping),
+    "torch": LoRAProvider("torch", lora_apply_torch, lambda slots, n: None),
+}
 
 
 class LoRALinear(torch.nn.Module):
@@ -57,12 +74,14 @@ class RuntimeModel:
 
     def __init__(self, arch: ArchSpec, config, model: torch.nn.Module, *, max_slots: int = 8, r_max: int = 16,
                  extra_targets: Iterable[str] = (), kernel: str = "triton", substitute: bool = True):
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel provider {kernel!r}; expected one of {', '.join(KERNELS)}")
+        if kernel not in PROVIDERS:
+            raise ValueError(f"unknown kernel provider {kernel!r}; expected one of {', '.join(PROVIDERS)}")
         self.arch, self.config, self.model = arch, config, model.eval()
-        self.kernel = KERNELS[kernel]
-        self.mapping: Mapping | None = None
-        regex = re.compile(arch.target_regex(arch.lora_groups()))
+        self.provider = PROVIDERS[kernel]
+        self.mapping: SlotMapping | None = None
+        # a seeded fault replaces this (harness/correctness/faults.py); the healthy path calls every hook anyway
+        self.hooks: RuntimeHooks = NO_FAULT
+        regex = re.compile(arch.target_regex(arch.targetable_groups()))
         extra = set(extra_targets)
         names = [n for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and (regex.fullmatch(n) or n in extra)]
@@ -77,79 +96,53 @@ class RuntimeModel:
             holder = model.get_submodule(parent) if parent else model
             setattr(holder, child, LoRALinear(getattr(holder, child), n, arch.group_of(n), self))
         self.device, self.dtype = p.device, p.dtype
-        # vision kernels (Gemma4 pooler / RoPE, Llama 4 / InternVL pixel shuffle) replace HF's code
-        self.substitutions = install(arch.model_type, model) if substitute else []
-        # seeded faults (harness/faults.py) hook in here; all None in a healthy runtime
-        self.slot_transform = None   # (name, group, slots) -> slots
-        self.group_transform = None  # (name, group) -> group the module's rows are looked up in
-        self.counters: dict | None = None  # group -> row-count function replacing the registry's
-        self.mapping_transform = None  # (Mapping, requests, lengths) -> Mapping
-        self.global_overrides: dict = {}  # substitution label -> replacement kernel
+        # vision kernels (the sites the arch file declares) replace HF's code
+        self.kernel_sites = install(arch, model, lambda: self.hooks) if substitute else []
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kw):
-        from harness.checkpoint import load_checkpoint
+        from vlm.checkpoint import load_checkpoint
 
         arch, config, model = load_checkpoint(folder, dtype=dtype, device=device)
         return cls(arch, config, model, **kw)
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, folder, slot: int | None = None) -> int:
-        """`folder`: a PEFT adapter folder or an already read `harness.peft_io.AdapterFile`."""
+        """`folder`: a PEFT adapter folder or an already read `vlm.adapter_files.AdapterFile`."""
         return self.tables.load(name, folder, slot)
 
     def unload_adapter(self, name: str) -> None:
         self.tables.unload(name)
 
     # ------------------------------------------------------------------ running
-    def slots_for(self, name: str, group: str, rows: int) -> torch.Tensor:
-        if self.group_transform is not None:
-            group = self.group_transform(name, group)
-        slots = self.mapping.for_module(name, group, rows)
-        if self.slot_transform is not None:
-            slots = self.slot_transform(name, group, slots)
-        return slots
-
-    def make_mapping(self, requests: Sequence[Request], lengths: Sequence[int], l_max: int,
-                     counters: dict | None = None) -> Mapping:
+    def make_mapping(self, requests: Sequence[Request], l_max: int) -> SlotMapping:
         slots = [self.tables.slot(r.adapter) for r in requests]
-        mapping = build_mapping(self.arch, self.config, requests, slots, l_max, self.device,
-                                {**(self.counters or {}), **(counters or {})})
-        if self.mapping_transform is not None:
-            mapping = self.mapping_transform(mapping, requests, lengths)
-        return mapping
+        n_slots = self.tables.max_slots
+        return build_mapping(self.arch, self.config, requests, slots, l_max, self.device, self.hooks,
+                             lambda s: self.provider.grouping(s, n_slots))
 
     def apply_lora(self, name: str, group: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
-        slots = self.slots_for(name, group, x2.shape[0])
-        A, B = [self.tables.A[name]], [self.tables.B[name]]
-        healthy = self.slot_transform is None and self.group_transform is None
-        if healthy and self.kernel is lora_apply:
-            # the grouping and the "any adapter" test are shared by every module of the group: no host
-            # sync and no argsort per module
-            if self.mapping.is_active(group):
-                lora_apply(x2, y2, A, B, slots, groups=self.mapping.groups(group, self.tables.max_slots))
-        elif bool((slots >= 0).any()):
-            self.kernel(x2, y2, A, B, slots)
+        """One path for every run: the hooks pick the slot vector and the kernel (identity when healthy);
+        the provider runs on exactly the slot vector the module was handed, with its grouping."""
+        hooks, mapping = self.hooks, self.mapping
+        slots = mapping.for_module(name, hooks.module_group(name, group), x2.shape[0])
+        slots = hooks.module_slots(name, group, slots)
+        if not mapping.is_active(slots):
+            return
+        apply = hooks.kernel("lora", self.provider.apply, module=name)
+        apply(x2, y2, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
 
-    def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None,
-            counters: dict | None = None) -> Captures:
+    def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None) -> Captures:
         """One batched forward of a mixed batch; per-request captures of every LoRA module + boundaries."""
         # pixels in the model's dtype, as a serving engine feeds them (Llama 4's patch embedding does not cast)
         batch = build_batch(self.arch, self.config, requests).to(self.device, dtype or self.dtype)
-        self.mapping = self.make_mapping(requests, batch.lengths, batch.input_ids.shape[1], counters)
+        self.mapping = self.make_mapping(requests, batch.input_ids.shape[1])
         rec = Recorder(self.model, self.lora_names, self.arch)
         rec.set_image_positions(batch.input_ids == self.arch.image_token_id(self.config))
         try:
-            with torch.no_grad(), active(self.arch.model_type, self.substitutions, self.global_overrides):
+            with torch.no_grad(), active(self.kernel_sites, lambda: self.hooks):
                 logits = self.arch.forward_logits(self.model, **batch.model_inputs())
         finally:
             rec.close()
             self.mapping = None
-        return split_records(rec.records, self.arch, self.config, batch, logits)
-
-
-def load_runtime(source: str | Path, arch: str | None = None, **kw) -> RuntimeModel:
-    """`source` is a checkpoint folder; for a tiny model, save it first (the harness does)."""
-    if arch is not None:
-        get_arch(arch)
-    return RuntimeModel.from_checkpoint(source, **kw)
+        return captures_per_request(rec.records, self.arch, self.config, batch, logits)

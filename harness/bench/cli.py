@@ -6,7 +6,6 @@ Exit codes: 0 done (no regression), 1 a regression against --baseline, 2 bad inp
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 PRESET_CHOICES = ("auto", "smoke", "nightly", "full")
@@ -19,23 +18,9 @@ def _csv_list(values) -> list[str] | None:
     return out or None
 
 
-def cmd_bench(args) -> int:
-    import torch
-
-    import runtime  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton (CPU machines)
-    from harness.bench import baseline as bl
-    from harness.bench import roofline, sweep
-    from harness.bench.cases import all_cases
-    from harness.bench.env import collect
+def _preset(args, cuda: bool):
     from harness.bench.presets import PRESETS
-    from harness.bench.report import render_html
-    from harness.bench.store import Store
-    from harness.report import check_writable, default_run_dir, write_json
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    device_name = torch.cuda.get_device_name(device) if cuda else None
-    profile, warning = roofline.resolve(args.gpu, device_name)
     name = args.preset if args.preset != "auto" else ("nightly" if cuda else "smoke")
     if name not in PRESETS:
         raise ValueError(f"unknown --preset {args.preset!r}; expected one of {', '.join(PRESET_CHOICES)}")
@@ -46,42 +31,26 @@ def cmd_bench(args) -> int:
     warmup_ms = preset.warmup_ms if args.warmup_ms is None else args.warmup_ms
     if rep_ms <= 0 or warmup_ms < 0:
         raise ValueError(f"--rep-ms must be > 0 and --warmup-ms >= 0, got {rep_ms} and {warmup_ms}")
-    filters = sweep.parse_filters(args.filter)
-    the_plan = sweep.plan(preset, _csv_list(args.cases), _csv_list(args.providers), filters, cuda)
-    base_rows = bl.load(args.baseline) if args.baseline else None
+    return name, preset, rep_ms, warmup_ms
 
-    if args.list:
-        for p in the_plan.points:
-            extra = f"  [unavailable: {p.unavailable}]" if p.unavailable else ""
-            print(f"{p.case:<16} {p.provider:<7} {sweep.schema.describe(p.params)}{extra}")
-        for note in the_plan.notes:
-            print(f"# {note}")
-        return 0
 
-    out = Path(args.out) if args.out else default_run_dir("bench")
-    check_writable(out)
-    store = Store(out)
-    done = store.open()
-    if warning:
-        sweep.log(warning)
-    for note in dict.fromkeys(the_plan.notes):
-        sweep.log(note)
-    sweep.log(f"preset {name} on {device_name or 'cpu'}; results go to {store.csv} "
-              f"(rerun with --out {out} to resume)")
+def _list(the_plan) -> int:
+    from harness.bench import sweep
 
-    repro_base = ["python", "-m", "harness.cli", "bench", "--preset", name, "--gpu", args.gpu]
-    if args.rep_ms is not None:
-        repro_base += ["--rep-ms", f"{rep_ms:g}"]
-    if args.warmup_ms is not None:
-        repro_base += ["--warmup-ms", f"{warmup_ms:g}"]
-    env = collect(device)
-    ctx = sweep.Context(device, profile, env, rep_ms, warmup_ms, preset.min_reps, repro_base)
-    store.begin()
-    try:
-        counts = sweep.run(the_plan.points, done, ctx, store.append)
-    except KeyboardInterrupt:
-        sweep.log(f"interrupted; finished points are in {store.csv}; rerun with --out {out} to resume")
-        raise
+    for p in the_plan.points:
+        extra = f"  [unavailable: {p.unavailable}]" if p.unavailable else ""
+        print(f"{p.case:<16} {p.provider:<7} {sweep.schema.describe(p.params)}{extra}")
+    for note in the_plan.notes:
+        print(f"# {note}")
+    return 0
+
+
+def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows) -> int:
+    from harness.bench import baseline as bl
+    from harness.bench import sweep
+    from harness.bench.cases import all_cases
+    from harness.bench.report import render_html
+    from harness.output import write_json
 
     rows = store.rows()
     comps = bl.compare(rows, base_rows) if base_rows is not None else None
@@ -102,6 +71,51 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    import runtime  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton (CPU machines)
+    from harness.bench import baseline as bl
+    from harness.bench import roofline, sweep
+    from harness.bench.env import collect
+    from harness.bench.store import Store
+    from harness.output import check_writable, default_run_dir
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    device_name = torch.cuda.get_device_name(device) if cuda else None
+    profile, warning = roofline.resolve(args.gpu, device_name)
+    name, preset, rep_ms, warmup_ms = _preset(args, cuda)
+    filters = sweep.parse_filters(args.filter)
+    the_plan = sweep.plan(preset, _csv_list(args.cases), _csv_list(args.providers), filters, cuda)
+    base_rows = bl.load(args.baseline) if args.baseline else None
+    if args.list:
+        return _list(the_plan)
+
+    out = Path(args.out) if args.out else default_run_dir("bench")
+    check_writable(out)
+    store = Store(out)
+    done = store.open()
+    for note in ([warning] if warning else []) + list(dict.fromkeys(the_plan.notes)):
+        sweep.log(note)
+    sweep.log(f"preset {name} on {device_name or 'cpu'}; results go to {store.csv} "
+              f"(rerun with --out {out} to resume)")
+    repro_base = ["python", "-m", "harness.cli", "bench", "--preset", name, "--gpu", args.gpu]
+    if args.rep_ms is not None:
+        repro_base += ["--rep-ms", f"{rep_ms:g}"]
+    if args.warmup_ms is not None:
+        repro_base += ["--warmup-ms", f"{warmup_ms:g}"]
+    env = collect(device)
+    ctx = sweep.Context(device, profile, env, rep_ms, warmup_ms, preset.min_reps, repro_base)
+    store.begin()
+    try:
+        counts = sweep.run(the_plan.points, done, ctx, store.append)
+    except KeyboardInterrupt:
+        sweep.log(f"interrupted; finished points are in {store.csv}; rerun with --out {out} to resume")
+        raise
+    return _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows)
+
+
 def register(sub) -> None:
     b = sub.add_parser("bench", help="kernel and end-to-end timings, GB/s, % of roofline; results.csv + index.html")
     b.add_argument("--gpu", default="auto", help="roofline profile: h100 | h200 | a100 | auto (detect; none on CPU)")
@@ -119,8 +133,3 @@ def register(sub) -> None:
     b.add_argument("--list", action="store_true", help="print the planned points and exit")
     b.set_defaults(func=cmd_bench)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from harness.cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))

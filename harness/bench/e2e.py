@@ -1,17 +1,15 @@
 """End-to-end cases: the vision tower + connector (`tower_connector`) and a whole prefill forward
 (`prefill`: tower + connector + LM) of a registry model with random weights, with and without LoRA.
 
-Models come from the registry's tiny config with overrides: `<arch>/tiny` as is, or real-size towers
-(`llama4/scout`: hidden 1408, MLP 5632, 34 layers, 336 px tiles, pixel-shuffle adapter 5632 -> 4096 ->
-4096, projector -> 5120; `gemma3/so400m`: SigLIP-so400m, hidden 1152, MLP 4304, 27 layers, 896 px,
-4096 patches -> 256 tokens, projector -> 2560). Real-size models keep the tiny 2-layer language model
-with the real hidden size, so `prefill` there is tower + connector + a 2-layer LM stub.
+Models come from the registry's tiny config with overrides: `<arch>/tiny` as is, or a real-size variant an
+arch file declares in `bench_models` (e.g. `llama4/scout`, `gemma3/so400m`). Real-size variants keep the
+tiny 2-layer language model at the real hidden size, so `prefill` there is tower + connector + an LM stub.
 
 One image per request, adapters a0..a{n-1} assigned round-robin (n_adapters = 0: no LoRA at all).
   triton / torch  the runtime (RuntimeModel, slot tables filled with random A / B) on one mixed batch
   peft            HF + PEFT (random non-zero adapters from the registry's recipes): requests grouped by
                   adapter, each group run with set_adapter (the no-adapter group inside disable_adapter);
-                  PEFT's adapter_names cannot reach a tower (FACTS.md)
+                  PEFT 0.21's adapter_names cannot reach a tower (tower rows are not requests)
   vllm            not implemented end to end (it needs the whole engine): always a row marked unavailable
 Requests, batches, mappings and groups are built outside the timed call.
 """
@@ -24,28 +22,9 @@ import warnings
 
 import torch
 
-from harness.bench.cases import Case, Unavailable, Work, vllm_unavailable
-from harness.checkpoint import DTYPES
+from harness.bench.case import Case, Unavailable, Work, vllm_unavailable
+from vlm.checkpoint import DTYPES
 
-SCOUT = {
-    "vision_config.hidden_size": 1408, "vision_config.intermediate_size": 5632,
-    "vision_config.num_hidden_layers": 34, "vision_config.num_attention_heads": 16,
-    "vision_config.image_size": 336, "vision_config.patch_size": 14, "vision_config.vision_output_dim": 4096,
-    "vision_config.projector_input_dim": 4096, "vision_config.projector_output_dim": 4096,
-    "text_config.hidden_size": 5120,
-}
-SO400M = {
-    "vision_config.hidden_size": 1152, "vision_config.intermediate_size": 4304,
-    "vision_config.num_hidden_layers": 27, "vision_config.num_attention_heads": 16,
-    "vision_config.image_size": 896, "vision_config.patch_size": 14, "mm_tokens_per_image": 256,
-    "text_config.hidden_size": 2560,
-}
-MODELS: dict[str, tuple[str, dict]] = {
-    "llama4/tiny": ("llama4", {}),
-    "gemma3/tiny": ("gemma3", {}),
-    "llama4/scout": ("llama4", SCOUT),
-    "gemma3/so400m": ("gemma3", SO400M),
-}
 GROUPS = {"tower_connector": ("tower", "connector"), "prefill": ("tower", "connector", "language_model")}
 
 # one live model at a time (real-size towers are GBs): key -> (model objects)
@@ -59,12 +38,26 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def _build(model_name: str, dtype: torch.dtype, device: torch.device):
-    from harness.arch import apply_overrides, get_arch
+def bench_models() -> dict[str, tuple[str, dict]]:
+    """`<arch>/tiny` for every registered arch, and `<arch>/<name>` for each real-size variant an arch file
+    declares in `bench_models`."""
+    from vlm.arch import all_archs
 
-    if model_name not in MODELS:
-        raise ValueError(f"unknown bench model {model_name!r}; known: {', '.join(MODELS)}")
-    arch_name, overrides = MODELS[model_name]
+    out: dict[str, tuple[str, dict]] = {}
+    for arch in all_archs():
+        out[f"{arch.model_type}/tiny"] = (arch.model_type, {})
+        for name, overrides in arch.bench_models.items():
+            out[f"{arch.model_type}/{name}"] = (arch.model_type, dict(overrides))
+    return out
+
+
+def _build(model_name: str, dtype: torch.dtype, device: torch.device):
+    from vlm.arch import apply_overrides, get_arch
+
+    models = bench_models()
+    if model_name not in models:
+        raise ValueError(f"unknown bench model {model_name!r}; known: {', '.join(models)}")
+    arch_name, overrides = models[model_name]
     arch = get_arch(arch_name)
     cfg = apply_overrides(arch.tiny_config(), overrides)
     torch.manual_seed(0)
@@ -82,20 +75,8 @@ def _cached(key: tuple, make):
     return _CACHE["obj"]
 
 
-def _vision(arch, model, pixel_inputs: dict):
-    """Tower + connector output, as the HF forward computes it before merging into the prompt."""
-    if arch.model_type == "llama4":
-        out = model.vision_model(pixel_inputs["pixel_values"])
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return model.multi_modal_projector(h.reshape(-1, h.shape[-1]))
-    if arch.model_type == "gemma3":
-        r = model.model.get_image_features(pixel_values=pixel_inputs["pixel_values"])
-        return getattr(r, "pooler_output", r)
-    raise ValueError(f"tower_connector has no vision path for {arch.model_type}")
-
-
 def _requests(arch, cfg, images: int, n: int):
-    from harness.requests import make_request
+    from vlm.requests import make_request
 
     g = arch.default_geometry(cfg)
     return [make_request(arch, cfg, [g], f"a{i % n}" if n else None, seed=i) for i in range(images)]
@@ -108,8 +89,8 @@ def _bucket(n: int) -> int:
 
 
 def _runtime(case: str, p: dict, provider: str, device: torch.device):
-    from harness.requests import build_batch
     from runtime.model import RuntimeModel
+    from vlm.requests import build_batch
 
     n, r, dt = p["n_adapters"], p["rank"], DTYPES[p["dtype"]]
     k = _bucket(n)
@@ -131,20 +112,20 @@ def _runtime(case: str, p: dict, provider: str, device: torch.device):
     arch, cfg = rt.arch, rt.config
     reqs = _requests(arch, cfg, p["images"], n)
     batch = build_batch(arch, cfg, reqs).to(device, dt)
-    rt.mapping = rt.make_mapping(reqs, batch.lengths, batch.input_ids.shape[1])
+    rt.mapping = rt.make_mapping(reqs, batch.input_ids.shape[1])
     inputs = batch.model_inputs()
 
     def fn():
         with torch.no_grad():
             if case == "tower_connector":
-                return _vision(arch, rt.model, batch.pixel_inputs)
+                return arch.vision_features(rt.model, batch.pixel_inputs)
             return arch.forward_logits(rt.model, **inputs)
     return fn, _work(case, arch, cfg, reqs, batch)
 
 
 def _peft(case: str, p: dict, device: torch.device):
-    from harness.requests import build_batch
     from reference.adapters import AdapterSpec, add_adapters
+    from vlm.requests import build_batch
 
     n, r, dt = p["n_adapters"], p["rank"], DTYPES[p["dtype"]]
     k = _bucket(n)
@@ -175,7 +156,7 @@ def _peft(case: str, p: dict, device: torch.device):
                     ctx = contextlib.nullcontext()
                 with ctx:
                     if case == "tower_connector":
-                        _vision(arch, hf, b.pixel_inputs)
+                        arch.vision_features(hf, b.pixel_inputs)
                     else:
                         arch.forward_logits(pm, **b.model_inputs())
     return fn, _work(case, arch, cfg, reqs, build_batch(arch, cfg, reqs))

@@ -1,4 +1,4 @@
-"""index.html of a bench run: self-contained, plots as inline PNGs (harness.report.png_data_uri).
+"""index.html of a bench run: self-contained, plots as inline PNGs (harness.output.png_data_uri).
 
 Plots: latency vs the case's x parameter per provider, % of roofline, speed-up over peft. Each panel
 is one case (and one model for end-to-end cases); its lines hold the other parameters at the base
@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 
 from harness.bench import schema
 from harness.bench.baseline import Comparison
-from harness.report import PAGE, esc, png_data_uri
+from harness.output import PAGE, esc, png_data_uri
 
 _OTHER = [c for c in schema.PARAM_COLUMNS if c != "model"]
 COLORS = {"triton": "tab:blue", "torch": "tab:orange", "peft": "tab:green", "vllm": "tab:red"}
@@ -138,7 +138,7 @@ def plots(rows: list[dict], cases: dict) -> list[str]:
         parts.append(_section("% of roofline", None, "no % of roofline rows: no GPU profile applied to this run "
                               "(CPU, or a GPU without a profile; see --gpu). Achieved GB/s instead:"))
         if gbps:
-            parts.append(f"<img alt='achieved GB/s' src='{_plot(gbps, 'GB/s (p50)', lambda r, x, p, g: _num(r['p50']), 'achieved GB/s (FACTS.md byte counts)', True)}'>")
+            parts.append(f"<img alt='achieved GB/s' src='{_plot(gbps, 'GB/s (p50)', lambda r, x, p, g: _num(r['p50']), 'achieved GB/s (bytes from each kernel spec)', True)}'>")
     peft = {k: v for k, v in lat.items() if any(prov == "peft" for prov, _ in v["series"])}
     if peft:
         sp: dict = {}

@@ -1,16 +1,10 @@
-"""GPU profiles and the byte / flop counts behind GB/s, TFLOP/s and % of roofline (FACTS.md).
+"""GPU profiles: the peaks % of roofline is measured against, and `--gpu` resolution.
 
-LoRA (T tokens, n distinct adapters, e = element size of x / weights / y, fp32 intermediate v, per slice):
-  shrink  x[T,H] . A[H,r]        flops 2 T H r           bytes e T H + e n H r + 4 T r
-  expand  y[T,O] += v[T,r] B[r,O] flops 2 T r O           bytes 4 T r + e n r O + 2 e T O (y read + written)
-  apply   shrink + expand (our two launches write v and read it back)
-With s slices x is read once (the ideal), the other terms count s times. FACTS.md writes the bf16 case
-(e = 2). Vision kernels move data: pixel_shuffle reads and writes every element, position_pool reads the
-patches (+ int64 positions) and writes the pooled tokens, rope_2d reads x, cos, sin and writes the output.
-
-% of roofline = time the profile's roofline allows (max of bytes / HBM and flops / peak) / measured time.
-The compute roof is the dense bf16 peak whatever the dtype: these kernels are memory-bound at every size
-FACTS.md considers, so the byte term decides.
+The bytes and flops of each kernel live in its spec (runtime/kernels, `KernelSpec.work`). % of roofline =
+the time the profile's roofline allows (max of bytes / HBM and flops / dense bf16 peak) over the measured
+time. The compute roof is the dense bf16 peak whatever the dtype: these kernels are memory-bound at every
+realistic size, so the byte term decides. Peaks (vendor figures): H100 SXM 3.35 TB/s and 989 TFLOP/s,
+H200 4.8 TB/s and 989 TFLOP/s, A100 80GB 2.0 TB/s and 312 TFLOP/s.
 
 `python -m harness.bench.roofline` prints the profile `--gpu auto` picks here (or "unknown").
 """
@@ -18,8 +12,6 @@ FACTS.md considers, so the byte term decides.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-ELEM = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass(frozen=True)
@@ -66,39 +58,6 @@ def resolve(gpu: str, device_name: str | None) -> tuple[GpuProfile | None, str |
         return chosen, f"--gpu {gpu}: profile {chosen.name} does not match the detected device ({where}); " \
                        f"% of roofline uses {chosen.name}'s {chosen.hbm_tbps} TB/s and {chosen.bf16_tflops} TFLOP/s"
     return chosen, None
-
-
-# ---------------------------------------------------------------------- byte / flop formulas
-def lora_shrink_work(T: int, H: int, n: int, r: int, slices: int, e: int) -> tuple[float, float]:
-    flops = 2.0 * T * H * r * slices
-    nbytes = e * T * H + slices * (e * n * H * r + 4.0 * T * r)
-    return nbytes, flops
-
-
-def lora_expand_work(T: int, out: int, n: int, r: int, slices: int, e: int) -> tuple[float, float]:
-    flops = 2.0 * T * r * out * slices
-    nbytes = slices * (4.0 * T * r + e * n * r * out + 2.0 * e * T * out)
-    return nbytes, flops
-
-
-def lora_apply_work(T: int, H: int, out: int, n: int, r: int, slices: int, e: int) -> tuple[float, float]:
-    b1, f1 = lora_shrink_work(T, H, n, r, slices, e)
-    b2, f2 = lora_expand_work(T, out, n, r, slices, e)
-    return b1 + b2, f1 + f2
-
-
-def pixel_shuffle_work(B: int, N: int, C: int, e: int) -> tuple[float, float]:
-    return 2.0 * e * B * N * C, 0.0
-
-
-def position_pool_work(B: int, N: int, D: int, k: int, e: int) -> tuple[float, float]:
-    L = N // (k * k)
-    return e * B * N * D + 16.0 * B * N + e * B * L * D, float(B * N * D)
-
-
-def rope_2d_work(B: int, L: int, heads: int, hd: int, e: int) -> tuple[float, float]:
-    elems = B * L * heads * hd
-    return 2.0 * e * elems + 2.0 * e * B * L * hd, 3.0 * elems
 
 
 def _main() -> None:

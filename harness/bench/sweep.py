@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.bench import schema
-from harness.bench.cases import Case, Unavailable, Work, all_cases, vllm_unavailable
+from harness.bench.case import Case, Unavailable, Work, vllm_unavailable
+from harness.bench.cases import all_cases
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
 from harness.bench.timing import Timing, measure

@@ -14,13 +14,16 @@ unequal widths (packed q/k/v) run in one launch; the table is cached per (pointe
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from runtime.kernels._util import cast_rne, check_float, clamp_pow2, interpreted
+from runtime.kernels.spec import DTYPES, ELEM, KernelSpec, Sweep, seeded
 
 
 @triton.jit
@@ -120,23 +123,32 @@ def _meta_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torc
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def _groups(slot_ids: torch.Tensor, n_slots: int, n_rows: int):
-    """Stable sort by slot: (order[T] int32, starts[S+1], counts[S+1]); group 0 is slot -1."""
+class TokenGrouping(NamedTuple):
+    """Tokens in slot order, as the kernels read them: order[T] (int32 row ids, stable-sorted by slot) and
+    per-slot starts[S+1] / counts[S+1] into it; entry 0 is slot -1 (no adapter), slot s is entry s + 1."""
+
+    order: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+
+
+def _group_tokens(slot_ids: torch.Tensor, n_slots: int, n_rows: int) -> TokenGrouping:
+    """Stable sort by slot (see TokenGrouping)."""
     if slot_ids.dim() != 1 or slot_ids.shape[0] != n_rows:
         raise ValueError(f"slot_ids must have shape [{n_rows}], got {tuple(slot_ids.shape)}")
     if slot_ids.dtype.is_floating_point or slot_ids.dtype == torch.bool:
         raise ValueError(f"slot_ids must be an integer tensor, got {slot_ids.dtype}")
     s = slot_ids.long()
     if n_rows == 0:
-        return s.int(), torch.zeros(n_slots + 1, dtype=torch.int32, device=s.device), \
-            torch.zeros(n_slots + 1, dtype=torch.int32, device=s.device)
+        zeros = torch.zeros(n_slots + 1, dtype=torch.int32, device=s.device)
+        return TokenGrouping(s.int(), zeros, zeros.clone())
     lo, hi = torch.stack(torch.aminmax(s)).tolist()  # one host sync; bad ids must be loud, not UB
     if lo < -1 or hi >= n_slots:
         raise ValueError(f"slot_ids must lie in [-1, {n_slots - 1}], got min {lo} max {hi}")
     order = torch.argsort(s, stable=True).to(torch.int32)
     counts = torch.bincount(s + 1, minlength=n_slots + 1)
     starts = torch.cumsum(counts, 0) - counts
-    return order, starts.to(torch.int32), counts.to(torch.int32)
+    return TokenGrouping(order, starts.to(torch.int32), counts.to(torch.int32))
 
 
 def _check_slices(name: str, slices: Sequence[torch.Tensor], rank: int | None = None) -> None:
@@ -151,7 +163,7 @@ def _check_slices(name: str, slices: Sequence[torch.Tensor], rank: int | None = 
             raise ValueError(f"{name}[{i}] has rank dim {t.shape[2]}, expected {rank}")
 
 
-def _shrink(x, A_slices, groups) -> torch.Tensor:
+def _shrink(x, A_slices, grouping: TokenGrouping) -> torch.Tensor:
     T, H = x.shape
     n, (S, R, H_in) = len(A_slices), A_slices[0].shape
     if any(a.shape != A_slices[0].shape for a in A_slices) or H_in != H or x.device != A_slices[0].device:
@@ -167,7 +179,7 @@ def _shrink(x, A_slices, groups) -> torch.Tensor:
     block_m, block_k, block_r = lora_block_sizes("shrink", T, H, R)
     meta = _meta_table(tuple((a.data_ptr(), *a.stride()) for a in A_slices), x.device)
     grid = (triton.cdiv(T, block_m), n, S)
-    _shrink_kernel[grid](x, A_slices[0], meta, out, *groups, H, R, x.stride(0), x.stride(1), out.stride(0),
+    _shrink_kernel[grid](x, A_slices[0], meta, out, *grouping, H, R, x.stride(0), x.stride(1), out.stride(0),
                          out.stride(1), FP32=fp32, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     return out
 
@@ -185,7 +197,7 @@ def _offsets(B_slices, y, slice_offsets):
     return slice_offsets
 
 
-def _expand(v, B_slices, y, slice_offsets, groups) -> torch.Tensor:
+def _expand(v, B_slices, y, slice_offsets, grouping: TokenGrouping) -> torch.Tensor:
     n, T, R = v.shape
     S = B_slices[0].shape[0]
     if T == 0 or S == 0:
@@ -198,7 +210,7 @@ def _expand(v, B_slices, y, slice_offsets, groups) -> torch.Tensor:
                        y.device)
     n_col_tiles = triton.cdiv(max_w, block_n)
     grid = (triton.cdiv(T, block_m) * n_col_tiles, n, S)
-    _expand_kernel[grid](v, B_slices[0], meta, y, *groups, R, n_col_tiles, v.stride(0), v.stride(1), v.stride(2),
+    _expand_kernel[grid](v, B_slices[0], meta, y, *grouping, R, n_col_tiles, v.stride(0), v.stride(1), v.stride(2),
                          y.stride(0), y.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
     return y
 
@@ -217,7 +229,7 @@ def lora_shrink(x: torch.Tensor, A_slices: Sequence[torch.Tensor], slot_ids: tor
     _check_slices("A_slices", A_slices)
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
-    return _shrink(x, A_slices, _groups(slot_ids, A_slices[0].shape[0], x.shape[0]))
+    return _shrink(x, A_slices, _group_tokens(slot_ids, A_slices[0].shape[0], x.shape[0]))
 
 
 def lora_expand(v: torch.Tensor, B_slices: Sequence[torch.Tensor], slot_ids: torch.Tensor, y: torch.Tensor,
@@ -225,20 +237,20 @@ def lora_expand(v: torch.Tensor, B_slices: Sequence[torch.Tensor], slot_ids: tor
     """In place: y[t, off_i:off_i+O_i] += B_i[slot_t] @ v[i, t] (fp32 sum, one cast). -1 rows untouched."""
     _check_expand(v, B_slices, y)
     offsets = _offsets(B_slices, y, slice_offsets)
-    return _expand(v, B_slices, y, offsets, _groups(slot_ids, B_slices[0].shape[0], y.shape[0]))
+    return _expand(v, B_slices, y, offsets, _group_tokens(slot_ids, B_slices[0].shape[0], y.shape[0]))
 
 
-def lora_groups(slot_ids: torch.Tensor, n_slots: int):
-    """The token grouping (stable sort by slot) that `lora_apply(..., groups=)` accepts: a runtime computes
-    it once per batch and group of modules instead of once per module (one host sync, one argsort)."""
-    return _groups(slot_ids, n_slots, slot_ids.shape[0])
+def token_grouping(slot_ids: torch.Tensor, n_slots: int) -> TokenGrouping:
+    """The grouping `lora_apply(..., grouping=)` accepts: a runtime computes it once per batch and group of
+    modules instead of once per module (one host sync, one argsort)."""
+    return _group_tokens(slot_ids, n_slots, slot_ids.shape[0])
 
 
 def lora_apply(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.Tensor],
                B_slices: Sequence[torch.Tensor], slot_ids: torch.Tensor,
-               slice_offsets: Sequence[int] | None = None, groups=None) -> torch.Tensor:
+               slice_offsets: Sequence[int] | None = None, grouping: TokenGrouping | None = None) -> torch.Tensor:
     """Shrink then expand with one token grouping; adds the LoRA delta into y in place and returns y.
-    `groups` (from `lora_groups(slot_ids, S)`) skips recomputing the grouping."""
+    `grouping` (from `token_grouping(slot_ids, S)`) skips recomputing it; it must be slot_ids' grouping."""
     _check_slices("A_slices", A_slices)
     _check_slices("B_slices", B_slices, A_slices[0].shape[1])
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
@@ -246,13 +258,13 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.Tensor
     if B_slices[0].shape[0] != A_slices[0].shape[0]:
         raise ValueError(f"A has {A_slices[0].shape[0]} slots, B has {B_slices[0].shape[0]}")
     offsets = _offsets(B_slices, y, slice_offsets)  # validated before any work
-    if groups is None:
-        groups = _groups(slot_ids, A_slices[0].shape[0], x.shape[0])
-    elif groups[0].shape[0] != x.shape[0]:
-        raise ValueError(f"groups were computed for {groups[0].shape[0]} rows, x has {x.shape[0]}")
-    v = _shrink(x, A_slices, groups)
+    if grouping is None:
+        grouping = _group_tokens(slot_ids, A_slices[0].shape[0], x.shape[0])
+    elif grouping.order.shape[0] != x.shape[0]:
+        raise ValueError(f"grouping was computed for {grouping.order.shape[0]} rows, x has {x.shape[0]}")
+    v = _shrink(x, A_slices, grouping)
     _check_expand(v, B_slices, y)
-    return _expand(v, B_slices, y, offsets, groups)
+    return _expand(v, B_slices, y, offsets, grouping)
 
 
 # ---- pure-torch twins (the oracles): per-slot gather + matmul, fp32 accumulation ----
@@ -280,5 +292,80 @@ def lora_expand_torch(v: torch.Tensor, B_slices: Sequence[torch.Tensor], slot_id
 
 def lora_apply_torch(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.Tensor],
                      B_slices: Sequence[torch.Tensor], slot_ids: torch.Tensor,
-                     slice_offsets: Sequence[int] | None = None) -> torch.Tensor:
+                     slice_offsets: Sequence[int] | None = None, grouping: TokenGrouping | None = None) -> torch.Tensor:
+    """Twin of lora_apply (`grouping` accepted for a common signature; the twin groups by itself)."""
     return lora_expand_torch(lora_shrink_torch(x, A_slices, slot_ids), B_slices, slot_ids, y, slice_offsets)
+
+
+# ---- specs: one per op (the bench case, the CSV rows and the tests use these names) ----
+
+def _lora_sample(op: str):
+    def sample(p: dict, device: torch.device):
+        T, H, Ow, n, r, s = p["T"], p["H"], p["O"], p["n_adapters"], p["rank"], p["slices"]
+        dt = DTYPES[p["dtype"]]
+        g = seeded()
+        S = n + 1  # the last slot is never used: a kernel must not read past the active ones
+        x = torch.randn(T, H, generator=g).to(device, dt)
+        A = [(torch.randn(S, r, H, generator=g) / math.sqrt(H)).to(device, dt) for _ in range(s)]
+        B = [(torch.randn(S, Ow, r, generator=g) / (4 * math.sqrt(r))).to(device, dt) for _ in range(s)]
+        # every token carries an adapter; adapters interleave as in a mixed batch
+        slots = (torch.arange(T) % n)[torch.randperm(T, generator=g)].to(torch.int32).to(device)
+        y = torch.zeros(T, s * Ow, dtype=dt, device=device)
+        if op == "shrink":
+            return (x, A, slots), {}
+        if op == "expand":
+            v = torch.randn(s, T, r, generator=seeded(1)).to(device)
+            return (v, B, slots, y), {}
+        return (x, y, A, B, slots), {}
+    return sample
+
+
+def lora_shrink_work(p: dict) -> tuple[float, float]:
+    """x[T,H] . A[H,r] per slice: 2THr flops; bytes e·T·H (x read once across slices) + per slice e·n·H·r
+    (the n adapters' A) + 4·T·r (the fp32 intermediate written)."""
+    T, H, n, r, s, e = p["T"], p["H"], p["n_adapters"], p["rank"], p["slices"], ELEM[p["dtype"]]
+    return e * T * H + s * (e * n * H * r + 4.0 * T * r), 2.0 * T * H * r * s
+
+
+def lora_expand_work(p: dict) -> tuple[float, float]:
+    """y[T,O] += v[T,r] . B[r,O] per slice: 2TrO flops; bytes 4·T·r (v read) + e·n·r·O (B) + 2·e·T·O (y read
+    and written)."""
+    T, Ow, n, r, s, e = p["T"], p["O"], p["n_adapters"], p["rank"], p["slices"], ELEM[p["dtype"]]
+    return s * (4.0 * T * r + e * n * r * Ow + 2.0 * e * T * Ow), 2.0 * T * r * Ow * s
+
+
+def lora_apply_work(p: dict) -> tuple[float, float]:
+    """Shrink + expand as two launches: the fp32 intermediate is written and read back."""
+    b1, f1 = lora_shrink_work(p)
+    b2, f2 = lora_expand_work(p)
+    return b1 + b2, f1 + f2
+
+
+# Kernel vs twin, max |err| <= rel * max |twin|. fp32: only fp32 summation order differs (over H for shrink,
+# over R for expand): ~1e-6 relative observed, 1e-5 leaves headroom without hiding a wrong index (errors
+# ~O(1)). fp16 / bf16: both sides round one fp32 value once; an order difference can flip that rounding by
+# one ulp at the largest element: 2^-10 ~ 9.8e-4 -> 2e-3 (fp16), 2^-7 ~ 7.8e-3 -> 1e-2 (bf16).
+LORA_REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+_LORA_PARAMS = ("dtype", "T", "H", "O", "n_adapters", "rank", "slices")
+_LORA_GPU = dict(dtype="bf16", T=4096, H=4096, O=4096, n_adapters=4, rank=16, slices=1)
+_LORA_GPU_AXES = dict(T=[1, 16, 128, 1024, 16384], n_adapters=[1, 8, 16, 32], rank=[8, 32, 64, 128], slices=[3],
+                      dtype=["fp16"])
+LORA_SWEEPS = {
+    "smoke": Sweep(dict(dtype="fp32", T=64, H=64, O=64, n_adapters=2, rank=8, slices=1),
+                   dict(T=[16, 256], n_adapters=[4], rank=[16], slices=[3])),
+    "nightly": Sweep(_LORA_GPU, _LORA_GPU_AXES),
+    "full": Sweep(_LORA_GPU, _LORA_GPU_AXES, dict(T=[1, 16, 128, 1024, 4096, 16384], n_adapters=[1, 4, 8, 16, 32],
+                                                 rank=[8, 16, 64, 128])),
+}
+
+
+def _lora_spec(op: str, fn, twin, work) -> KernelSpec:
+    return KernelSpec(f"lora_{op}", fn, twin, _lora_sample(op), work, lambda p: p["T"], LORA_REL_TOL,
+                      LORA_SWEEPS, family="lora", params=_LORA_PARAMS)
+
+
+SPECS = (
+    _lora_spec("shrink", lora_shrink, lora_shrink_torch, lora_shrink_work),
+    _lora_spec("expand", lora_expand, lora_expand_torch, lora_expand_work),
+    _lora_spec("apply", lora_apply, lora_apply_torch, lora_apply_work),
+)

@@ -12,23 +12,19 @@ Semantics (fixed here, equal to HF `Gemma4VisionPooler._avg_pool_by_positions` w
 Kernel: bins are computed in torch, patches are stable-sorted by (batch, bin) with per-bin counts and
 starts, and each program sums the rows of a tile of bins (gather loop, fp32 accumulate, no atomics).
 
-Substituting HF's pooler (signature and keyword names equal to `Gemma4VisionPooler.forward`, which
-`Gemma4VisionModel.forward` calls with keywords hidden_states=, pixel_position_ids=, padding_positions=,
-output_length=):
-    pooler = model.model.vision_tower.pooler              # a Gemma4VisionPooler
-    pooler.forward = types.MethodType(gemma4_pooler_forward, pooler)
-It returns (float32 [B, L, D] scaled by sqrt(hidden_size), valid mask [B, L] True = real), like HF. One
-deliberate difference: when N == output_length HF skips pooling and returns `padding_positions` (True =
-padding) where its caller expects True = valid; ours returns the valid mask.
+The Gemma4 arch file (`vlm/arch/gemma4.py`) binds this kernel into HF's `Gemma4VisionPooler.forward`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from runtime.kernels._util import cast_rne, clamp_pow2, interpreted
+from runtime.kernels.spec import DTYPES, ELEM, KernelSpec, Sweep, seeded
 
 
 @triton.jit
@@ -136,18 +132,34 @@ def position_pool_bruteforce(hidden: torch.Tensor, pixel_position_ids: torch.Ten
     return pooled.to(hidden.dtype), torch.tensor(valid, dtype=torch.bool).reshape(B, output_length)
 
 
-def gemma4_pooler_forward(self, hidden_states: torch.Tensor, pixel_position_ids: torch.Tensor,
-                          padding_positions: torch.Tensor, output_length: int | None = None):
-    """Drop-in for `Gemma4VisionPooler.forward` (bind to a pooler instance; see the module docstring)."""
-    N = hidden_states.shape[1]
-    if output_length is None or output_length > N:
-        raise ValueError(f"Cannot output {output_length} soft tokens from {N} patches")
-    if N == output_length:  # HF skips pooling here; keep its sequence order, but return True = valid
-        pooled, valid = hidden_states.masked_fill(padding_positions.unsqueeze(-1), 0.0), ~padding_positions
-    else:
-        k = int((N // output_length) ** 0.5)
-        if k * k * output_length != N:
-            raise ValueError(f"Cannot pool {tuple(hidden_states.shape)} to {output_length}: k={k}, k^2*L != {N}")
-        positions = pixel_position_ids.masked_fill(padding_positions.unsqueeze(-1), -1)
-        pooled, valid = position_pool(hidden_states, positions, k, output_length)
-    return pooled.float() * self.root_hidden_size, valid
+
+# ---- spec ----
+
+def _sample(p: dict, device: torch.device):
+    B, N, D, k = p["batch"], p["T"], p["H"], p["pool_k"]
+    side = math.isqrt(N)
+    if side * side != N or side % k:
+        raise ValueError(f"position_pool: T={N} patches must be a square grid with a side divisible by k={k}")
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    pos = torch.stack([cols.flatten(), rows.flatten()], -1).expand(B, N, 2).contiguous().to(device)
+    hidden = torch.randn(B, N, D, generator=seeded()).to(device, DTYPES[p["dtype"]])
+    return (hidden, pos, k, N // (k * k)), {}
+
+
+def position_pool_work(p: dict) -> tuple[float, float]:
+    """Reads the patches and their int64 (x, y) positions, writes the pooled tokens; one add per element."""
+    B, N, D, k, e = p["batch"], p["T"], p["H"], p["pool_k"], ELEM[p["dtype"]]
+    return e * B * N * D + 16.0 * B * N + e * B * (N // (k * k)) * D, float(B * N * D)
+
+
+# Kernel vs twin, max |err| <= rel * max |twin|: both sum <= k^2 terms in fp32 and scale by 1/k^2, in another
+# order: ~1e-7 observed, 1e-6 bound (fp32); one final rounding each can flip by an ulp: 2^-10 -> 2e-3
+# (fp16), 2^-7 -> 1e-2 (bf16).
+_GPU = dict(dtype="bf16", T=2304, H=1152, batch=8, pool_k=3)
+SPECS = (KernelSpec(
+    "position_pool", position_pool, position_pool_torch, _sample, position_pool_work,
+    lambda p: p["batch"] * p["T"], {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2},
+    {"smoke": Sweep(dict(dtype="fp32", T=64, H=32, batch=2, pool_k=2), dict(T=[16, 256])),
+     "nightly": Sweep(_GPU, dict(T=[576, 9216], batch=[1, 32])),
+     "full": Sweep(_GPU, grid=dict(T=[576, 2304, 9216], batch=[1, 8, 32]))},
+    params=("dtype", "T", "H", "batch", "pool_k")),)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels._util import cast_rne, clamp_pow2, interpreted
+from runtime.kernels.spec import DTYPES, ELEM, KernelSpec, Sweep, seeded
 
 
 @triton.jit
@@ -100,3 +101,34 @@ def rope_2d_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
     xs = x.float().reshape(split)
     rot = torch.stack([-xs[..., 1, :], xs[..., 0, :]], dim=-2).reshape(x.shape)
     return (x.float() * cos + rot * sin).to(out_dtype)
+
+
+# ---- spec ----
+
+def _sample(p: dict, device: torch.device):
+    B, L, heads, hd, dt = p["batch"], p["T"], p["heads"], p["head_dim"], DTYPES[p["dtype"]]
+    g = seeded()
+    x = torch.randn(B, L, heads, hd, generator=g).to(device, dt)
+    ang = torch.rand(B, L, hd, generator=g) * 6.28
+    pos = torch.randint(0, 64, (B, L, 2), generator=g).to(device)
+    return (x, ang.cos().to(device, dt), ang.sin().to(device, dt), pos), {"unsqueeze_dim": 2}
+
+
+def rope_2d_work(p: dict) -> tuple[float, float]:
+    """Reads x, writes y (heads x head_dim per row) and reads the cos / sin rows once per position."""
+    elems = p["batch"] * p["T"] * p["heads"] * p["head_dim"]
+    e = ELEM[p["dtype"]]
+    return 2.0 * e * elems + 2.0 * e * p["batch"] * p["T"] * p["head_dim"], 3.0 * elems
+
+
+# Kernel vs twin, max |err| <= rel * max |twin|: fp32: only FMA contraction can differ, ~1 ulp: 1e-6. fp16 /
+# bf16: the twin rounds like HF (each product and the sum), the kernel once: ~1.5 ulp at the largest element;
+# 1 ulp = 2^-10 / 2^-7, so 3e-3 / 2e-2.
+_GPU = dict(dtype="bf16", T=4096, batch=8, heads=16, head_dim=72)
+SPECS = (KernelSpec(
+    "rope_2d", rope_2d, rope_2d_torch, _sample, rope_2d_work,
+    lambda p: p["batch"] * p["T"], {torch.float32: 1e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2},
+    {"smoke": Sweep(dict(dtype="fp32", T=64, batch=2, heads=2, head_dim=16), dict(T=[16, 256])),
+     "nightly": Sweep(_GPU, dict(T=[1024, 16384], batch=[1, 32])),
+     "full": Sweep(_GPU, grid=dict(T=[1024, 4096, 16384], batch=[1, 8, 32]))},
+    params=("dtype", "T", "batch", "heads", "head_dim")),)

@@ -14,11 +14,11 @@ from collections import Counter
 import pytest
 
 from harness.bench import schema
+from harness.bench.cases import all_cases
 from harness.cli import main
 from suites.bench.helpers import expected_keys, header, keys, read_rows
 
-CASES = ("lora_shrink", "lora_expand", "lora_apply", "position_pool", "pixel_shuffle", "rope_2d",
-         "tower_connector", "prefill")
+CASES = tuple(all_cases())  # one case per kernel spec plus the end-to-end cases
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_baseline_regression_exits_1_and_is_reported(smoke, tmp_path, capsys):
         if r["metric"] == "latency_ms" and r["status"] == "ok":
             r["p50"] = str(float(r["p50"]) / 2)
     base = tmp_path / "base.csv"
-    from harness.report import write_csv
+    from harness.output import write_csv
 
     write_csv(base, rows, list(schema.COLUMNS))
     out = tmp_path / "run"

@@ -9,29 +9,38 @@ import pytest
 import torch
 
 from harness.bench import roofline, schema
-from harness.bench.cases import KERNEL_CASES, Work, all_cases
+from harness.bench.case import Work
+from harness.bench.cases import all_cases
+from harness.bench.kernel_cases import KERNEL_CASES
 from harness.bench.report import render_html
 from harness.bench.store import Store
 from harness.bench.sweep import derive
 from harness.bench.timing import Timing, measure
+from runtime.kernels import KERNELS
 
 
-def test_lora_formulas_are_facts_md_for_bf16():
+def _lora(T, H, Ow, n, r, s, dtype):
+    return dict(T=T, H=H, O=Ow, n_adapters=n, rank=r, slices=s, dtype=dtype)
+
+
+def test_lora_byte_and_flop_counts():
+    """bf16 (e = 2): shrink 2THr flops, 2TH + 2nHr + 4Tr bytes; expand 2TrO flops, 4Tr + 2nrO + 4TO bytes."""
     T, H, Ow, n, r = 4096, 4096, 1408, 4, 16
-    assert roofline.lora_shrink_work(T, H, n, r, 1, 2) == (2 * T * H + 2 * n * H * r + 4 * T * r, 2 * T * H * r)
-    assert roofline.lora_expand_work(T, Ow, n, r, 1, 2) == (4 * T * r + 2 * n * r * Ow + 4 * T * Ow, 2 * T * r * Ow)
-    b, f = roofline.lora_apply_work(T, H, Ow, n, r, 1, 2)
-    assert (b, f) == (roofline.lora_shrink_work(T, H, n, r, 1, 2)[0] + roofline.lora_expand_work(T, Ow, n, r, 1, 2)[0],
-                      2 * T * H * r + 2 * T * r * Ow)
+    shrink, expand, apply = (KERNELS[f"lora_{op}"].work for op in ("shrink", "expand", "apply"))
+    assert shrink(_lora(T, H, Ow, n, r, 1, "bf16")) == (2 * T * H + 2 * n * H * r + 4 * T * r, 2 * T * H * r)
+    assert expand(_lora(T, H, Ow, n, r, 1, "bf16")) == (4 * T * r + 2 * n * r * Ow + 4 * T * Ow, 2 * T * r * Ow)
+    assert apply(_lora(T, H, Ow, n, r, 1, "bf16")) == (
+        shrink(_lora(T, H, Ow, n, r, 1, "bf16"))[0] + expand(_lora(T, H, Ow, n, r, 1, "bf16"))[0],
+        2 * T * H * r + 2 * T * r * Ow)
     # fp32 elements double the x / weight / y terms, the fp32 intermediate stays 4 bytes
-    assert roofline.lora_shrink_work(T, H, n, r, 1, 4)[0] == 4 * T * H + 4 * n * H * r + 4 * T * r
+    assert shrink(_lora(T, H, Ow, n, r, 1, "fp32"))[0] == 4 * T * H + 4 * n * H * r + 4 * T * r
     # slices: x read once, everything else per slice
-    assert roofline.lora_shrink_work(T, H, n, r, 3, 2)[0] == 2 * T * H + 3 * (2 * n * H * r + 4 * T * r)
+    assert shrink(_lora(T, H, Ow, n, r, 3, "bf16"))[0] == 2 * T * H + 3 * (2 * n * H * r + 4 * T * r)
 
 
 def test_roofline_is_memory_bound_for_lora():
     p = roofline.PROFILES["h100"]
-    nbytes, flops = roofline.lora_apply_work(4096, 4096, 4096, 4, 16, 1, 2)
+    nbytes, flops = KERNELS["lora_apply"].work(_lora(4096, 4096, 4096, 4, 16, 1, "bf16"))
     assert p.roof_seconds(nbytes, flops) == pytest.approx(nbytes / 3.35e12)
 
 

@@ -54,7 +54,7 @@ def test_quantize_projector_alone_is_bad_input(tmp_path, capsys):
                                           ("model.language_model.norm", True), ("lm_head", True),
                                           ("model.language_model.layers.0.mlp.up_proj", False)])
 def test_skip_list(name, skipped):
-    from harness.arch import get_arch
+    from vlm.arch import get_arch
 
     assert get_arch("llava").is_quant_skipped(name) is skipped
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from harness.arch import ArchSpec, ImageGeometry, apply_overrides
-from harness.capture import first_tensor
+from vlm.arch import ArchSpec, ImageGeometry, apply_overrides
+from vlm.capture import first_tensor
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -25,7 +25,7 @@ def make_config(arch: ArchSpec, overrides_json: str = "{}"):
 @functools.lru_cache(maxsize=32)
 def tiny_model(model_type: str, overrides_json: str = "{}"):
     """Build (and cache: hypothesis draws geometries far more often than configs) a tiny model."""
-    from harness.arch import get_arch
+    from vlm.arch import get_arch
 
     arch = get_arch(model_type)
     cfg = make_config(arch, overrides_json)

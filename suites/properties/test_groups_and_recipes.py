@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.arch import GROUPS, all_archs, get_arch
 from suites.properties.measure import tiny_model
+from vlm.arch import GROUPS, all_archs, get_arch
 
 ARCHS = [a.model_type for a in all_archs()]
 _suffix = st.text(alphabet="abcdefghij0123456789._", min_size=0, max_size=12)
@@ -78,3 +78,21 @@ def test_recipe_wraps_only_its_group(model_type, group):
     for n in wrapped:
         base = peft_model.get_submodule("base_model.model." + n).get_base_layer()
         assert isinstance(base, torch.nn.Linear), (n, type(base))
+    # a recipe never aims at a module its arch refuses (the LLaMA-Factory "forbidden modules" rule)
+    arch.check_targets(model.config, wrapped, f"{model_type} recipe for {group}")
+
+
+def test_forbidden_target_is_refused_and_unused_layer_flagged():
+    """Llama 4's MoE router is refused by name and reason; LLaVA's layers after vision_feature_layer=-2 run
+    with no effect downstream, so targeting them is flagged, not refused."""
+    llama4 = get_arch("llama4")
+    with pytest.raises(ValueError, match=r"feed_forward\.router.*forbids: the MoE router"):
+        llama4.check_targets(llama4.tiny_config(), ["language_model.model.layers.1.feed_forward.router"], "a")
+    llava = get_arch("llava")
+    cfg = llava.tiny_config()
+    last = cfg.vision_config.num_hidden_layers - 1
+    notes = llava.check_targets(cfg, [f"model.vision_tower.encoder.layers.{last}.mlp.fc1",
+                                      "model.vision_tower.encoder.layers.0.mlp.fc1"], "a")
+    assert len(notes) == 1 and f"layers.{last}.mlp.fc1" in notes[0] and "unused" in notes[0]
+    cfg.vision_feature_layer = -1  # every layer's output used: nothing to flag
+    assert llava.check_targets(cfg, [f"model.vision_tower.encoder.layers.{last}.mlp.fc1"], "a") == []

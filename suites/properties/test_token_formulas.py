@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.arch import all_archs, apply_overrides, get_arch
 from suites.properties.measure import build_input_ids, make_config, measure, tiny_model
+from vlm.arch import all_archs, apply_overrides, get_arch
 
 ARCHS = [a.model_type for a in all_archs()]
 

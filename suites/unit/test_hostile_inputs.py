@@ -28,22 +28,6 @@ class Case:
     run: Callable
 
 
-# ----------------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny llama4 checkpoint and its three PEFT adapters, saved through the real code."""
-    from harness.arch import get_arch
-    from harness.checkpoint import build_tiny, save_checkpoint
-    from reference.adapters import DEFAULT_SPECS, add_adapters, save_adapters
-
-    root = tmp_path_factory.mktemp("hostile")
-    arch = get_arch("llama4")
-    _, model = build_tiny(arch)
-    save_checkpoint(model, root / "ckpt")
-    folders = save_adapters(add_adapters(build_tiny(arch)[1], arch, DEFAULT_SPECS), root / "adapters")
-    return root, folders
-
-
 def cli_refuses(tmp: Path, argv: list[str], needle: str) -> None:
     out = tmp / "out"
     if argv and argv[0] in ("correctness", "bench") and "--out" not in argv:
@@ -61,6 +45,11 @@ def cli_refuses(tmp: Path, argv: list[str], needle: str) -> None:
     assert needle in msg, (needle, msg)
     assert not out.exists(), "a refused run left an output folder"
     assert not list(tmp.glob(".*partial*")), "a refused run left a partial folder"
+
+
+def refused(argv: list[str], needle: str) -> Callable:
+    """A case that is one refused command line."""
+    return lambda saved, tmp: cli_refuses(tmp, argv, needle)
 
 
 def api_refuses(fn: Callable, needle: str) -> None:
@@ -93,36 +82,13 @@ def c_unknown_arch(saved, tmp):
     cli_refuses(tmp, ["tokens", "--arch", "gpt9"], "'gpt9'")
 
 
-def c_set_missing_key(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "llama4", "--set", "vision_config.nokey=1"], "nokey")
 
 
-def c_set_wrong_type(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "llama4", "--set", "vision_config.image_size=big"], "big")
 
 
-def c_set_malformed(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "llama4", "--set", "vision_config.image_size"], "dotted.key=value")
 
 
-def c_odd_grid_before_shuffle(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "llama4", "--set", "vision_config.image_size=42"], "42")
 
-
-def c_grid_not_divisible_by_merge(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "qwen2_vl", "--grid", "1,3,6"], "3")
-
-
-def c_patches_not_multiple_of_kernel(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "gemma4", "--patches", "4x3"], "Wp=3")
-
-
-def c_malformed_geometry_flag(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "qwen2_vl", "--grid", "1,2"], "'1,2'")
-
-
-def c_geometry_field_of_another_family(saved, tmp):
-    cli_refuses(tmp, ["tokens", "--arch", "llama4", "--grid", "1,2,2"], "grid=(1, 2, 2)")
 
 
 def c_checkpoint_missing(saved, tmp):
@@ -239,9 +205,9 @@ def c_more_adapters_than_slots(saved, tmp):
 
 
 def c_images_differ_from_placeholders(saved, tmp):
-    from harness.arch import ImageGeometry, get_arch
-    from harness.checkpoint import build_tiny
-    from harness.requests import Request, build_batch, make_request
+    from vlm.arch import ImageGeometry, get_arch
+    from vlm.checkpoint import build_tiny
+    from vlm.requests import Request, build_batch, make_request
 
     arch = get_arch("llama4")
     cfg, _ = build_tiny(arch)
@@ -251,18 +217,18 @@ def c_images_differ_from_placeholders(saved, tmp):
 
 
 def c_empty_batch(saved, tmp):
-    from harness.arch import get_arch
-    from harness.checkpoint import build_tiny
-    from harness.requests import build_batch
+    from vlm.arch import get_arch
+    from vlm.checkpoint import build_tiny
+    from vlm.requests import build_batch
 
     arch = get_arch("llama4")
     api_refuses(lambda: build_batch(arch, build_tiny(arch)[0], []), "empty batch")
 
 
 def c_unknown_adapter_in_request(saved, tmp):
-    from harness.arch import get_arch
-    from harness.requests import make_request
     from runtime.model import RuntimeModel
+    from vlm.arch import get_arch
+    from vlm.requests import make_request
 
     rt = RuntimeModel.from_checkpoint(saved[0] / "ckpt")
     arch = get_arch("llama4")
@@ -301,8 +267,8 @@ def c_nan_in_weights(saved, tmp):
 
 def c_nan_in_pixels(saved, tmp):
     # a NaN pixel poisons every row after attention: nonfinite rows, exit 1, no NaN "error figure"
-    from harness.arch import get_arch
     from harness.correctness import Options, run_arch
+    from vlm.arch import get_arch
 
     arch = get_arch("llama4")
     cls = type(arch)
@@ -357,7 +323,7 @@ def c_fault_mode_not_run(saved, tmp):
 
 def c_upstream_crash(saved, tmp):
     # an exception from transformers / PEFT mid-run is one line and exit 2, never exit 1 ("divergence")
-    import harness.correctness as corr
+    import harness.correctness.engine as corr
 
     original = corr.run_reference
 
@@ -377,16 +343,7 @@ def c_cuda_without_cuda(saved, tmp):
     cli_refuses(tmp, ["correctness", "--arch", "llama4", "--device", "cuda"], "CUDA is not available")
 
 
-def c_unknown_dtype(saved, tmp):
-    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--dtype", "fp8"], "'fp8'")
 
-
-def c_negative_adapter_count(saved, tmp):
-    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapters", "-1"], "-1")
-
-
-def c_unknown_fault(saved, tmp):
-    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--inject-fault", "gremlins"], "'gremlins'")
 
 
 def c_output_not_writable(saved, tmp):
@@ -404,9 +361,6 @@ def c_html_in_strings(saved, tmp):
     assert evil not in page and "&lt;script&gt;" in page
 
 
-def c_unknown_gpu_profile(saved, tmp):
-    cli_refuses(tmp, ["bench", "--gpu", "tpu9", "--preset", "smoke"], "tpu9")
-
 
 def c_gpu_preset_without_cuda(saved, tmp):
     if torch.cuda.is_available():
@@ -422,16 +376,22 @@ def c_baseline_with_other_columns(saved, tmp):
 
 CATALOG = [
     Case("unknown-arch", "cli", "--arch names no registered architecture", c_unknown_arch),
-    Case("set-missing-key", "cli", "--set on a key the config lacks", c_set_missing_key),
-    Case("set-wrong-type", "cli", "--set with a value of the wrong type", c_set_wrong_type),
-    Case("set-malformed", "cli", "--set without '='", c_set_malformed),
-    Case("odd-grid-before-shuffle", "cli", "patch grid that a pixel shuffle cannot split", c_odd_grid_before_shuffle),
+    Case("set-missing-key", "cli", "--set on a key the config lacks",
+         refused(["tokens", "--arch", "llama4", "--set", "vision_config.nokey=1"], "nokey")),
+    Case("set-wrong-type", "cli", "--set with a value of the wrong type",
+         refused(["tokens", "--arch", "llama4", "--set", "vision_config.image_size=big"], "big")),
+    Case("set-malformed", "cli", "--set without '='",
+         refused(["tokens", "--arch", "llama4", "--set", "vision_config.image_size"], "dotted.key=value")),
+    Case("odd-grid-before-shuffle", "cli", "patch grid that a pixel shuffle cannot split",
+         refused(["tokens", "--arch", "llama4", "--set", "vision_config.image_size=42"], "42")),
     Case("grid-not-divisible-by-merge", "cli", "qwen grid h/w not divisible by the merge size",
-         c_grid_not_divisible_by_merge),
+         refused(["tokens", "--arch", "qwen2_vl", "--grid", "1,3,6"], "3")),
     Case("patches-not-multiple-of-kernel", "cli", "gemma4 Wp not a multiple of the pooling kernel",
-         c_patches_not_multiple_of_kernel),
-    Case("malformed-geometry-flag", "cli", "--grid with two numbers", c_malformed_geometry_flag),
-    Case("geometry-of-another-family", "cli", "--grid given to a tiled tower", c_geometry_field_of_another_family),
+         refused(["tokens", "--arch", "gemma4", "--patches", "4x3"], "Wp=3")),
+    Case("malformed-geometry-flag", "cli", "--grid with two numbers",
+         refused(["tokens", "--arch", "qwen2_vl", "--grid", "1,2"], "'1,2'")),
+    Case("geometry-of-another-family", "cli", "--grid given to a tiled tower",
+         refused(["tokens", "--arch", "llama4", "--grid", "1,2,2"], "grid=(1, 2, 2)")),
     Case("checkpoint-missing", "reference", "--model folder that does not exist", c_checkpoint_missing),
     Case("checkpoint-without-vision", "reference", "config.json without a vision part", c_checkpoint_without_vision),
     Case("checkpoint-missing-tensor", "reference", "weights missing a tensor", c_checkpoint_missing_tensor),
@@ -461,12 +421,16 @@ CATALOG = [
     Case("fault-mode-not-run", "cli", "--inject-fault localised in a mode --mode leaves out", c_fault_mode_not_run),
     Case("upstream-crash", "cli", "an exception inside transformers / PEFT: one line, exit 2", c_upstream_crash),
     Case("cuda-without-cuda", "cli", "--device cuda on a machine without CUDA", c_cuda_without_cuda),
-    Case("unknown-dtype", "cli", "--dtype not fp32/fp16/bf16", c_unknown_dtype),
-    Case("negative-adapter-count", "cli", "--adapters -1", c_negative_adapter_count),
-    Case("unknown-fault", "cli", "--inject-fault not in the catalog", c_unknown_fault),
+    Case("unknown-dtype", "cli", "--dtype not fp32/fp16/bf16",
+         refused(["correctness", "--arch", "llama4", "--dtype", "fp8"], "'fp8'")),
+    Case("negative-adapter-count", "cli", "--adapters -1",
+         refused(["correctness", "--arch", "llama4", "--adapters", "-1"], "-1")),
+    Case("unknown-fault", "cli", "--inject-fault not in the catalog",
+         refused(["correctness", "--arch", "llama4", "--inject-fault", "gremlins"], "'gremlins'")),
     Case("output-not-writable", "cli", "--out below a file", c_output_not_writable),
     Case("html-in-strings", "cli", "adapter name holding HTML: escaped in the report (exit 0)", c_html_in_strings),
-    Case("unknown-gpu-profile", "bench", "--gpu names no profile", c_unknown_gpu_profile),
+    Case("unknown-gpu-profile", "bench", "--gpu names no profile",
+         refused(["bench", "--gpu", "tpu9", "--preset", "smoke"], "tpu9")),
     Case("gpu-preset-without-cuda", "bench", "--preset nightly on a CPU machine", c_gpu_preset_without_cuda),
     Case("baseline-with-other-columns", "bench", "--baseline CSV with foreign columns", c_baseline_with_other_columns),
 ]
@@ -490,7 +454,7 @@ def test_readme_catalog_matches_the_suite():
 
 def test_no_unsafe_loading_in_the_source():
     offenders = []
-    for folder in ("harness", "runtime", "reference"):
+    for folder in ("vlm", "harness", "runtime", "reference"):
         for f in (ROOT / folder).rglob("*.py"):
             src = f.read_text()
             for m in re.finditer(r"torch\.load\(([^)]*)\)", src):

@@ -17,24 +17,13 @@ from runtime.kernels import (
     lora_shrink,
     lora_shrink_torch,
 )
+from suites.helpers import DEV, assert_close_scaled, rel_tol
 
 # Examples follow the profile (default 50): tiny shapes keep an interpreted file well under 60 s.
 N_EX = settings.default.max_examples
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Scale-aware tolerances: max |err| <= REL * max |ref|.
-#  fp32: kernel and twin differ only in fp32 summation order over H <= 64 (shrink) and R <= 16 (expand):
-#        observed <= ~1e-6 relative; 1e-5 leaves headroom without hiding a wrong index (errors ~O(1)).
-#  fp16: both sides round one fp32 value to fp16 once; an order difference can flip that rounding:
-#        1 fp16 ulp = 2^-10 ~ 9.8e-4 relative at the largest element, so 2e-3.
-#  bf16: same argument with 1 bf16 ulp = 2^-7 ~ 7.8e-3 relative, so 1e-2.
-REL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+REL = rel_tol("lora_apply")  # justified beside the LoRA specs in runtime/kernels/lora.py
 
-
-def assert_close_scaled(got, ref, rel, what=""):
-    err = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
-    scale = ref.double().abs().max().item() if ref.numel() else 0.0
-    assert err <= rel * max(scale, 1e-30), f"{what}: max abs err {err:.3g} > {rel} x max|ref| {scale:.3g}"
 
 
 def make_adapters(gen, S, R, H, widths, ranks, dtype):

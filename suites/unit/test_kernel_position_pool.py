@@ -12,27 +12,20 @@ from transformers.models.gemma4 import modeling_gemma4 as hf
 from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
 from runtime.kernels import (
-    gemma4_pooler_forward,
     position_pool,
     position_pool_bruteforce,
     position_pool_torch,
 )
+from suites.helpers import DEV, assert_close_scaled, rel_tol
+from vlm.arch import get_arch
 
 N_EX = settings.default.max_examples
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 D = 8
 
-# Scale-aware tolerances (max |err| <= REL * max |ref|). fp32: kernel sums then scales by 1/k^2, HF multiplies
-# each patch by fp32(1/k^2) inside a matmul, the loop sums in float64: all differ by summation order and one
-# rounding, <= k^2 = 9 terms -> ~1e-7 observed, 1e-6 bound. fp16 / bf16: one final rounding on each side can
-# flip by an ulp: 2^-10 -> 2e-3, 2^-7 -> 1e-2.
-REL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+REL = rel_tol("position_pool")  # justified beside the spec in runtime/kernels/position_pool.py
+# the arch file's binding of the kernel into HF's Gemma4VisionPooler.forward, as the runtime installs it
+gemma4_pooler_forward = next(s for s in get_arch("gemma4").kernel_sites() if s.kernel == "position_pool").bind(position_pool)
 
-
-def assert_close_scaled(got, ref, rel, what=""):
-    err = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
-    scale = ref.double().abs().max().item() if ref.numel() else 0.0
-    assert err <= rel * max(scale, 1e-30), f"{what}: max abs err {err:.3g} > {rel} x max|ref| {scale:.3g}"
 
 
 def hf_pooler(hidden_size=D):
@@ -182,7 +175,7 @@ def test_position_pool_rejects_grid_larger_than_output():
 
 
 def test_substituted_pooler_inside_tiny_gemma4_vision_model():
-    """The documented substitution (bind gemma4_pooler_forward to the model's pooler) reproduces HF's vision
+    """The arch file's substitution (its pooler forward bound to the model's pooler) reproduces HF's vision
     tower output on a padded two-image batch."""
     cfg = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              num_key_value_heads=2, head_dim=8, patch_size=2, position_embedding_size=16,

@@ -10,21 +10,12 @@ from transformers.models.gemma4 import modeling_gemma4 as hf
 from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
 from runtime.kernels import rope_2d, rope_2d_torch
+from suites.helpers import DEV, assert_close_scaled, rel_tol
 
 N_EX = settings.default.max_examples
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Scale-aware (max |err| <= REL * max |ref|). fp32: HF computes x*cos + rotate_half(x)*sin in fp32, as do
-# kernel and twin; only FMA contraction on GPU can differ, by ~1 ulp (6e-8): 1e-6. fp16 / bf16: HF rounds
-# each product and the sum to x's dtype (3 roundings), ours rounds once: up to ~1.5 ulp at the largest
-# element; 1 ulp = 2^-10 (fp16), 2^-7 (bf16), so 3e-3 and 2e-2.
-REL = {torch.float32: 1e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+REL = rel_tol("rope_2d")  # kernel and HF: justified beside the spec in runtime/kernels/rope_2d.py
 
-
-def assert_close_scaled(got, ref, rel, what=""):
-    err = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
-    scale = ref.double().abs().max().item() if ref.numel() else 0.0
-    assert err <= rel * max(scale, 1e-30), f"{what}: max abs err {err:.3g} > {rel} x max|ref| {scale:.3g}"
 
 
 def vision_config(head_dim, heads=2):

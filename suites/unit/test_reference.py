@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from harness.arch import REGISTRY, ImageGeometry, get_arch
-from harness.requests import Request, build_batch, make_request
 from reference.adapters import DEFAULT_SPECS, AdapterSpec, add_adapters, load_adapters, save_adapters
-from reference.models import build_tiny, load_checkpoint, save_checkpoint
 from reference.run import run_reference
+from vlm.arch import REGISTRY, ImageGeometry, get_arch
+from vlm.checkpoint import build_tiny, load_checkpoint, save_checkpoint
+from vlm.requests import Request, build_batch, make_request
 
 ACCEPTANCE_ARCHS = [a for a in ("llama4", "gemma4", "llava", "qwen2_vl", "internvl") if a in REGISTRY]
 # fp32 on CPU: batching changes only the summation order of matmuls / attention over padded rows,
@@ -53,7 +53,7 @@ def test_adapter_changes_each_group(built):
             continue
         if not torch.allclose(io["out"], base_req[name]["out"], atol=1e-5):
             changed.add(arch.group_of(name))
-    assert changed == set(arch.lora_groups()), changed
+    assert changed == set(arch.targetable_groups()), changed
 
 
 def test_grouped_batch_equals_one_by_one(built):
@@ -71,7 +71,7 @@ def test_grouped_batch_equals_one_by_one(built):
 
 def test_peft_mixed_path_refuses_tower_lora_with_clear_error(built):
     arch, cfg, pm, _ = built
-    if "tower" not in arch.lora_groups():
+    if "tower" not in arch.targetable_groups():
         pytest.skip("no tower LoRA")
     _, fresh = build_tiny(arch)
     pm2 = add_adapters(fresh, arch, DEFAULT_SPECS)
@@ -117,16 +117,6 @@ def test_checkpoint_and_adapter_roundtrip_bit_for_bit(model_type, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("saved")
-    arch = get_arch("llama4")
-    cfg, model = build_tiny(arch)
-    save_checkpoint(model, root / "ckpt")
-    pm = add_adapters(build_tiny(arch)[1], arch, DEFAULT_SPECS)
-    return root, save_adapters(pm, root / "adapters")
-
-
 def _one_line(err):
     assert "\n" not in str(err.value), str(err.value)
     return str(err.value)

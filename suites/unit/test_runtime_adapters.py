@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from harness.arch import get_arch
-from harness.checkpoint import build_tiny, save_checkpoint
-from harness.peft_io import read_adapter
 from reference.adapters import DEFAULT_SPECS, add_adapters, save_adapters
 from runtime.model import RuntimeModel
+from vlm.adapter_files import read_adapter
+from vlm.arch import get_arch
+from vlm.checkpoint import build_tiny, save_checkpoint
 
 
 @pytest.fixture(scope="module")

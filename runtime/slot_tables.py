@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.peft_io import AdapterFile, read_adapter
+from vlm.adapter_files import AdapterFile, read_adapter
 
 
 @dataclass

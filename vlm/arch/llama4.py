@@ -11,8 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, require_int
+from vlm.arch import register
+from vlm.arch.base import (
+    ArchSpec,
+    DrawInt,
+    ForbiddenTarget,
+    ImageGeometry,
+    KernelSite,
+    TokenCounts,
+    require_int,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,35 @@ class Llama4(ArchSpec):
                           r"|feed_forward\.shared_expert\.(gate|up|down)_proj)",
     })
     geometry_fields: tuple[str, ...] = ("tiles",)
+
+    # Llama 4 Scout's tower (hidden 1408, MLP 5632, 34 layers, 336 px tiles of 14 px patches, pixel-shuffle
+    # adapter 5632 -> 4096 -> 4096, projector -> 5120); the LM stays the tiny 2-layer one at hidden 5120.
+    bench_models = {"scout": {
+        "vision_config.hidden_size": 1408, "vision_config.intermediate_size": 5632,
+        "vision_config.num_hidden_layers": 34, "vision_config.num_attention_heads": 16,
+        "vision_config.image_size": 336, "vision_config.patch_size": 14, "vision_config.vision_output_dim": 4096,
+        "vision_config.projector_input_dim": 4096, "vision_config.projector_output_dim": 4096,
+        "text_config.hidden_size": 5120,
+    }}
+
+    def forbidden_targets(self, config) -> tuple[ForbiddenTarget, ...]:
+        return (ForbiddenTarget(
+            r"language_model\.model\.layers\.\d+\.feed_forward\.router",
+            "the MoE router (a Linear) picks experts; a LoRA on it changes routing, which the runtime's "
+            "multi-LoRA path (attention and shared-expert projections) does not serve"),)
+
+    def kernel_sites(self) -> tuple[KernelSite, ...]:
+        def bind(pixel_shuffle):
+            def forward(self, encoded_patches):  # Llama4VisionPixelShuffleMLP.forward with our permutation
+                return self.mlp(pixel_shuffle(encoded_patches, self.pixel_shuffle_ratio, variant="tokens"))
+            return forward
+        return (KernelSite("pixel_shuffle", "Llama4VisionPixelShuffleMLP", "forward", bind),)
+
+    def vision_features(self, model, pixel_inputs):
+        # get_image_features stops before the projector: run tower then projector, as the forward does
+        out = model.vision_model(pixel_inputs["pixel_values"])
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return model.multi_modal_projector(h.reshape(-1, h.shape[-1]))
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
@@ -79,7 +116,7 @@ class Llama4(ArchSpec):
         return [{"vision_config.image_size": 42}]
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Llama4Config
 
         return Llama4Config(

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import (
+from vlm.arch import register
+from vlm.arch.base import (
     ArchSpec,
     DrawInt,
     ImageGeometry,
@@ -44,6 +44,15 @@ class Gemma3(ArchSpec):
                      "the nn.Parameter mm_input_projection_weight, which PEFT cannot wrap",
     })
     geometry_fields: tuple[str, ...] = ("tiles",)
+
+    # SigLIP-so400m as Gemma 3 uses it: hidden 1152, MLP 4304, 27 layers, 896 px of 14 px patches (4096
+    # patches avg-pooled to 256 tokens); the LM stays the tiny 2-layer one at hidden 2560.
+    bench_models = {"so400m": {
+        "vision_config.hidden_size": 1152, "vision_config.intermediate_size": 4304,
+        "vision_config.num_hidden_layers": 27, "vision_config.num_attention_heads": 16,
+        "vision_config.image_size": 896, "vision_config.patch_size": 14, "mm_tokens_per_image": 256,
+        "text_config.hidden_size": 2560,
+    }}
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
@@ -94,7 +103,7 @@ class Gemma3(ArchSpec):
         ]
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Gemma3Config
 
         return Gemma3Config(

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import (
+from vlm.arch import register
+from vlm.arch.base import (
     ArchSpec,
     DrawInt,
     ImageGeometry,
@@ -107,7 +107,7 @@ class Idefics3(ArchSpec):
         return [{"vision_config.image_size": 42}]
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Idefics3Config
 
         return Idefics3Config(

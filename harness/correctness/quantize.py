@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from harness.arch import ArchSpec
+from vlm.arch import ArchSpec
 
 SCHEMES = ("lm-int8",)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import (
+from vlm.arch import register
+from vlm.arch.base import (
     ArchSpec,
     FixedSizeTower,
     ImageGeometry,
@@ -51,7 +51,7 @@ class PaliGemma(FixedSizeTower, ArchSpec):
         return [{"vision_config.image_size": 2}]  # smaller than one 4-pixel patch
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import PaliGemmaConfig
 
         return PaliGemmaConfig(

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import (
+from vlm.arch import register
+from vlm.arch.base import (
     ArchSpec,
     FixedSizeTower,
     ImageGeometry,
@@ -22,6 +22,7 @@ from harness.arch.base import (
     clip_tower_recipe,
     decoder_lm_recipe,
     patch_side,
+    unused_feature_layers,
 )
 
 
@@ -39,6 +40,9 @@ class Llava(FixedSizeTower, ArchSpec):
         "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("size",)
+
+    def forbidden_targets(self, config):
+        return unused_feature_layers(config, "model.vision_tower.")
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
@@ -65,7 +69,7 @@ class Llava(FixedSizeTower, ArchSpec):
         return [{"vision_config.image_size": 2}]  # smaller than one 4-pixel patch: no patch row at all
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import LlavaConfig
 
         return LlavaConfig(

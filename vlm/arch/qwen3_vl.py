@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.arch import register
-from harness.arch.base import decoder_lm_recipe
-from harness.arch.qwen2_vl import Qwen2VL
+from vlm.arch import register
+from vlm.arch.base import decoder_lm_recipe
+from vlm.arch.qwen2_vl import Qwen2VL
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Qwen3VL(Qwen2VL):
     })
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Qwen3VLConfig
 
         return Qwen3VLConfig(

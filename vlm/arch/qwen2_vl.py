@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
+from vlm.arch import register
+from vlm.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Qwen2VL(ArchSpec):
         return ImageGeometry(grid=(t, hb * m + draw("h_off", 1, m - 1), wb * m))
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Qwen2VLConfig
 
         cfg = Qwen2VLConfig(

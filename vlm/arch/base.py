@@ -58,6 +58,27 @@ class TokenCounts:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class KernelSite:
+    """Where the runtime substitutes one of its vision kernels for HF code. The arch file knows the HF code;
+    the runtime knows the kernel. `bind(kernel)` returns the replacement: a method for `hf_class.attr`
+    (instance-level, the reference model is never touched), or, with `hf_class=None`, a function for the
+    module global at dotted path `attr` (patched only while the runtime model runs). `kernel` is resolved at
+    call time, so a fault hook on the kernel applies on the very path a healthy run takes."""
+
+    kernel: str
+    hf_class: str | None
+    attr: str
+    bind: Callable[[Callable], Callable]
+
+
+@dataclass(frozen=True)
+class ForbiddenTarget:
+    pattern: str   # regex, full match on a runtime module name
+    reason: str
+    refuse: bool = True  # False: the adapter runs and the report carries the reason as a warning
+
+
 def _require_int(name: str, value: Any, lo: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"invalid geometry: {name}={value!r} must be an integer >= {lo}")
@@ -129,22 +150,26 @@ class ArchSpec:
             raise ValueError("at least one group is needed for a LoRA recipe")
         return "|".join(parts)
 
-    def lora_groups(self) -> tuple[str, ...]:
+    def targetable_groups(self) -> tuple[str, ...]:
         return tuple(g for g in GROUPS if self.lora_targets.get(g) is not None)
 
-    def forbidden_modules(self, freeze_tower: bool = True, freeze_connector: bool = True) -> list[str]:
-        """Module prefixes that must carry no adapter (a frozen part of the model)."""
-        out: list[str] = []
-        if freeze_tower:
-            # the connector may lie inside the tower prefix: only forbid what is really tower
-            out += list(self.tower)
-        if freeze_connector:
-            out += list(self.connector)
-        return out
+    def forbidden_targets(self, config: Any) -> tuple[ForbiddenTarget, ...]:
+        """Modules an adapter must not target (refused) or whose LoRA cannot act (flagged), with the reason;
+        the LLaMA-Factory registry's idea. Checked against every adapter a run loads."""
+        return ()
 
-    def is_forbidden(self, module_name: str, freeze_tower: bool, freeze_connector: bool) -> bool:
-        group = self.group_or_none(module_name)
-        return (group == "tower" and freeze_tower) or (group == "connector" and freeze_connector)
+    def check_targets(self, config: Any, modules: Sequence[str], adapter: str = "adapter") -> list[str]:
+        """Raise ValueError for a target the arch refuses; return one warning per flagged target pattern."""
+        warnings: list[str] = []
+        for rule in self.forbidden_targets(config):
+            hits = sorted(m for m in modules if re.fullmatch(rule.pattern, m))
+            if not hits:
+                continue
+            if rule.refuse:
+                raise ValueError(f"{adapter} targets {hits[0]!r}, which {self.model_type} forbids: {rule.reason}")
+            more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""
+            warnings.append(f"{adapter} targets {hits[0]!r}{more}: {rule.reason}")
+        return warnings
 
     def quant_skip_modules(self) -> list[str]:
         """Regexes (full match) of modules that weight-only int8 must leave alone: the whole tower and
@@ -196,8 +221,27 @@ class ArchSpec:
         raise NotImplementedError  # pragma: no cover
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides: Mapping[str, Any] | None = None) -> Any:  # pragma: no cover
+    def tiny_config(self) -> Any:  # pragma: no cover
         raise NotImplementedError
+
+    # Real-size variants for the bench: name -> dotted overrides of the tiny config (`<arch>/<name>`).
+    bench_models: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    def kernel_sites(self) -> tuple[KernelSite, ...]:
+        """The vision kernels the runtime substitutes for this arch's HF code (none by default)."""
+        return ()
+
+    def vision_features(self, model: Any, pixel_inputs: Mapping[str, Any]) -> Any:
+        """Tower + connector output for these pixel inputs, [rows, D], as the HF forward computes it before
+        merging into the prompt (default: the model's own `get_image_features`)."""
+        import torch
+
+        out = model.get_image_features(**pixel_inputs)
+        t = getattr(out, "pooler_output", None)
+        t = out if t is None else t
+        if isinstance(t, list | tuple):
+            t = torch.cat([x.reshape(-1, x.shape[-1]) for x in t])
+        return t.reshape(-1, t.shape[-1])
 
     def config_variants(self) -> list[dict[str, Any]]:
         """Small override sets (dotted keys) the property suite draws from: they change the quantities
@@ -318,6 +362,24 @@ class FixedSizeTower:
         if kind == 1:
             return ImageGeometry(size=(s + off, s))
         return ImageGeometry(size=(draw("H", -2, 0), s))
+
+
+# -------------------------------------------------------------------- targets whose LoRA cannot act
+def unused_feature_layers(config: Any, tower_prefix: str) -> tuple[ForbiddenTarget, ...]:
+    """LLaVA-style models read the tower's hidden state `vision_feature_layer` (default -2): the layers after
+    it still run (HF computes every layer) but their output is never used, so a LoRA there changes nothing
+    downstream. hidden_states[e] is the output of layer e - 1, so with L layers and feature layer f < 0
+    the last used layer is L + f; a list of feature layers uses its latest one."""
+    f = config.vision_feature_layer
+    n = config.vision_config.num_hidden_layers
+    entries = [v if v >= 0 else n + 1 + v for v in (f if isinstance(f, list | tuple) else [f])]
+    unused = list(range(max(entries), n))  # entry e is layer e - 1's output: layers from max(e) on are unused
+    if not unused:
+        return ()
+    layers = "|".join(str(i) for i in unused)
+    return (ForbiddenTarget(re.escape(tower_prefix) + rf"encoder\.layers\.({layers})\..*",
+                            f"tower layer(s) {unused} run but their output is unused (vision_feature_layer={f}): "
+                            f"a LoRA there changes nothing downstream", refuse=False),)
 
 
 # -------------------------------------------------------------------- recipe fragments

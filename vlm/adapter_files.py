@@ -43,12 +43,10 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def read_adapter(folder: str | Path) -> AdapterFile:
-    folder = Path(folder)
+def _files(folder: Path) -> tuple[Path, Path]:
     if not folder.is_dir():
         raise ValueError(f"adapter folder {str(folder)!r} does not exist")
-    cfg_path = folder / "adapter_config.json"
-    st_path = folder / "adapter_model.safetensors"
+    cfg_path, st_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file():
         raise ValueError(f"adapter folder {str(folder)!r} has no adapter_config.json")
     if not st_path.is_file():
@@ -57,6 +55,10 @@ def read_adapter(folder: str | Path) -> AdapterFile:
             raise ValueError(f"adapter {str(folder)!r} holds only {pickled[0]} (a pickle): refused, "
                              f"save it as safetensors")
         raise ValueError(f"adapter folder {str(folder)!r} has no adapter_model.safetensors")
+    return cfg_path, st_path
+
+
+def _config(folder: Path, cfg_path: Path) -> dict:
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -78,8 +80,10 @@ def read_adapter(folder: str | Path) -> AdapterFile:
         if config.get(key):
             raise ValueError(f"adapter {str(folder)!r} sets {key}={config[key]!r}, which the runtime's LoRA slots "
                              f"do not implement")
-    tensors = _read_safetensors(st_path)
+    return config
 
+
+def _pairs(st_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
@@ -89,26 +93,38 @@ def read_adapter(folder: str | Path) -> AdapterFile:
         pairs.setdefault(m["module"], {})[m["ab"]] = t
     if not pairs:
         raise ValueError(f"adapter {str(st_path)!r} holds no lora_A/lora_B tensors")
-    modules = {}
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has lora_{''.join(ab)} but not both A and B")
-        A, B = ab["A"], ab["B"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has lora_A {tuple(A.shape)} and "
-                             f"lora_B {tuple(B.shape)} whose ranks disagree")
-        r = _pattern_value(config.get("rank_pattern"), module, config["r"])
-        if A.shape[0] != r:
-            raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has rank {A.shape[0]} but the config "
-                             f"says r={r}")
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        for name, t in (("lora_A", A), ("lora_B", B)):
-            if not t.is_floating_point():
-                raise ValueError(f"adapter {str(st_path)!r}: {module}.{name} has dtype {t.dtype}, not floating point")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"adapter {str(st_path)!r}: {module}.{name} holds NaN or Inf")
-        modules[module] = LoraWeights(A, B, float(scale))
+    return pairs
+
+
+def _module_weights(st_path: Path, config: dict, module: str, ab: dict[str, torch.Tensor]) -> LoraWeights:
+    if set(ab) != {"A", "B"}:
+        raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has lora_{''.join(ab)} but not both A and B")
+    A, B = ab["A"], ab["B"]
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has lora_A {tuple(A.shape)} and "
+                         f"lora_B {tuple(B.shape)} whose ranks disagree")
+    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    if A.shape[0] != r:
+        raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has rank {A.shape[0]} but the config "
+                         f"says r={r}")
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    for name, t in (("lora_A", A), ("lora_B", B)):
+        if not t.is_floating_point():
+            raise ValueError(f"adapter {str(st_path)!r}: {module}.{name} has dtype {t.dtype}, not floating point")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"adapter {str(st_path)!r}: {module}.{name} holds NaN or Inf")
+    return LoraWeights(A, B, float(scale))
+
+
+def read_adapter(folder: str | Path) -> AdapterFile:
+    """Validate a PEFT adapter folder and return its per-module weights and scales (ValueError naming the bad
+    value otherwise)."""
+    folder = Path(folder)
+    cfg_path, st_path = _files(folder)
+    config = _config(folder, cfg_path)
+    pairs = _pairs(st_path, _read_safetensors(st_path))
+    modules = {module: _module_weights(st_path, config, module, ab) for module, ab in sorted(pairs.items())}
     return AdapterFile(folder, config, modules)
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
+from vlm.arch import register
+from vlm.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Mistral3(ArchSpec):
         return ImageGeometry(size=(h, w + draw("w_off", 1, unit - 1)))
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Mistral3Config
 
         return Mistral3Config(

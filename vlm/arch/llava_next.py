@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import (
+from vlm.arch import register
+from vlm.arch.base import (
     ArchSpec,
     DrawInt,
     ImageGeometry,
@@ -27,6 +27,7 @@ from harness.arch.base import (
     decoder_lm_recipe,
     patch_side,
     require_int,
+    unused_feature_layers,
 )
 
 
@@ -69,6 +70,9 @@ class LlavaNext(ArchSpec):
         "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("size",)
+
+    def forbidden_targets(self, config):
+        return unused_feature_layers(config, "model.vision_tower.")
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
@@ -136,7 +140,7 @@ class LlavaNext(ArchSpec):
         ]
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import LlavaNextConfig
 
         return LlavaNextConfig(

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from harness.arch import ArchSpec, apply_overrides, get_arch
+from vlm.arch import ArchSpec, apply_overrides, get_arch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

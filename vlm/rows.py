@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from harness.arch import ArchSpec
-from harness.requests import Request
+from vlm.arch import ArchSpec
+from vlm.requests import Request
 
 # Boundary captures recorded besides every LoRA-carrying module. "@tower_out" is the tower's output as
 # the connector's first Linear receives it; "@lm_image_embeds" the connector output scattered into the
@@ -29,7 +29,7 @@ def group_row_counts(arch: ArchSpec, config, requests: Sequence[Request], group:
     raise ValueError(f"group {group!r} is split by tokens, not by image rows")
 
 
-def split_rows(x: torch.Tensor, group: str, counts: Sequence[int] | None, lengths: Sequence[int],
+def rows_per_request(x: torch.Tensor, group: str, counts: Sequence[int] | None, lengths: Sequence[int],
                l_max: int, name: str) -> list[torch.Tensor]:
     flat = x.reshape(-1, x.shape[-1])
     if group == "language_model":
@@ -45,13 +45,13 @@ def split_rows(x: torch.Tensor, group: str, counts: Sequence[int] | None, length
     return list(torch.split(flat, list(counts)))
 
 
-def split_capture(arch: ArchSpec, config, requests: Sequence[Request], lengths: Sequence[int], l_max: int,
+def module_rows_per_request(arch: ArchSpec, config, requests: Sequence[Request], lengths: Sequence[int], l_max: int,
                   name: str, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Per-request 2-D [rows, features] tensors for one captured module (several calls concatenated)."""
     flat = torch.cat([p.reshape(-1, p.shape[-1]) for p in pieces]) if len(pieces) > 1 else pieces[0]
     if name == LM_IMAGE_EMBEDS:
         counts = [sum(arch.lm_tokens(config, g) for g in r.images) for r in requests]
-        return split_rows(flat, "connector", counts, lengths, l_max, name)
+        return rows_per_request(flat, "connector", counts, lengths, l_max, name)
     group = BOUNDARY_GROUP.get(name) or arch.group_of(name)
     counts = None if group == "language_model" else group_row_counts(arch, config, requests, group)
-    return split_rows(flat, group, counts, lengths, l_max, name)
+    return rows_per_request(flat, group, counts, lengths, l_max, name)

@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
+from vlm.arch import register
+from vlm.arch.base import (
+    ArchSpec,
+    DrawInt,
+    ImageGeometry,
+    KernelSite,
+    TokenCounts,
+    decoder_lm_recipe,
+    require_int,
+)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -47,6 +55,13 @@ class InternVL(ArchSpec):
         "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("tiles",)
+
+    def kernel_sites(self) -> tuple[KernelSite, ...]:
+        def bind(pixel_shuffle):
+            def shuffle(self, vision_features, scale_factor: float = 0.5):  # InternVLModel.pixel_shuffle
+                return pixel_shuffle(vision_features, scale_factor, variant="grid")
+            return shuffle
+        return (KernelSite("pixel_shuffle", "InternVLModel", "pixel_shuffle", bind),)
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
@@ -115,7 +130,7 @@ class InternVL(ArchSpec):
         ]
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import InternVLConfig
 
         return InternVLConfig(

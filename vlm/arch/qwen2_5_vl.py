@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.arch import register
-from harness.arch.base import ImageGeometry, decoder_lm_recipe
-from harness.arch.qwen2_vl import Qwen2VL
+from vlm.arch import register
+from vlm.arch.base import ImageGeometry, decoder_lm_recipe
+from vlm.arch.qwen2_vl import Qwen2VL
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Qwen2_5VL(Qwen2VL):
         return [{"vision_config.window_size": 20}]  # 20 // 2 // 14 = 0 merged tokens per window
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Qwen2_5_VLConfig
 
         return Qwen2_5_VLConfig(

@@ -1,15 +1,14 @@
-"""Shared by the reference and the runtime: forward hooks recording every LoRA-carrying module's input and output, plus the group boundaries,
-keyed by the HF module name (PEFT's `base_model.model.` prefix removed), moved to CPU."""
+"""Forward hooks recording every LoRA-carrying module's input and output plus the group boundaries, keyed by
+the HF module name (PEFT's `base_model.model.` prefix removed), moved to CPU; shared by both sides."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
-from harness.arch import ArchSpec
-from harness.split import LM_IMAGE_EMBEDS, LOGITS, TOWER_OUT, split_capture
+from vlm.arch import ArchSpec
+from vlm.rows import LM_IMAGE_EMBEDS, LOGITS, TOWER_OUT, module_rows_per_request
 
 Captures = list[dict[str, dict[str, torch.Tensor]]]  # per request: module -> {"in", "out"} [rows, features]
 
@@ -87,7 +86,7 @@ class Recorder:
         self._handles.clear()
 
 
-def split_records(records: dict, arch: ArchSpec, config, batch, logits: torch.Tensor) -> Captures:
+def captures_per_request(records: dict, arch: ArchSpec, config, batch, logits: torch.Tensor) -> Captures:
     """Per-request captures from one batched forward, rows split with the registry's formulas."""
     records = dict(records)
     records[LOGITS] = {"in": [], "out": [logits.detach().cpu()]}
@@ -97,28 +96,8 @@ def split_records(records: dict, arch: ArchSpec, config, batch, logits: torch.Te
         for key, pieces in io.items():
             if not pieces:
                 continue
-            for i, t in enumerate(split_capture(arch, config, batch.requests, batch.lengths, l_max, name, pieces)):
+            for i, t in enumerate(module_rows_per_request(arch, config, batch.requests, batch.lengths, l_max, name, pieces)):
                 if t.shape[0]:  # a request without images has no tower / connector rows
                     out[i].setdefault(name, {})[key] = t
     return out
 
-
-def save_captures(captures: list[dict[str, dict[str, torch.Tensor]]], path: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    flat = {f"{i}/{name}/{k}": t.contiguous() for i, c in enumerate(captures) for name, io in c.items()
-            for k, t in io.items()}
-    save_file(flat, str(path))
-
-
-def load_captures(path: str | Path) -> list[dict[str, dict[str, torch.Tensor]]]:
-    from safetensors.torch import load_file
-
-    flat = load_file(str(path))
-    n = 1 + max(int(k.split("/", 1)[0]) for k in flat) if flat else 0
-    out: list[dict] = [{} for _ in range(n)]
-    for key, t in flat.items():
-        i, rest = key.split("/", 1)
-        name, k = rest.rsplit("/", 1)
-        out[int(i)].setdefault(name, {})[k] = t
-    return out

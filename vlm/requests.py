@@ -7,12 +7,12 @@ from a per-request seed so both sides see the very same tensors.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from harness.arch import ArchSpec, ImageGeometry
+from vlm.arch import ArchSpec, ImageGeometry
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,6 @@ class Batch:
     attention_mask: torch.Tensor
     pixel_inputs: dict
     lengths: list[int]
-    per_request_pixels: list[dict] = field(default_factory=list)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.pixel_inputs}
@@ -45,8 +44,7 @@ class Batch:
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         return Batch(self.requests, mv(self.input_ids), mv(self.attention_mask),
-                     {k: mv(v) for k, v in self.pixel_inputs.items()}, self.lengths,
-                     [{k: mv(v) for k, v in d.items()} for d in self.per_request_pixels])
+                     {k: mv(v) for k, v in self.pixel_inputs.items()}, self.lengths)
 
 
 def make_request(arch: ArchSpec, config, images: Sequence[ImageGeometry], adapter: str | None,
@@ -98,4 +96,4 @@ def build_batch(arch: ArchSpec, config, requests: Sequence[Request]) -> Batch:
             per_request.append({})
     with_images = [p for p in per_request if p]
     pixels = arch.collate_pixel_inputs(config, with_images) if with_images else {}
-    return Batch(list(requests), ids, mask, pixels, lengths, per_request)
+    return Batch(list(requests), ids, mask, pixels, lengths)

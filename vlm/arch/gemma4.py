@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.arch import register
-from harness.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
+from vlm.arch import register
+from vlm.arch.base import (
+    ArchSpec,
+    DrawInt,
+    ImageGeometry,
+    KernelSite,
+    TokenCounts,
+    decoder_lm_recipe,
+    require_int,
+)
 
 # Gemma4ImageProcessor.max_soft_tokens default (transformers 5.x)
 PROCESSOR_MAX_SOFT_TOKENS = 280
@@ -41,6 +49,12 @@ class Gemma4(ArchSpec):
         "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("patches",)
+
+    def kernel_sites(self) -> tuple[KernelSite, ...]:
+        rope_global = "transformers.models.gemma4.modeling_gemma4.apply_multidimensional_rope"
+        return (KernelSite("position_pool", "Gemma4VisionPooler", "forward", _pooler_forward),
+                # the vision attention looks the RoPE up as a module global: patched only during runtime forwards
+                KernelSite("rope_2d", None, rope_global, _rope_function))
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
@@ -121,7 +135,7 @@ class Gemma4(ArchSpec):
         return [{"vision_config.pooling_kernel_size": 1}]
 
     # ---------------------------------------------------------------- models and inputs
-    def tiny_config(self, seed_overrides=None):
+    def tiny_config(self):
         from transformers import Gemma4Config
 
         cfg = Gemma4Config(
@@ -181,6 +195,35 @@ class Gemma4(ArchSpec):
     def measure_points(self, model) -> dict[str, str]:
         return {"encoder": "model.vision_tower.encoder.layers.0",
                 "connector": "model.embed_vision.embedding_projection"}
+
+
+def _pooler_forward(position_pool):
+    """Drop-in for `Gemma4VisionPooler.forward` (called with hidden_states=, pixel_position_ids=,
+    padding_positions=, output_length=), pooling with the runtime's `position_pool` kernel. Returns
+    (fp32 [B, L, D] scaled by sqrt(hidden_size), valid mask [B, L] True = real), like HF. One deliberate
+    difference: when N == output_length HF skips pooling and returns `padding_positions` (True = padding)
+    where its caller expects True = valid; this returns the valid mask."""
+
+    def forward(self, hidden_states, pixel_position_ids, padding_positions, output_length=None):
+        n = hidden_states.shape[1]
+        if output_length is None or output_length > n:
+            raise ValueError(f"Cannot output {output_length} soft tokens from {n} patches")
+        if n == output_length:  # HF skips pooling here; keep its sequence order, but return True = valid
+            pooled, valid = hidden_states.masked_fill(padding_positions.unsqueeze(-1), 0.0), ~padding_positions
+        else:
+            k = int((n // output_length) ** 0.5)
+            if k * k * output_length != n:
+                raise ValueError(f"Cannot pool {tuple(hidden_states.shape)} to {output_length}: k={k}, k^2*L != {n}")
+            positions = pixel_position_ids.masked_fill(padding_positions.unsqueeze(-1), -1)
+            pooled, valid = position_pool(hidden_states, positions, k, output_length)
+        return pooled.float() * self.root_hidden_size, valid
+    return forward
+
+
+def _rope_function(rope_2d):
+    def apply_multidimensional_rope(x, cos, sin, position_ids, unsqueeze_dim: int = 2):
+        return rope_2d(x, cos, sin, position_ids, unsqueeze_dim=unsqueeze_dim)
+    return apply_multidimensional_rope
 
 
 register(Gemma4())

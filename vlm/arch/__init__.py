@@ -1,28 +1,15 @@
 """Architecture registry: HF `model_type` -> ArchSpec instance.
 
-Adding an architecture is one file in this folder plus one line in `_ARCH_MODULES`.
+Adding an architecture is one file in this folder: every module here except `base` is imported on first
+use, and each calls `register(...)` on its spec. Nothing else in the project branches on model type.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-from harness.arch.base import GROUPS, ArchSpec, ImageGeometry, TokenCounts, apply_overrides, parse_set
-
-_ARCH_MODULES = (
-    "llama4",
-    "gemma4",
-    "llava",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "internvl",
-    "gemma3",
-    "paligemma",
-    "llava_next",
-    "idefics3",
-    "mistral3",
-)
+from vlm.arch.base import GROUPS, ArchSpec, ImageGeometry, TokenCounts, apply_overrides, parse_set
 
 REGISTRY: dict[str, ArchSpec] = {}
 
@@ -35,8 +22,9 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 def _load() -> None:
-    for name in _ARCH_MODULES:
-        importlib.import_module(f"harness.arch.{name}")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def get_arch(model_type: str) -> ArchSpec:

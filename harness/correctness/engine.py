@@ -18,16 +18,24 @@ from pathlib import Path
 
 import torch
 
-from harness.arch import ArchSpec, get_arch
-from harness.checkpoint import build_tiny, check_device, load_checkpoint, parse_dtype, save_checkpoint
-from harness.compare import Row, compare_tensors, error_metrics, first_divergence, tolerance
-from harness.peft_io import read_adapter
-from harness.requests import Request, make_request
-from harness.split import BOUNDARY_GROUP, group_row_counts, split_rows
+from harness.correctness.compare import Row, compare_tensors, error_metrics, first_divergence, tolerance
+from harness.correctness.faults import get_fault
 from reference.adapters import add_adapters, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
 from runtime.mapping import MappingError
 from runtime.model import RuntimeModel
+from vlm.adapter_files import read_adapter
+from vlm.arch import ArchSpec, get_arch
+from vlm.checkpoint import (
+    build_tiny,
+    check_device,
+    load_checkpoint,
+    parse_dtype,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from vlm.requests import Request, make_request
+from vlm.rows import BOUNDARY_GROUP, group_row_counts, rows_per_request
 
 MODES = ("e2e", "replay")
 
@@ -131,10 +139,10 @@ def replay(arch, config, rt: RuntimeModel, reqs, ref, order, dtype, device, torc
             counts = group_row_counts(arch, config, reqs, group)
         module = rt.model.get_submodule(name)
         try:
-            rt.mapping = rt.make_mapping(reqs, lengths, l_max)
+            rt.mapping = rt.make_mapping(reqs, l_max)
             with torch.no_grad():
                 y = module(x.to(device)).cpu()
-            pieces = split_rows(y, group, counts, lengths, l_max, name)
+            pieces = rows_per_request(y, group, counts, lengths, l_max, name)
         except MappingError as e:
             for i in have:
                 rows.append(_row(arch, i, reqs[i], "replay", order.index(name), name, tol, dtype,
@@ -148,41 +156,43 @@ def replay(arch, config, rt: RuntimeModel, reqs, ref, order, dtype, device, torc
     return rows
 
 
-def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
-    from harness.faults import get_fault
+def check_fault(fault, model_type: str) -> None:
+    if fault is not None and not fault.applies_to(model_type):
+        raise ValueError(f"fault {fault.name!r} applies only to {', '.join(fault.archs())} (the archs that "
+                         f"substitute {fault.kernel}), not {model_type!r}")
 
-    t0 = time.time()
-    torch_dtype = parse_dtype(opts.dtype)
-    device = check_device(opts.device)
-    fault = get_fault(opts.fault) if opts.fault else None
-    if fault is not None and not fault.applies_to(arch_name if opts.model == "tiny" else
-                                                   get_arch_of_checkpoint(opts.model)):
-        raise ValueError(f"fault {fault.name!r} applies only to {', '.join(fault.archs)}, not {arch_name!r}")
-    # --- one set of weights for both sides, through the real loading code
-    if opts.model == "tiny":
-        arch = get_arch(arch_name)
-        _, model = build_tiny(arch, seed=opts.seed)
-        ckpt = save_checkpoint(model, workdir / arch_name / "ckpt")
-        del model
-    else:
-        ckpt = Path(opts.model)
+
+def _checkpoint(arch_name: str, opts: Options, workdir: Path) -> Path:
+    """One set of weights for both sides, through the real loading code (a tiny model is saved first)."""
+    if opts.model != "tiny":
+        return Path(opts.model)
+    _, model = build_tiny(get_arch(arch_name), seed=opts.seed)
+    return save_checkpoint(model, workdir / arch_name / "ckpt")
+
+
+def _reference_side(ckpt: Path, opts: Options, workdir: Path, torch_dtype, device):
+    """HF + PEFT: the adapters (given, or made from the recipes), the requests, and the per-request captures."""
     arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
     if opts.adapters:
         folders = {k: Path(v) for k, v in opts.adapters.items()}
         pm = load_adapters(ref_model, folders)
     else:
         specs = default_specs(opts.n_adapters)
-        if not specs:
-            pm, folders = None, {}
-        else:
-            pm = add_adapters(ref_model, arch, specs)
-            folders = save_adapters(pm, workdir / arch.model_type / "adapters")
+        pm = add_adapters(ref_model, arch, specs) if specs else None
+        folders = save_adapters(pm, workdir / arch.model_type / "adapters") if specs else {}
+    notes = [w for name, folder in folders.items()
+             for w in arch.check_targets(config, list(read_adapter(folder).modules), f"adapter {name!r}")]
+    for n in notes:
+        _log(f"  {arch.model_type}: note: {n}")
     reqs = default_requests(arch, config, list(folders))
     _log(f"  {arch.model_type}: reference ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
     if pm is None:
         pm = add_adapters(ref_model, arch, default_specs(1))  # hooks only: every request runs with none
     ref = run_reference(pm, arch, config, reqs, "single", device, torch_dtype).captures
-    del pm, ref_model
+    return arch, config, reqs, folders, ref, notes
+
+
+def _runtime_side(ckpt: Path, opts: Options, folders: dict, torch_dtype, device) -> RuntimeModel:
     adapters = {name: read_adapter(folder) for name, folder in folders.items()}
     ranks = [w.rank for a in adapters.values() for w in a.modules.values()] or [1]
     targets = {m for a in adapters.values() for m in a.modules}  # user adapters may go beyond the recipes
@@ -191,38 +201,35 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
                                       extra_targets=targets)
     for name, adapter in adapters.items():
         rt.load_adapter(name, adapter)
-    if fault is not None:
-        fault.apply(rt)
-    quant = None
-    if opts.quantize:
-        from harness.quantize import quantize_model, skip_violations, snapshot
+    return rt
 
-        before = snapshot(rt.model)
-        done = quantize_model(rt.model, arch, opts.quantize, opts.quantize_projector, opts.quant_honour_skips)
-        quant = {"scheme": opts.quantize, "projector_quantized": opts.quantize_projector,
-                 "quantized_modules": len(done),
-                 "violations": skip_violations(before, rt.model, arch, opts.quantize_projector)}
-        _log(f"  {arch.model_type}: {opts.quantize} on {len(done)} Linear layers"
-             f"{' (projector too)' if opts.quantize_projector else ''}")
-    order = _order(ref)
-    rows: list[Row] = []
+
+def _quantize(rt: RuntimeModel, arch: ArchSpec, opts: Options) -> dict:
+    from harness.correctness.quantize import quantize_model, skip_violations, snapshot
+
+    before = snapshot(rt.model)
+    done = quantize_model(rt.model, arch, opts.quantize, opts.quantize_projector, opts.quant_honour_skips)
+    _log(f"  {arch.model_type}: {opts.quantize} on {len(done)} Linear layers"
+         f"{' (projector too)' if opts.quantize_projector else ''}")
+    return {"scheme": opts.quantize, "projector_quantized": opts.quantize_projector, "quantized_modules": len(done),
+            "violations": skip_violations(before, rt.model, arch, opts.quantize_projector)}
+
+
+def _run_e2e(arch, rt, reqs, ref, order, dtype) -> list[Row]:
+    _log(f"  {arch.model_type}: runtime e2e")
+    try:
+        return compare_e2e(arch, reqs, ref, rt.run(reqs), order, dtype)
+    except MappingError as e:
+        name = _module_of_error(str(e), order[0])
+        tol = tolerance(dtype, "e2e")
+        rows = [_row(arch, i, r, "e2e", order.index(name) if name in order else 0, name, tol, dtype,
+                     error_metrics(), " ".join(str(e).split())) for i, r in enumerate(reqs) if name in ref[i]]
+        return rows or [_row(arch, 0, reqs[0], "e2e", 0, name, tol, dtype, error_metrics(), str(e))]
+
+
+def _summarize(arch, reqs, rows: list[Row], opts: Options) -> dict:
     summary: dict = {"arch": arch.model_type, "requests": [{"adapter": r.adapter, "images": len(r.images),
                                                              "tokens": len(r.prompt_ids)} for r in reqs]}
-    if "e2e" in opts.modes:
-        _log(f"  {arch.model_type}: runtime e2e")
-        try:
-            got = rt.run(reqs)
-            rows += compare_e2e(arch, reqs, ref, got, order, opts.dtype)
-        except MappingError as e:
-            name = _module_of_error(str(e), order[0])
-            tol = tolerance(opts.dtype, "e2e")
-            rows += [_row(arch, i, r, "e2e", order.index(name) if name in order else 0, name, tol, opts.dtype,
-                          error_metrics(), " ".join(str(e).split())) for i, r in enumerate(reqs)
-                     if name in ref[i]] or [_row(arch, 0, reqs[0], "e2e", 0, name, tol, opts.dtype,
-                                                 error_metrics(), str(e))]
-    if "replay" in opts.modes:
-        _log(f"  {arch.model_type}: replay of {len(rt.lora_names)} LoRA modules")
-        rows += replay(arch, config, rt, reqs, ref, order, opts.dtype, device, torch_dtype)
     for mode in opts.modes:
         first = first_divergence([r for r in rows if r.mode == mode])
         summary.setdefault("first_divergence", {})[mode] = None if first is None else {
@@ -235,16 +242,42 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
             worst[key] = max(worst.get(key, 0.0), r.metrics.max_abs)
     summary["max_abs_by_group"] = worst
     summary["ok"] = all(r.metrics.ok for r in rows)
+    return summary
+
+
+def _judge_quantized(summary: dict, rows: list[Row], quant: dict, opts: Options) -> None:
+    """Quantization drifts by design in the groups it touched: the report shows that drift per group.
+    Everything else must still hold: unquantized groups within tolerance, no errors, no NaN, and the
+    registry's skip list honoured."""
+    drifting = {"language_model"} | ({"connector"} if opts.quantize_projector else set())
+    broken = [r for r in rows if not r.metrics.ok and (r.metrics.status != "mismatch" or r.group not in drifting)]
+    quant["unexpected_failures"] = len(broken)
+    summary["quantization"] = quant
+    summary["ok"] = not quant["violations"] and not broken
+
+
+def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
+    t0 = time.time()
+    torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
+    fault = get_fault(opts.fault) if opts.fault else None
+    check_fault(fault, arch_name if opts.model == "tiny" else read_checkpoint_config(opts.model)[0].model_type)
+    ckpt = _checkpoint(arch_name, opts, workdir)
+    arch, config, reqs, folders, ref, notes = _reference_side(ckpt, opts, workdir, torch_dtype, device)
+    rt = _runtime_side(ckpt, opts, folders, torch_dtype, device)
+    if fault is not None:
+        fault.apply(rt)
+    quant = _quantize(rt, arch, opts) if opts.quantize else None
+    order = _order(ref)
+    rows: list[Row] = []
+    if "e2e" in opts.modes:
+        rows += _run_e2e(arch, rt, reqs, ref, order, opts.dtype)
+    if "replay" in opts.modes:
+        _log(f"  {arch.model_type}: replay of {len(rt.lora_names)} LoRA modules")
+        rows += replay(arch, config, rt, reqs, ref, order, opts.dtype, device, torch_dtype)
+    summary = _summarize(arch, reqs, rows, opts)
+    summary["notes"] = notes
     if quant is not None:
-        # quantization drifts by design in the groups it touched: the report shows that drift per group.
-        # Everything else must still hold: unquantized groups within tolerance, no errors, no NaN, and
-        # the registry's skip list honoured.
-        drifting = {"language_model"} | ({"connector"} if opts.quantize_projector else set())
-        broken = [r for r in rows if not r.metrics.ok
-                  and (r.metrics.status != "mismatch" or r.group not in drifting)]
-        quant["unexpected_failures"] = len(broken)
-        summary["quantization"] = quant
-        summary["ok"] = not quant["violations"] and not broken
+        _judge_quantized(summary, rows, quant, opts)
     if fault is not None:
         expected = fault.expected_first(rt, order)
         got_first = (summary["first_divergence"].get(fault.mode) or {}).get("module")
@@ -253,12 +286,6 @@ def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
     summary["seconds"] = round(time.time() - t0, 2)
     _log(f"  {arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(arch.model_type, rows, summary)
-
-
-def get_arch_of_checkpoint(folder: str) -> str:
-    from harness.checkpoint import read_checkpoint_config
-
-    return read_checkpoint_config(folder)[0].model_type
 
 
 def run(opts: Options) -> list[ArchResult]:

@@ -1,0 +1,59 @@
+"""What a bench case is: for one point (its params) and one provider, a zero-argument callable to time and
+the `Work` it does (rows, images, bytes, flops: the inputs of the derived metrics). Inputs are built
+outside the timed call."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+class Unavailable(Exception):
+    """The provider cannot run here (not installed, not implemented); recorded as status unavailable."""
+
+
+@dataclass(frozen=True)
+class Work:
+    tokens: float
+    images: float = 0.0
+    nbytes: float = 0.0
+    flops: float = 0.0
+
+
+Build = Callable[[dict, str, torch.device], tuple[Callable[[], object], Work]]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str                      # "kernel" | "e2e"
+    providers: tuple[str, ...]
+    x: str                         # the parameter plots put on the x axis
+    build: Build
+    has_flops: bool = True
+
+    def metrics(self, cuda: bool, profile: bool) -> tuple[str, ...]:
+        """Metric rows an ok point writes; `sweep.derive` computes each."""
+        if self.kind == "e2e":
+            out = ["latency_ms", "images_per_s", "tokens_per_s"]
+        else:
+            out = ["latency_ms", "tokens_per_s", "gbps"] + (["tflops"] if self.has_flops else [])
+            if profile:
+                out.append("pct_roofline")
+        if cuda:
+            out.append("peak_mem_mib")
+        return tuple(out)
+
+
+def vllm_unavailable() -> str | None:
+    """Why vLLM cannot be used here, or None when `import vllm` works."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (import vllm fails)"
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure to import means unavailable
+        return f"import vllm failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return None

@@ -129,7 +129,10 @@ def register(sub) -> None:
     c.add_argument("--device", default="cpu", help="cpu | cuda")
     c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"])
     c.add_argument("--inject-fault", help="a seeded fault from `mmlora faults`")
-    c.add_argument("--kernel", default="triton", choices=["triton", "torch"], help="runtime LoRA provider")
+    from runtime.model import PROVIDERS
+
+    c.add_argument("--kernel", default="triton", choices=sorted(PROVIDERS),
+                   help="the runtime's LoRA provider: " + ", ".join(sorted(PROVIDERS)))
     c.add_argument("--quantize", choices=["lm-int8"], help="weight-only int8 on the runtime's LM Linears "
                    "(registry skip list honoured); reports drift per group, fails only on a skip violation")
     c.add_argument("--quantize-projector", action="store_true", help="with --quantize: quantize the connector too")

@@ -10,49 +10,12 @@ import json
 import sys
 from collections.abc import Sequence
 
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit code 2."""
+from harness.geometry_flags import UsageError, add_geometry_flags, geometry_from_args
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message over several lines; we want one
         raise UsageError(f"{self.prog}: {message}")
-
-
-def _ints(text: str, sep: str, n: int, flag: str) -> tuple[int, ...]:
-    parts = text.lower().split(sep)
-    try:
-        vals = tuple(int(p) for p in parts)
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected {n} integers separated by {sep!r}") from None
-    if len(vals) != n:
-        raise UsageError(f"{flag} {text!r}: expected {n} integers separated by {sep!r}")
-    return vals
-
-
-def geometry_from_args(args) -> dict:
-    geom = {}
-    if args.tiles is not None:
-        geom["tiles"] = args.tiles
-    if args.grid is not None:
-        geom["grid"] = _ints(args.grid, ",", 3, "--grid")
-    if args.patches is not None:
-        geom["patches"] = _ints(args.patches, "x", 2, "--patches")
-    if args.image_size is not None:
-        geom["size"] = _ints(args.image_size, "x", 2, "--image-size")
-    if args.split is not None:
-        geom["split"] = _ints(args.split, "x", 2, "--split")
-    return geom
-
-
-def add_geometry_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image geometry (after preprocessing); each arch takes the flags `mmlora archs` lists")
-    g.add_argument("--tiles", type=int, help="tiled towers (llama4, internvl, llava_next): tiles of S x S")
-    g.add_argument("--grid", help="qwen-style T,H,W in patches (image_grid_thw)")
-    g.add_argument("--patches", help="gemma4 real patch grid HpxWp")
-    g.add_argument("--image-size", help="pixel size HxW for any-resolution towers (mistral3)")
-    g.add_argument("--split", help="idefics3/smolvlm sub-image grid ROWSxCOLS (0x0: global image only)")
 
 
 def parse_sets(items: Sequence[str] | None) -> dict:

@@ -110,5 +110,5 @@ def esc(x) -> str:
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} td.l,th.l{{text-align:left}}
-tr.bad{{background:#fde2e2}} tr.first{{background:#f8b4b4;font-weight:bold}} .ok{{color:#0a7a2f}}
+tr.bad{{background:#fde2e2}} td.badcell{{background:#fde2e2}} tr.first{{background:#f8b4b4;font-weight:bold}} .ok{{color:#0a7a2f}}
 .fail{{color:#b00020}} details{{margin:.5em 0}} img{{max-width:100%}}</style></head><body>{body}</body></html>"""

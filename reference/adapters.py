@@ -1,11 +1,14 @@
 """PEFT LoRA adapters from the registry's recipes: created with non-zero B, saved and loaded as PEFT does.
 
 PEFT's default init makes B zero, so every adapter would equal the base model and every comparison would
-pass trivially: we draw A and B from a seeded normal instead.
+pass trivially: we draw A and B from a seeded normal instead, then `calibrate` scales B module by module so
+the LoRA delta is a realistic fraction of the base output (trained adapters: a few percent to a few tens of
+percent), not a multiple of it: with an O(1) delta any LoRA bug is an O(1) error and detection looks easy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +77,34 @@ def randomize(peft_model, name: str, seed: int) -> None:
             A, B = mod.lora_A[name].weight, mod.lora_B[name].weight
             A.copy_(torch.randn(A.shape, generator=g) / math.sqrt(A.shape[1]))
             B.copy_(torch.randn(B.shape, generator=g) / (4 * math.sqrt(B.shape[1])))
+
+
+@torch.no_grad()
+def calibrate(peft_model, arch: ArchSpec, config, requests, target: float, device="cpu", dtype=None) -> None:
+    """Scale every adapter's B, module by module, so rms(delta) / rms(base output) = `target` on the inputs
+    these requests give each module in a base-model forward (no adapter active)."""
+    from peft.tuners.lora import LoraLayer
+
+    from reference.run import BASE_PREFIX, run_reference
+
+    if target <= 0:
+        raise ValueError(f"--adapter-scale {target}: must be > 0")
+    base_reqs = [dataclasses.replace(r, adapter=None) for r in requests]
+    caps = run_reference(peft_model, arch, config, base_reqs, "single", device, dtype).captures
+    for name, mod in peft_model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        key = name.removeprefix(BASE_PREFIX)
+        ins = [c[key]["in"] for c in caps if key in c and "in" in c[key]]
+        if not ins:
+            continue  # a module no request reaches (e.g. an unused layer): left as drawn
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in ins]).float().to(mod.get_base_layer().weight.device)
+        base_rms = mod.get_base_layer()(x.to(mod.get_base_layer().weight.dtype)).float().pow(2).mean().sqrt()
+        for adapter in mod.lora_A:
+            A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+            delta_rms = ((x @ A.float().T) @ B.float().T * mod.scaling[adapter]).pow(2).mean().sqrt()
+            if delta_rms > 0 and base_rms > 0:
+                B.mul_((target * base_rms / delta_rms).to(B.dtype))
 
 
 def add_adapters(model: torch.nn.Module, arch: ArchSpec, specs: Sequence[AdapterSpec]):

@@ -51,6 +51,21 @@ def _adapter_ctx(peft_model, adapter: str | None):
     return contextlib.nullcontext()
 
 
+@torch.no_grad()
+def module_outputs(peft_model, name: str, x: torch.Tensor, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA-carrying module of the PEFT model on input `x` with `adapter` active (None: no adapter):
+    (its output, its base Linear's output). Replay's truth and every LoRA delta come from here."""
+    module = peft_model.get_submodule(BASE_PREFIX + name)
+    with _adapter_ctx(peft_model, adapter):
+        return module(x), module.get_base_layer()(x)
+
+
+@torch.no_grad()
+def base_output(peft_model, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The base Linear of a LoRA-carrying module on input `x` (no adapter)."""
+    return peft_model.get_submodule(BASE_PREFIX + name).get_base_layer()(x)
+
+
 def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str], extra: dict) -> Captures:
     rec = Recorder(peft_model, names, arch, prefix=BASE_PREFIX)
     rec.set_image_positions(batch.input_ids == arch.image_token_id(config))
@@ -63,7 +78,17 @@ def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str],
 
 
 def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request], mode: str = "single",
-                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ReferenceRun:
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  compute_dtype: torch.dtype | None = None) -> ReferenceRun:
+    """Captures of every LoRA module and boundary per request. Pixel inputs are rounded to `dtype` (the run
+    dtype, as a serving engine feeds them); with `compute_dtype` (the high-precision truth) they are then
+    upcast, so the truth sees exactly the inputs the run sees."""
+    if compute_dtype is not None:
+        def to(batch: Batch, device, dtype=dtype) -> Batch:
+            return batch.to(device, dtype).to(device, compute_dtype)
+    else:
+        def to(batch: Batch, device, dtype=dtype) -> Batch:
+            return batch.to(device, dtype)
     if mode not in MODES:
         raise ValueError(f"unknown reference mode {mode!r}; expected one of {MODES}")
     if not requests:
@@ -73,7 +98,7 @@ def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request
         caps: Captures = []
         for r in requests:
             with _adapter_ctx(peft_model, r.adapter):
-                caps += _forward(peft_model, arch, config, build_batch(arch, config, [r]).to(device, dtype), names, {})
+                caps += _forward(peft_model, arch, config, to(build_batch(arch, config, [r]), device), names, {})
         return ReferenceRun(caps, names)
     if mode == "grouped":
         caps = [None] * len(requests)
@@ -81,12 +106,12 @@ def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request
         for i, r in enumerate(requests):
             order.setdefault(r.adapter, []).append(i)
         for adapter, idx in order.items():
-            batch = build_batch(arch, config, [requests[i] for i in idx]).to(device, dtype)
+            batch = to(build_batch(arch, config, [requests[i] for i in idx]), device)
             with _adapter_ctx(peft_model, adapter):
                 for i, c in zip(idx, _forward(peft_model, arch, config, batch, names, {})):
                     caps[i] = c
         return ReferenceRun(caps, names)
-    batch = build_batch(arch, config, requests).to(device, dtype)
+    batch = to(build_batch(arch, config, requests), device)
     for r in requests:
         if r.adapter is not None and r.adapter not in peft_model.peft_config:
             raise ValueError(f"request asks for adapter {r.adapter!r}, which is not loaded")

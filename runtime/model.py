@@ -96,8 +96,10 @@ class RuntimeModel:
             holder = model.get_submodule(parent) if parent else model
             setattr(holder, child, LoRALinear(getattr(holder, child), n, arch.group_of(n), self))
         self.device, self.dtype = p.device, p.dtype
-        # vision kernels (the sites the arch file declares) replace HF's code
+        # vision kernels (the sites the arch file declares) replace HF's code, and the HF glue around them
+        # that is wrong on valid inputs is corrected as the arch file states
         self.kernel_sites = install(arch, model, lambda: self.hooks) if substitute else []
+        self.fixes = arch.install_fixes(model, runtime=True)
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kw):

@@ -38,6 +38,7 @@ def build_tiny(arch: ArchSpec | str, overrides: dict | None = None, seed: int = 
     cfg = apply_overrides(arch.tiny_config(), overrides or {})
     torch.manual_seed(seed)
     model = arch.model_class()(cfg).eval()
+    arch.randomize_tiny(model)
     return cfg, model
 
 

@@ -1,113 +1,185 @@
-"""Per-module comparison of runtime captures against reference captures, and the tolerance policy.
+"""Per-module comparison of the runtime against the reference and the high-precision truth.
 
-Tolerances live here, beside their dtype, once. An element mismatches when |got - ref| > atol + rtol*|ref|
-(torch.testing's rule); a module is within tolerance when no element mismatches and both are finite.
+Every compared tensor is [rows, features] for one request. `judge` applies the rule of `rules.py` to the
+output and, for a LoRA module, to its delta (output minus the base Linear's output on the same input, so a
+delta that is 5% of the output is still checked to a fraction of itself), and names the first row whose
+error breaks the bound. Figures against the reference itself (max abs, cosine) are kept for reading.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-    why: str
+from harness.correctness.rules import Rule
 
 
-# replay: one module fed the reference's own input, so only that module's rounding shows.
-# e2e: each side feeds itself, so rounding compounds over the layers of a tiny model (2-4 layers per group).
-TOLERANCES: dict[tuple[str, str], Tolerance] = {
-    ("fp32", "replay"): Tolerance(1e-5, 1e-4, "fp32 matmul order differences are ~1e-7 relative on O(1) "
-                                  "activations; the folded alpha/r scale adds one rounding"),
-    ("fp32", "e2e"): Tolerance(1e-4, 1e-4, "fp32 rounding compounded over a few layers stays ~1e-6; a real "
-                               "fault moves outputs by >= 1e-2 (adapters change activations by ~10%)"),
-    ("fp16", "replay"): Tolerance(1e-2, 1e-2, "fp16 has 11-bit mantissa (~5e-4 relative); a GEMM of depth "
-                                  "H sums H roundings; vLLM uses 6e-2 on U[0,1) data, we stay tighter"),
-    ("fp16", "e2e"): Tolerance(3e-2, 3e-2, "fp16 rounding compounds over layers"),
-    ("bf16", "replay"): Tolerance(6e-2, 6e-2, "bf16 has 8-bit mantissa (~4e-3 relative); vLLM's LoRA kernel "
-                                  "tests use rtol = atol = 6e-2 for bf16"),
-    ("bf16", "e2e"): Tolerance(1e-1, 1e-1, "bf16 rounding compounds over layers; still below a 10% LoRA effect "
-                               "only for shallow models, so the verdict leans on replay"),
-}
+@dataclass
+class Check:
+    """One statistic pair of one tensor against the truth."""
+
+    err: float        # runtime max |got - truth|
+    ref_err: float    # reference max |ref - truth|
+    rms: float        # runtime rms error
+    ref_rms: float    # reference rms error
+    scale: float      # max |truth|
+    bound: float      # k_max * ref_err + floor_max * scale
+    rms_bound: float  # k_rms * ref_rms + floor_rms * rms |truth|
+    first_bad: int    # first row breaking a bound, -1 if none
+
+    @property
+    def ratio(self) -> float:
+        """The runtime's max error over the reference's own (both against the truth)."""
+        return _over(self.err, self.ref_err)
+
+    @property
+    def margin(self) -> float:
+        """Error over bound, the worse of the two statistics: > 1 fails."""
+        return max(_over(self.err, self.bound), _over(self.rms, self.rms_bound))
+
+    @property
+    def ok(self) -> bool:
+        return self.margin <= 1.0
 
 
-def tolerance(dtype: str, mode: str) -> Tolerance:
-    try:
-        return TOLERANCES[(dtype, mode)]
-    except KeyError:
-        raise ValueError(f"no tolerance for dtype={dtype!r} mode={mode!r}") from None
+def _over(err: float, bound: float) -> float:
+    if bound > 0:
+        return err / bound
+    return 0.0 if err == 0 else float("inf")
+
+
+def _sizes(t: torch.Tensor) -> tuple[float, float]:
+    """(max |t|, rms |t|)."""
+    if not t.numel():
+        return 0.0, 0.0
+    return float(t.abs().max()), float(t.pow(2).mean()) ** 0.5
+
+
+def check(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rule: Rule,
+          floor_of: tuple[float, float] | None = None) -> Check:
+    """`floor_of`: the (max, rms) size the floor is taken of; the truth's own by default. A delta takes the
+    output's: it is the difference of two quantities each resolved only to the output's precision."""
+    g, r, t = got.double(), ref.double(), truth.double()
+    e_got, e_ref = (g - t).abs(), (r - t).abs()
+    scale, t_rms = _sizes(t)
+    f_max, f_rms = floor_of or (scale, t_rms)
+    (err, rms), (ref_err, ref_rms) = _sizes(e_got), _sizes(e_ref)
+    bound = rule.k_max * ref_err + rule.floor_max * f_max
+    rms_bound = rule.k_rms * ref_rms + rule.floor_rms * f_rms
+    first_bad = -1
+    if e_got.numel() and (err > bound or rms > rms_bound):
+        rows_got = e_got.reshape(e_got.shape[0], -1) if e_got.dim() else e_got.reshape(1, 1)
+        rows_ref = e_ref.reshape(rows_got.shape)
+        over = (rows_got.max(dim=1).values > bound).nonzero()
+        if over.numel():  # the first row holding an element past the max bound
+            first_bad = int(over[0])
+        else:  # a spread fault (only the rms fails): the row whose error most exceeds the reference's there
+            rms_row = lambda e: e.pow(2).mean(dim=1).sqrt()  # noqa: E731
+            first_bad = int((rms_row(rows_got) / (rms_row(rows_ref) + rule.floor_rms * f_rms + 1e-300)).argmax())
+    return Check(err, ref_err, rms, ref_rms, scale, bound, rms_bound, first_bad)
 
 
 @dataclass
 class Metrics:
-    max_abs: float
-    max_rel: float
-    mismatch_frac: float
-    cosine: float
-    ref_norm: float
-    nonfinite_ref: int
-    nonfinite_got: int
-    shape_ok: bool
-    ok: bool
     status: str  # ok | mismatch | nonfinite | shape | error
+    out: Check | None = None
+    delta: Check | None = None
+    max_abs: float = float("nan")  # against the reference (for reading; the verdict uses the truth)
+    cosine: float = float("nan")
+    ref_norm: float = float("nan")
+    nonfinite_ref: int = 0
+    nonfinite_got: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def margin(self) -> float:
+        """Error over bound (> 1 fails); infinite for a tensor that could not be judged (error, NaN, shape)."""
+        if self.status in ("error", "nonfinite", "shape"):
+            return float("inf")
+        ms = [c.margin for c in (self.out, self.delta) if c is not None]
+        return max(ms) if ms else float("nan")
+
+    @property
+    def first_bad(self) -> int:
+        for c in (self.out, self.delta):
+            if c is not None and not c.ok:
+                return c.first_bad
+        return -1
 
 
-def compare_tensors(ref: torch.Tensor, got: torch.Tensor, tol: Tolerance) -> Metrics:
-    if ref.shape != got.shape:
-        return Metrics(float("nan"), float("nan"), 1.0, float("nan"), float(ref.float().norm()), 0, 0,
-                       False, False, "shape")
-    r, g = ref.double(), got.double()
-    nf_r = int((~torch.isfinite(r)).sum())
-    nf_g = int((~torch.isfinite(g)).sum())
-    if nf_r or nf_g:
+def judge(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rule: Rule,
+          bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Metrics:
+    """Compare one [rows, F] tensor; `bases` = the base Linear's output on (got's, ref's, truth's) inputs."""
+    if got.shape != ref.shape or truth.shape != ref.shape:
+        return Metrics("shape", ref_norm=float(ref.float().norm()))
+    nf_r, nf_g = int((~torch.isfinite(ref)).sum()), int((~torch.isfinite(got)).sum())
+    if nf_r or nf_g or not bool(torch.isfinite(truth).all()):
         # NaN/Inf is reported as such, never as a tolerance failure with a NaN error figure
-        return Metrics(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), nf_r, nf_g,
-                       True, False, "nonfinite")
-    diff = (g - r).abs()
-    bound = tol.atol + tol.rtol * r.abs()
-    mism = float((diff > bound).double().mean()) if diff.numel() else 0.0
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    max_rel = float((diff / r.abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0
+        return Metrics("nonfinite", nonfinite_ref=nf_r, nonfinite_got=nf_g)
+    out = check(got, ref, truth, rule)
+    delta = None
+    if bases is not None:
+        bg, br, bt = (b.double() for b in bases)
+        delta = check(got.double() - bg, ref.double() - br, truth.double() - bt, rule, _sizes(truth.double()))
+    r, g = ref.double(), got.double()
     rn, gn = r.norm(), g.norm()
     cos = float((r.flatten() @ g.flatten()) / (rn * gn)) if rn > 0 and gn > 0 else float(rn == gn)
-    ok = mism == 0.0
-    return Metrics(max_abs, max_rel, mism, cos, float(rn), 0, 0, True, ok, "ok" if ok else "mismatch")
+    ok = out.ok and (delta is None or delta.ok)
+    return Metrics("ok" if ok else "mismatch", out, delta, float((g - r).abs().max()) if g.numel() else 0.0,
+                   cos, float(rn))
 
 
 def error_metrics() -> Metrics:
-    """A module that could not be compared (mapping error, missing capture): the row's detail says why."""
-    return Metrics(float("nan"), float("nan"), 1.0, float("nan"), float("nan"), 0, 0, True, False, "error")
+    """A module that could not be compared (mapping error, runtime exception, missing capture): the row's
+    detail says why."""
+    return Metrics("error")
 
 
 @dataclass
 class Row:
     arch: str
+    mode: str
     request: int
     adapter: str
-    mode: str
     order: int
     module: str
     group: str
     kind: str  # lora | boundary
     dtype: str
-    atol: float
-    rtol: float
+    rule: Rule
     metrics: Metrics
     detail: str = ""
+    # where the first failing row lies: its index in the request's rows, and the image it belongs to
+    # (tower / connector rows), -1 when none or not applicable
+    bad_row: int = -1
+    bad_image: int = -1
+    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "metrics"}
-        d.update(asdict(self.metrics))
+        m = self.metrics
+        d = {"arch": self.arch, "mode": self.mode, "request": self.request, "adapter": self.adapter,
+             "order": self.order, "module": self.module, "group": self.group, "kind": self.kind, "dtype": self.dtype,
+             "status": m.status, "ok": m.ok, "margin": m.margin, "bad_row": self.bad_row,
+             "bad_image": self.bad_image, "k_max": self.rule.k_max, "k_rms": self.rule.k_rms,
+             "floor_max": self.rule.floor_max, "floor_rms": self.rule.floor_rms, "max_abs": m.max_abs, "cosine": m.cosine, "ref_norm": m.ref_norm,
+             "nonfinite_ref": m.nonfinite_ref, "nonfinite_got": m.nonfinite_got, "detail": self.detail}
+        for prefix, c in (("", m.out), ("delta_", m.delta)):
+            for k, v in (asdict(c) if c is not None else {}).items():
+                d[f"{prefix}{k}"] = v
+            if c is not None:
+                d[f"{prefix}ratio"] = c.ratio
         return d
 
 
-CSV_COLUMNS = ["arch", "mode", "request", "adapter", "order", "module", "group", "kind", "dtype", "status",
-               "ok", "max_abs", "max_rel", "mismatch_frac", "cosine", "ref_norm", "nonfinite_ref",
-               "nonfinite_got", "shape_ok", "atol", "rtol", "detail"]
+_CHECK_FIELDS = ["err", "ref_err", "ratio", "bound", "rms", "ref_rms", "rms_bound", "scale", "first_bad"]
+CSV_COLUMNS = (["arch", "mode", "request", "adapter", "order", "module", "group", "kind", "dtype", "status", "ok",
+                "margin", "bad_row", "bad_image"] + _CHECK_FIELDS + [f"delta_{f}" for f in _CHECK_FIELDS]
+               + ["k_max", "k_rms", "floor_max", "floor_rms", "max_abs", "cosine", "ref_norm", "nonfinite_ref", "nonfinite_got",
+                  "detail"])
 
 
 def first_divergence(rows: list[Row]) -> Row | None:

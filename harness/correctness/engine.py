@@ -1,14 +1,14 @@
-"""The correctness engine: reference (HF + PEFT, each request alone) vs runtime (one mixed batch), every
-LoRA module and group boundary, per request, in two modes:
+"""The correctness engine: reference (HF + PEFT, each request alone) and its high-precision truth vs the
+runtime (one mixed batch), every LoRA module and group boundary, per request, in two modes (modes.py).
 
-  e2e     each side feeds itself: shows drift through the model
-  replay  each runtime LoRA module is fed the reference's recorded inputs for the whole batch (with the
-          runtime's own batch mapping), so the first faulty module is named exactly
+`prepare` does everything that does not depend on the runtime (checkpoint, adapters, requests, reference and
+truth runs, adapter ratios) once per arch; `judge` builds a runtime, applies a fault if asked, and compares.
+The detection-power table (`mmlora faults --power`) judges many faults against one prepared reference.
 """
 
 from __future__ import annotations
 
-import re
+import itertools
 import sys
 import tempfile
 import time
@@ -18,14 +18,16 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness.compare import Row, compare_tensors, error_metrics, first_divergence, tolerance
-from harness.correctness.faults import get_fault
-from reference.adapters import add_adapters, default_specs, load_adapters, save_adapters
+from harness.correctness import modes
+from harness.correctness.compare import Row, first_divergence
+from harness.correctness.faults import Fault, get_fault
+from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
+from harness.correctness.truth import adapter_ratios, run_truth, trivial_warnings, truth_dtype, truth_model
+from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
-from runtime.mapping import MappingError
 from runtime.model import RuntimeModel
-from vlm.adapter_files import read_adapter
-from vlm.arch import ArchSpec, get_arch
+from vlm.adapter_files import AdapterFile, read_adapter
+from vlm.arch import ArchSpec, ImageGeometry, get_arch
 from vlm.checkpoint import (
     build_tiny,
     check_device,
@@ -35,7 +37,6 @@ from vlm.checkpoint import (
     save_checkpoint,
 )
 from vlm.requests import Request, make_request
-from vlm.rows import BOUNDARY_GROUP, group_row_counts, rows_per_request
 
 MODES = ("e2e", "replay")
 
@@ -46,6 +47,7 @@ class Options:
     model: str = "tiny"
     adapters: dict[str, str] = field(default_factory=dict)
     n_adapters: int = 3
+    adapter_scale: float = DEFAULT_ADAPTER_SCALE  # generated adapters: rms(delta) / rms(base output)
     dtype: str = "fp32"
     device: str = "cpu"
     modes: Sequence[str] = MODES
@@ -55,6 +57,7 @@ class Options:
     quantize: str | None = None  # "lm-int8": weight-only int8 of the runtime's LM Linears
     quantize_projector: bool = False  # also quantize the connector (against the registry's skip list)
     quant_honour_skips: bool = True  # False only in tests: a quantizer that ignores the skip list
+    geometries: Sequence[ImageGeometry] = ()  # the batch's image geometries in turn (default: the arch's mix)
 
 
 @dataclass
@@ -64,16 +67,46 @@ class ArchResult:
     summary: dict
 
 
+@dataclass
+class Prepared:
+    """Everything the comparison needs that does not depend on the runtime under test."""
+
+    arch: ArchSpec
+    config: object
+    ckpt: Path
+    dtype: str
+    torch_dtype: torch.dtype
+    truth_dtype: torch.dtype
+    device: torch.device
+    reqs: list[Request]
+    adapters: dict[str, AdapterFile]
+    ref_pm: object  # the reference PeftModel at the run dtype
+    truth_pm: object  # the same at high precision
+    ref: list  # captures per request, run dtype
+    truth: list  # captures per request, high precision
+    order: list[str]
+    notes: list[str]  # targets the arch flags (the run goes on)
+    ratios: dict[str, dict[str, float]]  # adapter -> group -> rms(delta) / rms(base)
+    warnings: list[str]  # adapters whose comparison is trivial
+    fixes: list[str]  # reference fixes in force (HF code replaced where it is wrong on valid inputs)
+    seconds: float = 0.0
+    # fault-independent values the comparisons reuse across judges (truth and base outputs per module)
+    cache: dict = field(default_factory=dict, repr=False)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def default_requests(arch: ArchSpec, config, adapter_names: Sequence[str]) -> list[Request]:
-    """One image per adapter, a no-adapter image, a two-image request, a text-only request."""
-    g = arch.default_geometry(config)
+def default_requests(arch: ArchSpec, config, adapter_names: Sequence[str],
+                     geometries: Sequence[ImageGeometry] | None = None) -> list[Request]:
+    """One image per adapter, a no-adapter image, a two-image request, a text-only request with an adapter and
+    one without. Images take the geometries in turn (the arch's mix by default: other sizes, tile counts,
+    grids per image), so a mapping that reuses one image's row count for another cannot pass."""
+    pick = itertools.cycle(list(geometries) if geometries else arch.mixed_geometries(config))
     names = list(adapter_names)
-    mix = [(n, [g]) for n in names] + [(None, [g])]
-    mix.append((names[-1] if names else None, [g, g]))
+    mix = [(n, [next(pick)]) for n in names] + [(None, [next(pick)])]
+    mix.append((names[-1] if names else None, [next(pick), next(pick)]))
     mix.append((names[0] if names else None, []))
     mix.append((None, []))
     return [make_request(arch, config, ims, a, seed=i) for i, (a, ims) in enumerate(mix)]
@@ -88,75 +121,7 @@ def _order(captures) -> list[str]:
     return order
 
 
-def _row(arch, i, req, mode, order, name, tol, dtype, metrics, detail=""):
-    group = BOUNDARY_GROUP.get(name) or arch.group_of(name)
-    return Row(arch.model_type, i, req.adapter or "-", mode, order, name, group,
-               "boundary" if name.startswith("@") else "lora", dtype, tol.atol, tol.rtol, metrics, detail)
-
-
-def _module_of_error(msg: str, fallback: str) -> str:
-    m = re.search(r"module '([^']+)'", msg)
-    return m.group(1) if m else fallback
-
-
-def compare_e2e(arch, reqs, ref, got, order, dtype) -> list[Row]:
-    tol = tolerance(dtype, "e2e")
-    rows = []
-    for i, req in enumerate(reqs):
-        for name in order:
-            if name not in ref[i]:
-                continue
-            if name not in got[i]:
-                rows.append(_row(arch, i, req, "e2e", order.index(name), name, tol, dtype,
-                                 error_metrics(), "runtime did not capture this module"))
-                continue
-            m = compare_tensors(ref[i][name]["out"], got[i][name]["out"], tol)
-            rows.append(_row(arch, i, req, "e2e", order.index(name), name, tol, dtype, m))
-    return rows
-
-
-def replay(arch, config, rt: RuntimeModel, reqs, ref, order, dtype, device, torch_dtype) -> list[Row]:
-    """Feed every runtime LoRA module the reference's inputs for the whole batch at once."""
-    tol = tolerance(dtype, "replay")
-    rows = []
-    lengths = [len(r.prompt_ids) for r in reqs]
-    l_max = max(lengths)
-    for name in order:
-        if name not in rt.tables.shapes:
-            continue
-        group = arch.group_of(name)
-        have = [i for i in range(len(reqs)) if name in ref[i] and "in" in ref[i][name]]
-        if not have:
-            continue
-        if group == "language_model":
-            d = ref[have[0]][name]["in"].shape[-1]
-            x = torch.zeros(len(reqs), l_max, d, dtype=torch_dtype)
-            for i in have:
-                x[i, : lengths[i]] = ref[i][name]["in"]
-            counts = None
-        else:
-            x = torch.cat([ref[i][name]["in"] for i in have])
-            counts = group_row_counts(arch, config, reqs, group)
-        module = rt.model.get_submodule(name)
-        try:
-            rt.mapping = rt.make_mapping(reqs, l_max)
-            with torch.no_grad():
-                y = module(x.to(device)).cpu()
-            pieces = rows_per_request(y, group, counts, lengths, l_max, name)
-        except MappingError as e:
-            for i in have:
-                rows.append(_row(arch, i, reqs[i], "replay", order.index(name), name, tol, dtype,
-                                 error_metrics(), " ".join(str(e).split())))
-            continue
-        finally:
-            rt.mapping = None
-        for i in have:
-            m = compare_tensors(ref[i][name]["out"], pieces[i], tol)
-            rows.append(_row(arch, i, reqs[i], "replay", order.index(name), name, tol, dtype, m))
-    return rows
-
-
-def check_fault(fault, model_type: str) -> None:
+def check_fault(fault: Fault | None, model_type: str) -> None:
     if fault is not None and not fault.applies_to(model_type):
         raise ValueError(f"fault {fault.name!r} applies only to {', '.join(fault.archs())} (the archs that "
                          f"substitute {fault.kernel}), not {model_type!r}")
@@ -170,36 +135,52 @@ def _checkpoint(arch_name: str, opts: Options, workdir: Path) -> Path:
     return save_checkpoint(model, workdir / arch_name / "ckpt")
 
 
-def _reference_side(ckpt: Path, opts: Options, workdir: Path, torch_dtype, device):
-    """HF + PEFT: the adapters (given, or made from the recipes), the requests, and the per-request captures."""
-    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
+def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, torch_dtype):
+    """The reference PeftModel with the adapters (given, or made from the recipes and calibrated)."""
     if opts.adapters:
         folders = {k: Path(v) for k, v in opts.adapters.items()}
-        pm = load_adapters(ref_model, folders)
-    else:
-        specs = default_specs(opts.n_adapters)
-        pm = add_adapters(ref_model, arch, specs) if specs else None
-        folders = save_adapters(pm, workdir / arch.model_type / "adapters") if specs else {}
-    notes = [w for name, folder in folders.items()
-             for w in arch.check_targets(config, list(read_adapter(folder).modules), f"adapter {name!r}")]
+        return load_adapters(ref_model, folders), folders
+    specs = default_specs(opts.n_adapters)
+    if not specs:
+        return add_adapters(ref_model, arch, default_specs(1)), {}  # hooks only: every request runs with none
+    pm = add_adapters(ref_model, arch, specs)
+    calibrate(pm, arch, config, default_requests(arch, config, [s.name for s in specs], opts.geometries),
+              opts.adapter_scale, device, torch_dtype)
+    return pm, save_adapters(pm, workdir / arch.model_type / "adapters")
+
+
+def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
+    t0 = time.time()
+    torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
+    ckpt = _checkpoint(arch_name, opts, workdir)
+    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
+    fixes = arch.install_fixes(ref_model)
+    pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)
+    adapters = {name: read_adapter(folder) for name, folder in folders.items()}
+    notes = [w for name, a in adapters.items() for w in arch.check_targets(config, list(a.modules), f"adapter {name!r}")]
     for n in notes:
         _log(f"  {arch.model_type}: note: {n}")
-    reqs = default_requests(arch, config, list(folders))
-    _log(f"  {arch.model_type}: reference ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
-    if pm is None:
-        pm = add_adapters(ref_model, arch, default_specs(1))  # hooks only: every request runs with none
+    reqs = default_requests(arch, config, list(folders), opts.geometries)
+    _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
     ref = run_reference(pm, arch, config, reqs, "single", device, torch_dtype).captures
-    return arch, config, reqs, folders, ref, notes
+    tpm = truth_model(ckpt, torch_dtype, device, folders)
+    truth = run_truth(tpm, arch, config, reqs, device, torch_dtype)
+    targets = {name: set(a.modules) for name, a in adapters.items()}
+    ratios = adapter_ratios(tpm, arch, reqs, truth, targets)
+    warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
+    for w in warnings:
+        _log(f"  {arch.model_type}: WARNING: {w}")
+    return Prepared(arch, config, ckpt, opts.dtype, torch_dtype, truth_dtype(device), device, reqs, adapters, pm,
+                    tpm, ref, truth, _order(ref), notes, ratios, warnings, fixes, round(time.time() - t0, 2))
 
 
-def _runtime_side(ckpt: Path, opts: Options, folders: dict, torch_dtype, device) -> RuntimeModel:
-    adapters = {name: read_adapter(folder) for name, folder in folders.items()}
-    ranks = [w.rank for a in adapters.values() for w in a.modules.values()] or [1]
-    targets = {m for a in adapters.values() for m in a.modules}  # user adapters may go beyond the recipes
-    rt = RuntimeModel.from_checkpoint(ckpt, dtype=torch_dtype, device=device, kernel=opts.kernel,
-                                      max_slots=max(8, len(folders)), r_max=max(16, *ranks),
+def _runtime(p: Prepared, opts: Options) -> RuntimeModel:
+    ranks = [w.rank for a in p.adapters.values() for w in a.modules.values()] or [1]
+    targets = {m for a in p.adapters.values() for m in a.modules}  # user adapters may go beyond the recipes
+    rt = RuntimeModel.from_checkpoint(p.ckpt, dtype=p.torch_dtype, device=p.device, kernel=opts.kernel,
+                                      max_slots=max(8, len(p.adapters)), r_max=max(16, *ranks),
                                       extra_targets=targets)
-    for name, adapter in adapters.items():
+    for name, adapter in p.adapters.items():
         rt.load_adapter(name, adapter)
     return rt
 
@@ -215,77 +196,81 @@ def _quantize(rt: RuntimeModel, arch: ArchSpec, opts: Options) -> dict:
             "violations": skip_violations(before, rt.model, arch, opts.quantize_projector)}
 
 
-def _run_e2e(arch, rt, reqs, ref, order, dtype) -> list[Row]:
-    _log(f"  {arch.model_type}: runtime e2e")
-    try:
-        return compare_e2e(arch, reqs, ref, rt.run(reqs), order, dtype)
-    except MappingError as e:
-        name = _module_of_error(str(e), order[0])
-        tol = tolerance(dtype, "e2e")
-        rows = [_row(arch, i, r, "e2e", order.index(name) if name in order else 0, name, tol, dtype,
-                     error_metrics(), " ".join(str(e).split())) for i, r in enumerate(reqs) if name in ref[i]]
-        return rows or [_row(arch, 0, reqs[0], "e2e", 0, name, tol, dtype, error_metrics(), str(e))]
+def _first(row: Row | None) -> dict | None:
+    if row is None:
+        return None
+    m = row.metrics
+    return {"module": row.module, "group": row.group, "request": row.request, "adapter": row.adapter,
+            "row": row.bad_row, "image": row.bad_image, "status": m.status, "margin": m.margin,
+            "err": m.out.err if m.out else None, "ref_err": m.out.ref_err if m.out else None,
+            "ratio": m.out.ratio if m.out else None, "bound": m.out.bound if m.out else None,
+            "delta_margin": m.delta.margin if m.delta else None, "detail": row.detail}
 
 
-def _summarize(arch, reqs, rows: list[Row], opts: Options) -> dict:
-    summary: dict = {"arch": arch.model_type, "requests": [{"adapter": r.adapter, "images": len(r.images),
-                                                             "tokens": len(r.prompt_ids)} for r in reqs]}
-    for mode in opts.modes:
-        first = first_divergence([r for r in rows if r.mode == mode])
-        summary.setdefault("first_divergence", {})[mode] = None if first is None else {
-            "module": first.module, "group": first.group, "request": first.request, "status": first.metrics.status,
-            "max_abs": first.metrics.max_abs, "detail": first.detail}
+def _summarize(p: Prepared, rows: list[Row], opts: Options) -> dict:
+    summary: dict = {"arch": p.arch.model_type, "requests": [
+        {"adapter": r.adapter, "images": len(r.images), "geometry": [g.describe() for g in r.images],
+         "tokens": len(r.prompt_ids)} for r in p.reqs]}
+    summary["first_divergence"] = {mode: _first(first_divergence([r for r in rows if r.mode == mode]))
+                                   for mode in opts.modes}
     worst: dict = {}
     for r in rows:
-        if r.metrics.max_abs == r.metrics.max_abs:  # not NaN
-            key = f"{r.mode}/{r.group}"
-            worst[key] = max(worst.get(key, 0.0), r.metrics.max_abs)
-    summary["max_abs_by_group"] = worst
+        key = f"{r.mode}/{r.group}"
+        worst[key] = max(worst.get(key, 0.0), r.metrics.margin)
+    summary["worst_margin"] = worst
+    summary["adapter_ratios"] = p.ratios
+    summary["warnings"], summary["notes"] = p.warnings, p.notes
+    bugs = {f.name: f.upstream_bug for f in p.arch.reference_fixes()}
+    summary["reference_fixes"] = {name: bugs[name] for name in p.fixes}
     summary["ok"] = all(r.metrics.ok for r in rows)
     return summary
 
 
 def _judge_quantized(summary: dict, rows: list[Row], quant: dict, opts: Options) -> None:
     """Quantization drifts by design in the groups it touched: the report shows that drift per group.
-    Everything else must still hold: unquantized groups within tolerance, no errors, no NaN, and the
+    Everything else must still hold: unquantized groups within the rule, no errors, no NaN, and the
     registry's skip list honoured."""
     drifting = {"language_model"} | ({"connector"} if opts.quantize_projector else set())
     broken = [r for r in rows if not r.metrics.ok and (r.metrics.status != "mismatch" or r.group not in drifting)]
+    drift: dict = {}
+    for r in rows:
+        if r.metrics.out is not None:
+            key = f"{r.mode}/{r.group}"
+            drift[key] = max(drift.get(key, 0.0), r.metrics.out.err / max(r.metrics.out.scale, 1e-30))
     quant["unexpected_failures"] = len(broken)
+    quant["drift_by_group"] = drift  # max |runtime - truth| / max |truth|
     summary["quantization"] = quant
     summary["ok"] = not quant["violations"] and not broken
 
 
-def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
+def judge(p: Prepared, opts: Options, fault: Fault | None = None) -> ArchResult:
+    """Build the runtime, break it if asked, compare in every mode of `opts`."""
     t0 = time.time()
-    torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
-    fault = get_fault(opts.fault) if opts.fault else None
-    check_fault(fault, arch_name if opts.model == "tiny" else read_checkpoint_config(opts.model)[0].model_type)
-    ckpt = _checkpoint(arch_name, opts, workdir)
-    arch, config, reqs, folders, ref, notes = _reference_side(ckpt, opts, workdir, torch_dtype, device)
-    rt = _runtime_side(ckpt, opts, folders, torch_dtype, device)
+    rt = _runtime(p, opts)
     if fault is not None:
         fault.apply(rt)
-    quant = _quantize(rt, arch, opts) if opts.quantize else None
-    order = _order(ref)
+    quant = _quantize(rt, p.arch, opts) if opts.quantize else None
     rows: list[Row] = []
     if "e2e" in opts.modes:
-        rows += _run_e2e(arch, rt, reqs, ref, order, opts.dtype)
+        _log(f"  {p.arch.model_type}: runtime e2e")
+        rows += modes.e2e(p, rt)
     if "replay" in opts.modes:
-        _log(f"  {arch.model_type}: replay of {len(rt.lora_names)} LoRA modules")
-        rows += replay(arch, config, rt, reqs, ref, order, opts.dtype, device, torch_dtype)
-    summary = _summarize(arch, reqs, rows, opts)
-    summary["notes"] = notes
+        _log(f"  {p.arch.model_type}: replay of {len(rt.lora_names)} LoRA modules")
+        rows += modes.replay(p, rt)
+    summary = _summarize(p, rows, opts)
     if quant is not None:
         _judge_quantized(summary, rows, quant, opts)
     if fault is not None:
-        expected = fault.expected_first(rt, order)
-        got_first = (summary["first_divergence"].get(fault.mode) or {}).get("module")
-        summary["fault"] = {"name": fault.name, "breaks": fault.breaks, "expected_first": expected,
-                            "mode": fault.mode, "first": got_first, "caught": expected is not None and got_first == expected}
-    summary["seconds"] = round(time.time() - t0, 2)
-    _log(f"  {arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
-    return ArchResult(arch.model_type, rows, summary)
+        summary["fault"] = fault.verdict(rt, p.order, summary, rows)
+    summary["seconds"] = round(p.seconds + time.time() - t0, 2)
+    _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
+    return ArchResult(p.arch.model_type, rows, summary)
+
+
+def run_arch(arch_name: str, opts: Options, workdir: Path) -> ArchResult:
+    fault = get_fault(opts.fault) if opts.fault else None
+    check_fault(fault, arch_name if opts.model == "tiny" else read_checkpoint_config(opts.model)[0].model_type)
+    return judge(prepare(arch_name, opts, workdir), opts, fault)
 
 
 def run(opts: Options) -> list[ArchResult]:

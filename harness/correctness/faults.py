@@ -17,7 +17,7 @@ import torch
 
 from runtime.hooks import RuntimeHooks
 from runtime.model import RuntimeModel
-from vlm.arch import get_arch
+from vlm.arch import ArchSpec, get_arch
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,18 @@ class Fault:
     # faults are localised end to end (the first capture downstream of the kernel)
     mode: str = "replay"
     kernel: str | None = None  # a vision-kernel fault applies to the archs that substitute this kernel
+    # the module a fault breaks, when it is one module picked from the runtime (apply and expected agree)
+    pick: Callable[[RuntimeModel], str | None] | None = None
+    # a negative control: a legitimate implementation choice that must pass (exit 0), not a fault
+    control: bool = False
+    # beyond `kernel`: the archs whose default batch can show the fault at all
+    shows_on: Callable[[ArchSpec], bool] | None = None
 
     def applies_to(self, model_type: str) -> bool:
-        return self.kernel is None or any(s.kernel == self.kernel for s in get_arch(model_type).kernel_sites())
+        arch = get_arch(model_type)
+        if self.kernel is not None and not any(s.kernel == self.kernel for s in arch.kernel_sites()):
+            return False
+        return self.shows_on is None or self.shows_on(arch)
 
     def archs(self) -> list[str]:
         """The registered archs this fault applies to."""
@@ -44,6 +53,10 @@ class Fault:
         return [a for a in sorted(REGISTRY) if self.applies_to(a)]
 
     def expected_first(self, rt: RuntimeModel, order: list[str]) -> str | None:
+        if self.control:
+            return None
+        if self.pick is not None:
+            return self.pick(rt)
         if self.name_regex.startswith("@"):
             return self.name_regex if self.name_regex in order else None
         rx = re.compile(self.name_regex)
@@ -54,10 +67,34 @@ class Fault:
 
     @property
     def must_name(self) -> str:
-        where = (self.name_regex if self.name_regex.startswith("@") else f"first {self.group} LoRA module"
-                 + ("" if self.name_regex == ".*" else f" matching {self.name_regex}"))
+        if self.control:
+            return "nothing: a legitimate variation, must pass"
+        if self.pick is not None:
+            where = f"the {self.group} module it breaks"
+        else:
+            where = (self.name_regex if self.name_regex.startswith("@") else f"first {self.group} LoRA module"
+                     + ("" if self.name_regex == ".*" else f" matching {self.name_regex}"))
         only = f", archs substituting {self.kernel}" if self.kernel else ""
         return f"{where} ({self.mode}{only})"
+
+    def verdict(self, rt: RuntimeModel, order: list[str], summary: dict, rows) -> dict:
+        """What the run made of this fault: caught (the run failed) and named (its first divergence in the
+        fault's mode is the module the fault states); for a control, passed."""
+        first = summary["first_divergence"].get(self.mode) or {}
+        expected = self.expected_first(rt, order)
+        out = {"name": self.name, "breaks": self.breaks, "control": self.control, "mode": self.mode,
+               "expected_first": expected, "first": first.get("module"), "request": first.get("request"),
+               "row": first.get("row"), "image": first.get("image"), "adapter": first.get("adapter")}
+        if self.control:
+            out["passed"] = bool(summary["ok"])
+            out["margin"] = max((r.metrics.margin for r in rows), default=float("nan"))
+            return out
+        out["caught"] = not summary["ok"]
+        out["named"] = expected is not None and first.get("module") == expected
+        # how far the named module went past its bound (> 1 caught); for a fault that passed, how close
+        at = [r for r in rows if r.mode == self.mode and r.module == expected]
+        out["margin"] = max((r.metrics.margin for r in at), default=float("nan"))
+        return out
 
 
 def _hooks(rt: RuntimeModel, **overrides: Callable) -> None:
@@ -68,6 +105,30 @@ def _hooks(rt: RuntimeModel, **overrides: Callable) -> None:
 # ---------------------------------------------------------------- mapping faults
 def _tower_from_lm(rt):
     _hooks(rt, row_count=lambda group, image, c: c.lm_tokens if group == "tower" else c.connector_rows)
+
+
+def _first_image_counts(group: str):
+    """Every image's rows in `group` counted as the batch's first image's (the classic per-image bookkeeping
+    bug: invisible while every image has the same geometry)."""
+    def apply(rt):
+        first = {}
+
+        def row_count(g, image, counts):
+            if image == 0:
+                first[g] = counts
+            c = first[g] if g == group else counts
+            return c.encoder_rows if g == "tower" else c.connector_rows
+        _hooks(rt, row_count=row_count)
+    return apply
+
+
+def _counts_differ(group: str) -> Callable[[ArchSpec], bool]:
+    def differ(arch) -> bool:
+        cfg = arch.tiny_config()
+        rows = {arch.encoder_rows(cfg, g) if group == "tower" else arch.connector_rows(cfg, g)
+                for g in arch.mixed_geometries(cfg)}
+        return len(rows) > 1
+    return differ
 
 
 def _cls_dropped(rt):
@@ -175,6 +236,21 @@ def _pool_xy_swapped(fn):
     return swapped
 
 
+def _pool_partial_by_count(fn):
+    # partial bins averaged over the real patches they hold instead of k^2 (the pooler's stated semantics)
+    def pooled(hidden, positions, k, output_length):
+        out, valid = fn(hidden, positions, k, output_length)
+        col, row = positions[..., 0].long(), positions[..., 1].long()
+        real = (col >= 0) & (row >= 0)
+        stride = (torch.where(real, col, -1).amax(dim=1, keepdim=True) + 1 + k - 1) // k
+        bins = torch.where(real, (row // k) * stride + col // k, output_length)
+        hits = torch.zeros(out.shape[0], output_length + 1, device=out.device)
+        hits.scatter_add_(1, bins, torch.ones_like(bins, dtype=hits.dtype))
+        scale = (k * k) / hits[:, :output_length].clamp_min(1)
+        return (out.float() * scale[..., None]).to(out.dtype), valid
+    return pooled
+
+
 def _shuffle_transposed(fn):
     # the patch grid read with rows and columns exchanged before the shuffle
     def transposed(x, ratio=0.5, variant="tokens"):
@@ -186,6 +262,97 @@ def _shuffle_transposed(fn):
             x = x.transpose(1, 2)
         return fn(x, ratio, variant)
     return transposed
+
+
+# ---------------------------------------------------------------- subtle faults (realistic adapters)
+def _scale_group(group: str, factor: float):
+    def apply(rt):
+        for name, B in rt.tables.B.items():
+            if rt.arch.group_of(name) == group:
+                B.copy_((B.float() * factor).to(B.dtype))
+    return apply
+
+
+def _middle_tower_module(rt) -> str | None:
+    tower = [n for n in rt.lora_names if rt.arch.group_of(n) == "tower"]
+    return tower[len(tower) // 2] if tower else None
+
+
+def _lora_missing_on_one(rt):
+    target = _middle_tower_module(rt)
+
+    def skip(x, y, A, B, slots, grouping=None):
+        return y
+    _hooks(rt, kernel=lambda name, fn, module=None: skip if name == "lora" and module == target else fn)
+
+
+def _other_slot(rt, slot: int) -> int:
+    used = sorted(rt.tables.slot_of.values())
+    return used[(used.index(slot) + 1) % len(used)] if slot in used else used[0]
+
+
+def _token_wrong_adapter(rt):
+    # token 1 of the first request that carries an adapter runs with the next loaded adapter
+    def slot_mapping(slots, requests, lengths):
+        i = next(k for k, r in enumerate(requests) if r.adapter is not None)
+        lm = slots["language_model"].clone()
+        pos = i * (lm.shape[0] // len(requests)) + 1
+        lm[pos] = _other_slot(rt, int(lm[pos]))
+        return {**slots, "language_model": lm}
+    _hooks(rt, slot_mapping=slot_mapping)
+
+
+def _image_wrong_adapter(rt):
+    # the second image of the first several-image request runs with the next loaded adapter (tower and
+    # connector rows both: the engine's per-image bookkeeping is what breaks)
+    def slot_mapping(slots, requests, lengths):
+        out = dict(slots)
+        for group, rows_of in (("tower", rt.arch.encoder_rows), ("connector", rt.arch.connector_rows)):
+            start = 0
+            for r in requests:
+                counts = [rows_of(rt.config, g) for g in r.images]
+                if len(counts) >= 2 and r.adapter is not None:
+                    s = out[group].clone()
+                    lo = start + counts[0]
+                    s[lo: lo + counts[1]] = _other_slot(rt, int(s[lo]))
+                    out[group] = s
+                    break
+                start += sum(counts)
+        return out
+    _hooks(rt, slot_mapping=slot_mapping)
+
+
+# ---------------------------------------------------------------- negative controls (must pass)
+def _per_slot(delta: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+    """A LoRA provider computing each slot's rows in torch with `delta(x, A, B)` (x in the activation dtype,
+    A and B in fp32; an fp32 result), one rounding into y."""
+    def lora(x, y, A, B, slots, grouping=None):
+        for s in slots[slots >= 0].unique().tolist():
+            rows = (slots == s).nonzero().squeeze(1)
+            d = delta(x[rows], A[0][s].float(), B[0][s].float())
+            y[rows] = (y[rows].float() + d).to(y.dtype)
+        return y
+    return lora
+
+
+def _control(delta):
+    def apply(rt):
+        lora = _per_slot(delta)
+        _hooks(rt, kernel=lambda name, fn, module=None: lora if name == "lora" else fn)
+    return apply
+
+
+def _reversed_order(x, A, B):
+    x, h = x.float(), x.shape[1] // 2  # the input dimension summed as two halves, the second first
+    return (x[:, h:] @ A[:, h:].T + x[:, :h] @ A[:, :h].T) @ B.T
+
+
+def _intermediate_rounded(x, A, B):
+    return (x.float() @ A.T).to(x.dtype).float() @ B.T
+
+
+def _merged(x, A, B):
+    return x.float() @ (B @ A).T  # shrink and expand fused into one merged [O, H] weight
 
 
 _O = r".*(o_proj|out_proj)(\.linear)?"
@@ -215,6 +382,28 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           kernel="pixel_shuffle"),
     Fault("rank-truncated", "the last rank of every adapter dropped (r_max padding off by one)", "tower",
           _rank_truncated),
+    Fault("tower-first-image-counts", "every image's tower rows counted as the batch's first image's", "tower",
+          _first_image_counts("tower"), shows_on=_counts_differ("tower")),
+    Fault("connector-first-image-counts", "every image's connector rows counted as the batch's first image's",
+          "connector", _first_image_counts("connector"), shows_on=_counts_differ("connector")),
+    Fault("pool-partial-by-count", "partial pooling bins averaged over their real patches instead of k^2",
+          "connector", _kernel_fault("position_pool", _pool_partial_by_count), name_regex="@tower_out",
+          mode="e2e", kernel="position_pool"),
+    Fault("lora-scale-2pct", "the tower's LoRA scale 2% too large", "tower", _scale_group("tower", 1.02)),
+    Fault("lora-scale-10pct", "the tower's LoRA scale 10% too large", "tower", _scale_group("tower", 1.10)),
+    Fault("lora-missing-one-module", "LoRA skipped on one tower module (its middle one)", "tower",
+          _lora_missing_on_one, pick=_middle_tower_module),
+    Fault("token-wrong-adapter", "one token of one request given another adapter", "language_model",
+          _token_wrong_adapter),
+    Fault("image-wrong-adapter", "the second image of a two-image request mapped to another adapter", "tower",
+          _image_wrong_adapter),
+    Fault("control-accumulation-order", "LoRA summed in another order (input dim as two halves, reversed)",
+          "tower", _control(_reversed_order), mode="e2e", control=True),
+    Fault("control-intermediate-rounded", "the shrink's fp32 result rounded once to the activation dtype "
+          "before expand (as vLLM's expand does)", "tower", _control(_intermediate_rounded),
+          mode="e2e", control=True),
+    Fault("control-fused-merged", "shrink and expand fused into one merged B.A weight", "tower",
+          _control(_merged), mode="e2e", control=True),
 ]}
 
 

@@ -20,7 +20,7 @@ def test_lm_int8_drifts_only_in_the_lm(tmp_path):
     out = tmp_path / "q"
     assert main(["correctness", "--arch", "llava", "--quantize", "lm-int8", "--out", str(out)]) == 0
     s = _drift(out)
-    d = s["max_abs_by_group"]
+    d = s["quantization"]["drift_by_group"]  # max |runtime - truth| / max |truth|
     assert s["quantization"]["violations"] == [] and s["quantization"]["quantized_modules"] > 0
     # replay feeds each module the reference input: unquantized groups are exact, the LM is not
     assert d["replay/tower"] < 1e-5 and d["replay/connector"] < 1e-5
@@ -31,7 +31,7 @@ def test_projector_quantized_shows_connector_drift(tmp_path):
     out = tmp_path / "q"
     assert main(["correctness", "--arch", "llava", "--quantize", "lm-int8", "--quantize-projector",
                  "--out", str(out)]) == 0
-    d = _drift(out)["max_abs_by_group"]
+    d = _drift(out)["quantization"]["drift_by_group"]
     assert d["replay/connector"] > 1e-4 and d["replay/tower"] < 1e-5
 
 

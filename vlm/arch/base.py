@@ -73,6 +73,21 @@ class KernelSite:
 
 
 @dataclass(frozen=True)
+class ReferenceFix:
+    """Where HF is wrong or crashes on a valid input, the reference replaces that one piece of HF code with
+    the stated semantics (`hf_class.attr` <- `replacement`, a method), on its own model instances only; the
+    report names each fix in force and the upstream bug it covers. `runtime_too`: the runtime needs the same
+    corrected code path to run at all (glue around a kernel it substitutes, not a kernel of its own)."""
+
+    name: str
+    hf_class: str
+    attr: str
+    replacement: Callable
+    upstream_bug: str
+    runtime_too: bool = False
+
+
+@dataclass(frozen=True)
 class ForbiddenTarget:
     pattern: str   # regex, full match on a runtime module name
     reason: str
@@ -224,12 +239,42 @@ class ArchSpec:
     def tiny_config(self) -> Any:  # pragma: no cover
         raise NotImplementedError
 
+    def randomize_tiny(self, model: Any) -> None:
+        """Give a freshly built tiny model the non-trivial values HF's init leaves trivial where that would
+        hide a fault (seeded by the caller's torch seed); nothing by default."""
+
     # Real-size variants for the bench: name -> dotted overrides of the tiny config (`<arch>/<name>`).
     bench_models: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def kernel_sites(self) -> tuple[KernelSite, ...]:
         """The vision kernels the runtime substitutes for this arch's HF code (none by default)."""
         return ()
+
+    def reference_fixes(self) -> tuple[ReferenceFix, ...]:
+        """The reference's fixes of HF code that is wrong or crashes on valid inputs (none by default)."""
+        return ()
+
+    def install_fixes(self, model: Any, runtime: bool = False) -> list[str]:
+        """Bind the fixes into `model`'s own modules (instance-level); `runtime`: only those the runtime needs
+        too. Returns the names of the fixes in force."""
+        import types
+
+        names = []
+        for fix in self.reference_fixes():
+            if runtime and not fix.runtime_too:
+                continue
+            mods = [m for m in model.modules() if type(m).__name__ == fix.hf_class]
+            if not mods:
+                raise ValueError(f"{self.model_type}: reference fix {fix.name!r} found no {fix.hf_class}")
+            for m in mods:
+                setattr(m, fix.attr, types.MethodType(fix.replacement, m))
+            names.append(fix.name)
+        return names
+
+    def mixed_geometries(self, config: Any) -> list[ImageGeometry]:
+        """Image geometries the default correctness batch mixes (different sizes / tile counts / grids where
+        the processor allows several; one for fixed-size towers)."""
+        return [self.default_geometry(config)]
 
     def vision_features(self, model: Any, pixel_inputs: Mapping[str, Any]) -> Any:
         """Tower + connector output for these pixel inputs, [rows, D], as the HF forward computes it before

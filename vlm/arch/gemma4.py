@@ -23,6 +23,7 @@ from vlm.arch.base import (
     DrawInt,
     ImageGeometry,
     KernelSite,
+    ReferenceFix,
     TokenCounts,
     decoder_lm_recipe,
     require_int,
@@ -49,6 +50,18 @@ class Gemma4(ArchSpec):
         "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("patches",)
+
+    def reference_fixes(self) -> tuple[ReferenceFix, ...]:
+        return (
+            ReferenceFix("gemma4-pooler-ceil-stride", "Gemma4VisionPooler", "forward", _reference_pooler_forward,
+                         "transformers' Gemma4VisionPooler uses row stride floor(Wp/k) (correct: ceil(Wp/k)): with "
+                         "Wp % k != 0 patches of two bin rows share a pooled token or one_hot crashes; padding is "
+                         "clamped to (0, 0), so an all-padding image yields a pooled token marked valid"),
+            ReferenceFix("gemma4-image-feature-split", "Gemma4Model", "get_image_features", _get_image_features,
+                         "transformers' Gemma4Model.get_image_features splits the pooled features by real "
+                         "patches // k^2 per image, which undercounts partial bins (split_with_sizes fails, or "
+                         "'tokens: 4, features: 3'); the split must count valid bins", runtime_too=True),
+        )
 
     def kernel_sites(self) -> tuple[KernelSite, ...]:
         rope_global = "transformers.models.gemma4.modeling_gemma4.apply_multidimensional_rope"
@@ -77,25 +90,23 @@ class Gemma4(ArchSpec):
         budget = require_int("max_soft_tokens", cls.max_soft_tokens(config))
         return k, budget
 
+    @staticmethod
+    def soft_tokens(hp: int, wp: int, k: int) -> int:
+        """Pooled tokens of an Hp x Wp grid: one per k x k bin holding a real patch, partial bins included."""
+        return -(-hp // k) * -(-wp // k)
+
     def _validate(self, config, geom: ImageGeometry) -> None:
         if not isinstance(geom.patches, tuple) or len(geom.patches) != 2:
             raise ValueError(f"invalid geometry: patches={geom.patches!r} must be (Hp, Wp)")
         hp, wp = geom.patches
-        require_int("Hp", hp)
-        require_int("Wp", wp)
+        if (hp, wp) != (0, 0):  # (0, 0): an image whose every patch row is padding (legal, no soft token)
+            require_int("Hp", hp)
+            require_int("Wp", wp)
         k, budget = self._kernel_and_budget(config)
-        for name, v in (("Hp", hp), ("Wp", wp)):
-            if v % k:
-                # Upstream pools with row stride floor(Wp/k) (correct: ceil): a grid that is not a multiple
-                # of k mixes patches of two block-rows into one token or crashes in one_hot. The processor
-                # never produces such grids; the registry refuses them.
-                raise ValueError(
-                    f"invalid geometry: {name}={v} is not a multiple of pooling_kernel_size={k}"
-                )
-        if (hp // k) * (wp // k) > budget:
+        if self.soft_tokens(hp, wp, k) > budget:
             raise ValueError(
-                f"invalid geometry: patches {hp}x{wp} pool to {(hp // k) * (wp // k)} soft tokens, more than "
-                f"max_soft_tokens={budget}"
+                f"invalid geometry: patches {hp}x{wp} pool to {self.soft_tokens(hp, wp, k)} soft tokens, more "
+                f"than max_soft_tokens={budget}"
             )
         pos = config.vision_config.position_embedding_size
         for name, v in (("Hp", hp), ("Wp", wp)):
@@ -106,8 +117,7 @@ class Gemma4(ArchSpec):
 
     def _counts(self, config, geom: ImageGeometry) -> TokenCounts:
         k, budget = self._kernel_and_budget(config)
-        hp, wp = geom.patches
-        soft = (hp // k) * (wp // k)
+        soft = self.soft_tokens(*geom.patches, k)
         # every image is padded to budget * k^2 patch rows: the tower runs them all
         return TokenCounts(encoder_rows=budget * k * k, connector_rows=soft, lm_tokens=soft)
 
@@ -115,19 +125,26 @@ class Gemma4(ArchSpec):
         k, _ = self._kernel_and_budget(config)
         return ImageGeometry(patches=(2 * k, 2 * k))
 
+    def mixed_geometries(self, config) -> list[ImageGeometry]:
+        """Full bins; partial bins on the right (Wp % k != 0) and at the bottom (Hp % k != 0); all padding."""
+        k, _ = self._kernel_and_budget(config)
+        return [ImageGeometry(patches=(2 * k, 2 * k)), ImageGeometry(patches=(k + 1, 2 * k + 1)),
+                ImageGeometry(patches=(2 * k + 1, k)), ImageGeometry(patches=(0, 0))]
+
     def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
         k, budget = self._kernel_and_budget(config)
         side_max = max(1, config.vision_config.position_embedding_size // k)
         if valid:
             hk = draw("pooled rows", 1, min(budget, side_max))
             wk = draw("pooled cols", 1, min(budget // hk, side_max))
-            return ImageGeometry(patches=(hk * k, wk * k))
+            # a partial last bin row / column: k - r patches short of full (r = 0: full)
+            hp, wp = hk * k - draw("rows short", 0, k - 1), wk * k - draw("cols short", 0, k - 1)
+            return ImageGeometry(patches=(hp, wp))
         kind = draw("invalid kind", 0, 2)
-        if kind == 0:  # a side that is not a multiple of the pooling kernel (k >= 2 here)
-            hk = draw("pooled rows", 1, 3)
-            return ImageGeometry(patches=(hk * k, draw("pooled cols", 1, 3) * k + draw("remainder", 1, k - 1)))
+        if kind == 0:  # a side beyond the position table
+            return ImageGeometry(patches=(config.vision_config.position_embedding_size + draw("excess", 1, 3), 1))
         if kind == 1:  # non-positive side
-            return ImageGeometry(patches=(draw("Hp", -3, 0), k))
+            return ImageGeometry(patches=(draw("Hp", -3, 0), k + draw("Wp extra", 0, 2)))
         # more soft tokens than the padding budget
         return ImageGeometry(patches=(k * (budget + draw("excess", 1, 3)), k))
 
@@ -193,8 +210,18 @@ class Gemma4(ArchSpec):
         return {"pixel_values": pixel_values, "image_position_ids": positions}
 
     def measure_points(self, model) -> dict[str, str]:
-        return {"encoder": "model.vision_tower.encoder.layers.0",
-                "connector": "model.embed_vision.embedding_projection"}
+        # the embedder's input is the tower's output before the embedder's scale-free RMSNorm: a pooling error
+        # that scales a token shows there (after the norm it could only show through std_bias)
+        return {"encoder": "model.vision_tower.encoder.layers.0", "connector": "model.embed_vision"}
+
+    def randomize_tiny(self, model) -> None:
+        # HF initialises the tower's standardisation to bias 0, scale 1 (an identity); real checkpoints hold
+        # trained values, and a zero bias would let a per-token scale error vanish in the embedder's norm
+        vm = model.model.vision_tower
+        if getattr(vm, "std_bias", None) is not None:
+            with torch.no_grad():
+                vm.std_bias.normal_(0.0, 0.5)
+                vm.std_scale.uniform_(0.5, 1.5)
 
 
 def _pooler_forward(position_pool):
@@ -218,6 +245,48 @@ def _pooler_forward(position_pool):
             pooled, valid = position_pool(hidden_states, positions, k, output_length)
         return pooled.float() * self.root_hidden_size, valid
     return forward
+
+
+def _soft_tokens_of(positions: torch.Tensor, k: int) -> int:
+    """Valid bins of one image from its (x, y) patch positions (-1 = padding): ceil(Hp/k) * ceil(Wp/k)."""
+    real = (positions >= 0).all(dim=-1)
+    if not bool(real.any()):
+        return 0
+    wp, hp = (int(v) + 1 for v in positions[real].max(dim=0).values)
+    return Gemma4.soft_tokens(hp, wp, k)
+
+
+def _reference_pooler_forward(self, hidden_states, pixel_position_ids, padding_positions, output_length=None):
+    """The pooler's stated semantics, brute force in float64 (the reference fix for HF's pooler): each real
+    patch (x, y) goes to bin (y // k) * ceil(Wp / k) + x // k of its image (Wp = max real x + 1), a bin is
+    sum / k^2 and valid iff it holds a real patch. Returns (scaled pooled features, valid mask) as HF does,
+    in fp32 (fp64 for a float64 truth)."""
+    b, n, d = hidden_states.shape
+    k = int((n // output_length) ** 0.5)
+    out = torch.zeros(b, output_length, d, dtype=torch.float64, device=hidden_states.device)
+    valid = torch.zeros(b, output_length, dtype=torch.bool, device=hidden_states.device)
+    for i in range(b):
+        real = ~padding_positions[i] & (pixel_position_ids[i] >= 0).all(dim=-1)
+        if not bool(real.any()):
+            continue
+        x, y = pixel_position_ids[i][real].long().unbind(-1)
+        stride = -(-(int(x.max()) + 1) // k)
+        bins = (y // k) * stride + x // k
+        out[i].index_add_(0, bins, hidden_states[i][real].double())
+        valid[i, bins] = True
+    out = out / (k * k) * self.root_hidden_size
+    return out.to(torch.promote_types(hidden_states.dtype, torch.float32)), valid
+
+
+def _get_image_features(self, pixel_values, image_position_ids=None, **kwargs):
+    """`Gemma4Model.get_image_features` with the split by valid bins per image (the pooled features of every
+    image arrive concatenated; HF splits them by real patches // k^2)."""
+    vision_outputs = self.vision_tower(pixel_values=pixel_values, pixel_position_ids=image_position_ids, **kwargs)
+    pooled = self.embed_vision(inputs_embeds=vision_outputs.last_hidden_state)
+    k = self.config.vision_config.pooling_kernel_size
+    sizes = [_soft_tokens_of(p, k) for p in image_position_ids]
+    vision_outputs.pooler_output = torch.split(pooled, sizes)
+    return vision_outputs
 
 
 def _rope_function(rope_2d):

@@ -93,6 +93,10 @@ class Idefics3(ArchSpec):
     def default_geometry(self, config) -> ImageGeometry:
         return ImageGeometry(split=(0, 0))
 
+    def mixed_geometries(self, config) -> list[ImageGeometry]:
+        # the global image alone, and split into sub-images (+ the global one)
+        return [ImageGeometry(split=(0, 0)), ImageGeometry(split=(1, 2)), ImageGeometry(split=(2, 2))]
+
     def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
         if valid:
             if draw("split_or_not", 0, 1) == 0:

@@ -116,6 +116,10 @@ class InternVL(ArchSpec):
     def default_geometry(self, config) -> ImageGeometry:
         return ImageGeometry(tiles=1)
 
+    def mixed_geometries(self, config) -> list[ImageGeometry]:
+        # one tile, and crops + thumbnail
+        return [ImageGeometry(tiles=1), ImageGeometry(tiles=3), ImageGeometry(tiles=5)]
+
     def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
         if valid:
             # 1 tile, or 2..6 crops + thumbnail (max_patches defaults to 12 in the processor)

@@ -106,6 +106,10 @@ class Llama4(ArchSpec):
     def default_geometry(self, config) -> ImageGeometry:
         return ImageGeometry(tiles=1)
 
+    def mixed_geometries(self, config) -> list[ImageGeometry]:
+        # one tile, and tiled images (2 and 4 tiles, each plus the processor's global tile)
+        return [ImageGeometry(tiles=1), ImageGeometry(tiles=2), ImageGeometry(tiles=4)]
+
     def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
         if valid:
             return ImageGeometry(tiles=draw("tiles", 1, 4))

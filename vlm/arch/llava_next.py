@@ -125,6 +125,11 @@ class LlavaNext(ArchSpec):
         s = config.vision_config.image_size
         return ImageGeometry(size=(s, 2 * s))
 
+    def mixed_geometries(self, config) -> list[ImageGeometry]:
+        # wide, tall and small images: other tile grids, other unpadded rows and newlines
+        s = config.vision_config.image_size
+        return [ImageGeometry(size=(s, 2 * s)), ImageGeometry(size=(2 * s, s)), ImageGeometry(size=(s // 2, s))]
+
     def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
         s = config.vision_config.image_size
         if valid:

@@ -70,6 +70,11 @@ class Mistral3(ArchSpec):
         p, m = self._units(config)
         return ImageGeometry(size=(2 * p * m, 3 * p * m))
 
+    def mixed_geometries(self, config) -> list[ImageGeometry]:
+        p, m = self._units(config)
+        u = p * m
+        return [ImageGeometry(size=(2 * u, 3 * u)), ImageGeometry(size=(u, u)), ImageGeometry(size=(3 * u, u))]
+
     def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
         p, m = self._units(config)
         unit = p * m

@@ -69,6 +69,11 @@ class Qwen2VL(ArchSpec):
         m = self.merge_size(config)
         return ImageGeometry(grid=(1, 2 * m, 3 * m))
 
+    def mixed_geometries(self, config) -> list[ImageGeometry]:
+        # other grids per image (the towers pack them), a two-frame one too
+        m = self.merge_size(config)
+        return [ImageGeometry(grid=(1, 2 * m, 3 * m)), ImageGeometry(grid=(1, m, m)), ImageGeometry(grid=(2, m, 2 * m))]
+
     def draw_geometry(self, config, draw: DrawInt, valid: bool = True) -> ImageGeometry:
         m = self.merge_size(config)
         # t > 1 is the video path through the same tower (frames attend separately); the formula holds

@@ -1,0 +1,120 @@
+"""`mmlora faults --power`: what the verdict can see, measured. Every fault and negative control of the
+catalog x dtype x adapter scale x each arch it applies to: caught (the run fails), the right module named
+(the fault's own mode), and the margin (error over bound at that module: > 1 caught, how close otherwise).
+One prepared reference (reference + truth runs) serves every fault of an (arch, dtype, scale).
+
+Writes OUT/power.csv (one row per fault x arch x dtype x scale) and OUT/power.md (the table README shows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness.output import atomic_dir, check_replaceable, default_run_dir, write_csv
+
+COLUMNS = ["fault", "kind", "arch", "dtype", "adapter_scale", "mode", "caught", "named", "passed", "margin",
+           "expected", "first", "request", "row", "image", "seconds", "reason"]
+
+
+def _reason(v: dict, dtype: str) -> str:
+    if v["control"]:
+        return "" if v["passed"] else "FALSE ALARM: a legitimate variation failed"
+    if not v["caught"]:
+        return (f"not seen: the error reached {v['margin']:.2f} of the bound the reference's own {dtype} error "
+                f"sets at {v['expected']}")
+    if not v["named"]:
+        return (f"caught first at {v['first']} (the fault is spread over the group; at {v['expected']} it reached "
+                f"{v['margin']:.2f} of the bound)")
+    return ""
+
+
+def _plan(args):
+    from harness.correctness.faults import FAULTS, get_fault
+    from vlm.arch import get_arch
+    from vlm.checkpoint import check_device, parse_dtype
+
+    faults = [get_fault(f) for f in args.fault] if args.fault else list(FAULTS.values())
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes:
+        parse_dtype(d)
+    try:
+        scales = [float(x) for x in args.adapter_scale.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--adapter-scale {args.adapter_scale!r}: expected numbers separated by ','") from None
+    if not scales or any(not s > 0 for s in scales):
+        raise ValueError(f"--adapter-scale {args.adapter_scale!r}: every scale must be > 0")
+    check_device(args.device)
+    for a in args.arch or ():
+        get_arch(a)
+    archs = sorted({a for f in faults for a in f.archs() if not args.arch or a in args.arch})
+    if not archs:
+        raise ValueError(f"no fault of {[f.name for f in faults]} applies to --arch {args.arch}")
+    return faults, dtypes, scales, archs
+
+
+def cmd_power(args) -> int:
+    from harness.correctness.engine import Options, judge, prepare
+
+    faults, dtypes, scales, archs = _plan(args)
+    out = Path(args.out) if args.out else default_run_dir("power")
+    check_replaceable(out, "power.csv")
+    rows: list[dict] = []
+    jobs = [(a, d, s) for d in dtypes for s in scales for a in archs]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="mmlora-power-") as tmp:
+        for k, (arch, dtype, scale) in enumerate(jobs, 1):
+            print(f"[{k}/{len(jobs)}] {arch} {dtype} adapter scale {scale} ({time.time() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+            opts = Options(archs=[arch], dtype=dtype, adapter_scale=scale, device=args.device, kernel=args.kernel)
+            prepared = prepare(arch, opts, Path(tmp) / f"{arch}-{dtype}-{scale}")
+            for f in faults:
+                if not f.applies_to(arch):
+                    continue
+                t1 = time.time()
+                # a fault is judged in the mode it is localised in; a control in both (no false alarm anywhere)
+                res = judge(prepared, dataclasses.replace(opts, modes=(f.mode,) if not f.control else
+                                                          ("e2e", "replay"), fault=f.name), f)
+                v = res.summary["fault"]
+                rows.append({"fault": f.name, "kind": "control" if f.control else "fault", "arch": arch,
+                             "dtype": dtype, "adapter_scale": scale, "mode": f.mode, "caught": v.get("caught", ""),
+                             "named": v.get("named", ""), "passed": v.get("passed", ""), "margin": v["margin"],
+                             "expected": v["expected_first"] or "", "first": v["first"] or "",
+                             "request": v["request"], "row": v["row"], "image": v["image"],
+                             "seconds": round(time.time() - t1, 1), "reason": _reason(v, dtype)})
+    with atomic_dir(out, marker="power.csv") as tmp_out:
+        write_csv(tmp_out / "power.csv", rows, COLUMNS)
+        (tmp_out / "power.md").write_text(table(rows, dtypes, scales))
+    print(table(rows, dtypes, scales))
+    bad = [r for r in rows if (r["kind"] == "control" and not r["passed"])]
+    print(f"mmlora faults --power: {len(rows)} runs in {time.time() - t0:.0f} s; table in {out / 'power.md'}",
+          file=sys.stderr)
+    return 1 if bad else 0
+
+
+def table(rows: list[dict], dtypes: list[str], scales: list[float]) -> str:
+    """Markdown: one line per fault, one column per (dtype, scale): caught/named over the archs it ran on,
+    and the smallest margin at the named module (for a control: passed, and its largest margin)."""
+    cols = [(d, s) for d in dtypes for s in scales]
+    head = "| fault | kind | " + " | ".join(f"{d}, scale {s:g}" for d, s in cols) + " |"
+    lines = [head, "|" + "---|" * (2 + len(cols))]
+    for name in dict.fromkeys(r["fault"] for r in rows):
+        mine = [r for r in rows if r["fault"] == name]
+        cells = []
+        for d, s in cols:
+            sel = [r for r in mine if r["dtype"] == d and r["adapter_scale"] == s]
+            if not sel:
+                cells.append("-")
+            elif sel[0]["kind"] == "control":
+                ok = sum(bool(r["passed"]) for r in sel)
+                cells.append(f"passed {ok}/{len(sel)}, max margin {max(r['margin'] for r in sel):.2g}")
+            else:
+                caught = sum(bool(r["caught"]) for r in sel)
+                named = sum(bool(r["named"]) for r in sel)
+                cells.append(f"caught {caught}/{len(sel)}, named {named}/{len(sel)}, "
+                             f"min margin {min(r['margin'] for r in sel):.2g}")
+        lines.append(f"| `{name}` | {mine[0]['kind']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

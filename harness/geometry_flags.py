@@ -1,0 +1,66 @@
+"""Image-geometry flags shared by `mmlora tokens` (one flag per field) and `mmlora correctness --geometry
+NAME=VALUE` (the same names and value formats), and the user-error type both raise."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def _ints(text: str, sep: str, n: int, flag: str) -> tuple[int, ...]:
+    want = "an integer" if n == 1 else f"{n} integers separated by {sep!r}"
+    try:
+        vals = tuple(int(p) for p in text.lower().split(sep))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected {want}") from None
+    if len(vals) != n:
+        raise UsageError(f"{flag} {text!r}: expected {want}")
+    return vals
+
+
+def geometry_from_args(args) -> dict:
+    geom = {}
+    if args.tiles is not None:
+        geom["tiles"] = args.tiles
+    if args.grid is not None:
+        geom["grid"] = _ints(args.grid, ",", 3, "--grid")
+    if args.patches is not None:
+        geom["patches"] = _ints(args.patches, "x", 2, "--patches")
+    if args.image_size is not None:
+        geom["size"] = _ints(args.image_size, "x", 2, "--image-size")
+    if args.split is not None:
+        geom["split"] = _ints(args.split, "x", 2, "--split")
+    return geom
+
+
+# geometry flag -> (ImageGeometry field, parser of its value); `--geometry NAME=VALUE` takes the same names
+_GEOMETRY = {
+    "tiles": ("tiles", lambda v, f: _ints(v, ",", 1, f)[0]),
+    "grid": ("grid", lambda v, f: _ints(v, ",", 3, f)),
+    "patches": ("patches", lambda v, f: _ints(v, "x", 2, f)),
+    "image-size": ("size", lambda v, f: _ints(v, "x", 2, f)),
+    "split": ("split", lambda v, f: _ints(v, "x", 2, f)),
+}
+
+
+def parse_geometry(item: str):
+    """'tiles=2', 'grid=1,4,6', 'patches=3x5', 'image-size=56x84', 'split=1x2' -> ImageGeometry."""
+    from vlm.arch import ImageGeometry
+
+    name, sep, value = item.partition("=")
+    if not sep or name not in _GEOMETRY:
+        raise UsageError(f"--geometry {item!r}: expected NAME=VALUE with NAME one of {', '.join(_GEOMETRY)}")
+    field, parse = _GEOMETRY[name]
+    return ImageGeometry(**{field: parse(value, f"--geometry {name}")})
+
+
+def add_geometry_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image geometry (after preprocessing); each arch takes the flags `mmlora archs` lists")
+    g.add_argument("--tiles", type=int, help="tiled towers (llama4, internvl, llava_next): tiles of S x S")
+    g.add_argument("--grid", help="qwen-style T,H,W in patches (image_grid_thw)")
+    g.add_argument("--patches", help="gemma4 real patch grid HpxWp")
+    g.add_argument("--image-size", help="pixel size HxW for any-resolution towers (mistral3)")
+    g.add_argument("--split", help="idefics3/smolvlm sub-image grid ROWSxCOLS (0x0: global image only)")

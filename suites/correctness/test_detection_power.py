@@ -1,0 +1,56 @@
+"""The detection-power table's fp32 and bf16 rows on the tiny models, with realistic adapters (delta about
+10% of the base output): every fault of the catalog fails the run and names the module it states, every
+negative control passes. One prepared reference (reference + truth) per (arch, dtype) serves all faults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from harness.correctness.engine import Options, judge, prepare
+from harness.correctness.faults import FAULTS
+
+# LoRA and mapping faults and the controls on Llama 4 (tiled tower, connector inside the tower prefix); each
+# vision-kernel fault on every arch that substitutes its kernel (test_faults_and_cli runs a control on
+# Qwen2-VL's packed q/k/v through the CLI).
+CATALOG = [(name, arch) for name, f in sorted(FAULTS.items()) for arch in (f.archs() if f.kernel else ["llama4"])]
+
+# Faults no sound rule sees at a dtype, with the reason (they stay in the table with their measured margin;
+# no bound is tuned to them). Measured: see README's detection-power table.
+BLIND: dict[tuple[str, str], str] = {
+    ("lora-scale-2pct", "bf16"): "a 2% error on a delta 10% of the output is 0.2% of the output, the size of "
+                                 "bf16 rounding (2^-9): the rms rule sees it where the reference's own error is "
+                                 "smallest, not always at the first tower module (measured margin there 0.94)",
+}
+
+_PREPARED: dict = {}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    def get(arch: str, dtype: str):
+        if (arch, dtype) not in _PREPARED:
+            opts = Options(archs=[arch], dtype=dtype)
+            _PREPARED[(arch, dtype)] = (prepare(arch, opts, tmp_path_factory.mktemp(f"{arch}-{dtype}")), opts)
+        return _PREPARED[(arch, dtype)]
+    yield get
+    _PREPARED.clear()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("fault,arch", CATALOG)
+def test_catalog_row(fault, arch, dtype, prepared):
+    f = FAULTS[fault]
+    p, opts = prepared(arch, dtype)
+    res = judge(p, dataclasses.replace(opts, modes=("e2e", "replay") if f.control else (f.mode,)), f)
+    v = res.summary["fault"]
+    print(f"{fault} {arch} {dtype}: {v}")
+    if f.control:
+        assert v["passed"], f"negative control failed: {res.summary['first_divergence']}"
+        return
+    assert not math.isnan(v["margin"]), "the module the fault names was not compared"
+    if (fault, dtype) in BLIND:
+        return  # reported with its margin; see BLIND's reason
+    assert v["caught"] and v["named"], v

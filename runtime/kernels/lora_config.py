@@ -198,17 +198,24 @@ def forced(shrink: ShrinkConfig | None = None, expand: ExpandConfig | None = Non
         _FORCED.update(old)
 
 
+def select(table: Table | None, op: str, T: int, W: int, rank: int, slices: int, dtype: str
+           ) -> ShrinkConfig | ExpandConfig | None:
+    """The first rule of `table` for `op` that matches the call, or None."""
+    for rule in getattr(table, op, ()) if table is not None else ():
+        if rule.matches(T, W, rank, slices, dtype):
+            return rule.config
+    return None
+
+
 def _lookup(op: str, T: int, W: int, rank: int, slices: int, dtype: torch.dtype, device: torch.device):
     if op in _FORCED:
         return _FORCED[op], "forced"
     if interpreted():
         return (interpreter_shrink(T, W) if op == "shrink" else interpreter_expand(T, W)), "interpreter"
     table = table_for(_device_name(device))
-    if table is not None:
-        name = _DTYPE_NAMES.get(dtype, str(dtype))
-        for rule in getattr(table, op):
-            if rule.matches(T, W, rank, slices, name):
-                return rule.config, table.path
+    cfg = select(table, op, T, W, rank, slices, _DTYPE_NAMES.get(dtype, str(dtype)))
+    if cfg is not None:
+        return cfg, table.path
     fb = fallback_shrink(T, W, rank, slices) if op == "shrink" else fallback_expand(T, W, rank, slices)
     return fb, "fallback"
 

@@ -198,3 +198,15 @@ def test_report_with_several_gpus_in_one_csv():
     imgs = re.findall(r"src='data:image/png;base64,", html)
     assert len(imgs) == 3
     assert "unavailable" in html
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_timing_on_cuda_and_its_fallback():
+    dev = torch.device("cuda")
+    x = torch.randn(1 << 20, device=dev)
+    y = torch.empty_like(x)
+    t = measure(lambda: y.copy_(x), dev, rep_ms=20, warmup_ms=5, graph=True)
+    assert t.note == "CUDA graph replay" and t.p20_ms <= t.p50_ms <= t.p80_ms
+    t = measure(lambda: float(y.copy_(x).sum()), dev, rep_ms=20, warmup_ms=5, graph=True)  # a host read
+    assert "not capturable" in t.note and t.p50_ms > 0

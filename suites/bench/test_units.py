@@ -210,3 +210,41 @@ def test_graph_timing_on_cuda_and_its_fallback():
     assert t.note == "CUDA graph replay" and t.p20_ms <= t.p50_ms <= t.p80_ms
     t = measure(lambda: float(y.copy_(x).sum()), dev, rep_ms=20, warmup_ms=5, graph=True)  # a host read
     assert "not capturable" in t.note and t.p50_ms > 0
+
+
+def test_tuner_writes_a_config_file_the_runtime_reads(tmp_path):
+    """The tuning script's plumbing on CPU (the smoke sweep's first point, block shape / split stage only):
+    every candidate is checked against the twin before it may win, the file parses, the tuned bucket's
+    rule comes first and the base rules follow. Its timings mean nothing here; the GPU run tunes."""
+    import csv as _csv
+    import json
+
+    from harness.bench import tune
+    from runtime.kernels import lora_config as lc
+
+    base = lc.CONFIG_DIR / "h200.json"
+    out = tmp_path / "tuned.json"
+    assert tune.main(["--out", str(out), "--preset", "smoke", "--buckets", "1", "--stages", "1", "--rep-ms", "1",
+                      "--base", str(base)]) == 0
+    data = json.loads(out.read_text())
+    table = lc.parse_table(data, str(out))
+    assert table.shrink[0].when == {"T_max": 64, "W_max": 64, "rank_max": 8, "slices": 1, "dtype": "fp32"}
+    assert len(table.shrink) == 1 + len(json.loads(base.read_text())["shrink"])
+    rows = list(_csv.DictReader(open(f"{out}.csv")))
+    assert {r["op"] for r in rows} == {"shrink", "expand"} and all(r["status"] == "ok" for r in rows)
+    assert len(rows) >= 4
+
+
+def test_tuner_candidates_are_valid_configs():
+    from harness.bench import tune
+    from runtime.kernels import lora_config as lc
+
+    for p in tune.buckets():
+        s = lc.fallback_shrink(p["T"], p["H"], p["rank"], p["slices"])
+        e = lc.fallback_expand(p["T"], p["O"], p["rank"], p["slices"])
+        for stage in (0, 1):
+            for c in tune.shrink_candidates(p, s, stage):
+                lc._check(c, "shrink candidate")
+            for c in tune.expand_candidates(p, e, stage):
+                lc._check(c, "expand candidate")
+    assert tune.buckets()[0]["T"] == 4096 and tune.buckets()[0]["dtype"] == "bf16"  # the headline first

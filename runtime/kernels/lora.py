@@ -222,9 +222,10 @@ def _expand_kernel(v_ptr, b_ptr, meta_ptr, y_ptr, order_ptr, start_ptr, count_pt
         width = tl.load(meta + 1)
         offset = tl.load(meta + 2)
         b_slot = tl.load(meta).to(tl.pointer_type(b_ty)) + slot.to(tl.int64) * tl.load(meta + 3)
-        if ALIGNED:
+        if ALIGNED:  # (the width too: a mask that may change inside 8 columns stops 16-byte accesses)
             b_slot = tl.multiple_of(b_slot, 16)
             offset = tl.multiple_of(offset, 8)
+            width = tl.multiple_of(width, 8)
     else:
         width = width0
         offset = offset0
@@ -500,7 +501,7 @@ def _expand_launch(v, split: int, sorted_v: bool, B_slices, y, slice_offsets, gr
     mode = IEEE_FP32 if b_dtype == torch.float32 else HI_LO_EMULATED if interpreted() else HI_LO
     rows = tuple((b.data_ptr(), b.shape[1], o, b.stride(0)) for b, o in zip(B_slices, slice_offsets))
     e = b_dtype.itemsize
-    aligned = _aligned([b.data_ptr() for b in B_slices], slice_offsets) and \
+    aligned = _aligned([b.data_ptr() for b in B_slices], [*slice_offsets, *(b.shape[1] for b in B_slices)]) and \
         all(b.stride(0) * e % 16 == 0 for b in B_slices)
     meta = _meta_table(rows, y.device) if n > 1 else B_slices[0]
     col_split = min(cfg.col_split, triton.cdiv(max_w, cfg.block_n))

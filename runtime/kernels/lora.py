@@ -414,12 +414,14 @@ def _aligned(ptrs: Sequence[int], ints: Sequence[int] = ()) -> bool:
     return all(p % 16 == 0 for p in ptrs) and all(i % 8 == 0 for i in ints)
 
 
-def _unit_last(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Slices with a contiguous last dim and equal strides (the kernels index it without a stride); the slot
-    tables already are, a strided view is copied once."""
+def _unit_last(ts: Sequence[torch.Tensor], shared: tuple[int, ...]) -> list[torch.Tensor]:
+    """Slices with a contiguous last dim (the kernels index it without a stride) and equal strides along the
+    `shared` dims (passed once for all slices); the slot tables already are, a strided view is copied."""
     out = [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
-    if len({t.stride() for t in out}) > 1 and len({t.shape for t in out}) == 1:
+    if len({tuple(t.stride(d) for d in shared) for t in out}) > 1:
         out = [t.contiguous() for t in out]
+        if len({tuple(t.stride(d) for d in shared) for t in out}) > 1:
+            raise ValueError(f"slices with shapes {[tuple(t.shape) for t in out]} cannot share strides {shared}")
     return out
 
 
@@ -428,7 +430,7 @@ def _shrink_launch(x, A_slices, grouping: TokenGrouping, sorted_out: bool) -> tu
     [split, n, T, R] (no zeroing: only active rows are ever read). Else v [n, T, R] by row id, -1 rows 0.
     Returns (tensor, split)."""
     T, H = x.shape
-    A_slices = _unit_last(A_slices)
+    A_slices = _unit_last(A_slices, (0, 1))  # stride_as, stride_ar: one pair for all slices
     n, (S, R, _) = len(A_slices), A_slices[0].shape
     a_dtype = A_slices[0].dtype
     fp32 = interpreted() or torch.float32 in (x.dtype, a_dtype) or x.dtype != a_dtype  # interp: bf16 dot is broken
@@ -491,7 +493,7 @@ def _expand_launch(v, split: int, sorted_v: bool, B_slices, y, slice_offsets, gr
     """v: [split, n, T, R] at sorted positions (sorted_v) or [n, T, R] by row id. `lo=False` drops v_lo (the
     numerics test's seeded fault: the bound must catch it)."""
     T = y.shape[0]
-    B_slices = _unit_last(B_slices)
+    B_slices = _unit_last(B_slices, (1,))  # stride_bo shared; each slot stride is in the table
     n, S, R = len(B_slices), B_slices[0].shape[0], B_slices[0].shape[2]
     if v.stride(-1) != 1:
         v = v.contiguous()

@@ -159,6 +159,11 @@ def test_lora_strided_views_and_determinism():
     assert torch.equal(first, again)
     ref = lora_apply_torch(x, wide.clone()[:, 5:23], A, B, slots)
     assert_close_scaled(first, ref, REL[torch.bfloat16], "strided bf16")
+    # adapters as rank views of wider tables (the rank dim strided) and one slice transposed in memory
+    A6, B6 = [a[:, :6, :] for a in A], [B[0][:, :, :6], B[1].transpose(1, 2).contiguous().transpose(1, 2)[:, :, :6]]
+    got = lora_apply(x, wide.clone()[:, 5:23], A6, B6, slots)
+    assert_close_scaled(got, lora_apply_torch(x, wide.clone()[:, 5:23], A6, B6, slots), REL[torch.bfloat16],
+                        "strided adapters")
 
 
 def test_lora_rejects_bad_slot_ids():

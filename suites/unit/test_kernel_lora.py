@@ -164,6 +164,10 @@ def test_lora_strided_views_and_determinism():
     got = lora_apply(x, wide.clone()[:, 5:23], A6, B6, slots)
     assert_close_scaled(got, lora_apply_torch(x, wide.clone()[:, 5:23], A6, B6, slots), REL[torch.bfloat16],
                         "strided adapters")
+    # y column-major (its column stride is not 1: the kernel's general y path)
+    y_cm = wide.clone()[:, 5:23].t().contiguous().t()
+    assert y_cm.stride(1) != 1
+    assert_close_scaled(lora_apply(x, y_cm, A, B, slots), ref, REL[torch.bfloat16], "column-major y")
 
 
 def test_lora_rejects_bad_slot_ids():

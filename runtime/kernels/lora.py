@@ -14,8 +14,8 @@ mapping (python ints) and skips the read, so every LoRA call of a batch can be c
 
 Tile schedule: the programs along grid axis 0 walk the (slot, row tile) pairs of the active slots in slot
 order; program p finds its pair from the per-slot counts (tiles_s = ceil(count_s / BLOCK_M), a cumulative
-sum over the S counts in registers, `_tile_rows`), so the schedule costs no launch and each kernel keeps its own
-BLOCK_M. The grid is min(T, ceil(T / BLOCK_M) + S - 1) programs along that axis, the most tiles any
+sum over the S counts in registers, `_tile_rows`), so the schedule costs no launch and each kernel keeps
+its own BLOCK_M. The grid is min(T, ceil(T / BLOCK_M) + S - 1) programs along that axis, the most tiles any
 grouping can have; programs past the last tile exit at once. The -1 rows are never visited.
 
 Shrink: each program multiplies a tile of rows by its slot's A over a range of H (split-K). With one split
@@ -36,8 +36,9 @@ Each program keeps its v tile (split into hi / lo once) in registers while it wa
 slice's column tiles.
 
 Launch configurations come per shape bucket from stored tables (runtime/kernels/lora_config.py).
-Slices are reached through a small device table of (pointer, strides, width, offset) per slice, so
-unequal widths (packed q/k/v) run in one launch; the table is cached per (pointers, shapes).
+One slice (the runtime's case) passes its pointer and strides as arguments; several slices (packed q/k/v,
+unequal widths, one launch) read (pointer, width, offset, slot stride) from a small device table cached
+per (pointers, shapes), built on the first call (capture CUDA graphs after a warm-up call).
 """
 
 from __future__ import annotations

@@ -58,7 +58,14 @@ class SlotMapping:
 
 def build_mapping(arch: ArchSpec, config, requests: Sequence[Request], slots: Sequence[int], l_max: int,
                   device: torch.device | str = "cpu", hooks: RuntimeHooks = NO_FAULT,
-                  make_grouping: Callable[[torch.Tensor], object] = lambda s: None) -> SlotMapping:
+                  make_grouping: Callable[[torch.Tensor], object] = lambda s: None,
+                  n_slots: int | None = None) -> SlotMapping:
+    """`n_slots`: the slot tables' size; the slot ids are then checked here, on the host, as python ints, so
+    the provider may build its grouping on the device without reading anything back (no host sync)."""
+    if n_slots is not None:
+        bad = sorted({s for s in slots if not (isinstance(s, int) and -1 <= s < n_slots)}, key=repr)
+        if bad:
+            raise ValueError(f"slot ids must lie in [-1, {n_slots - 1}], got {bad}")
     out: dict[str, list[int]] = {"tower": [], "connector": [], "language_model": []}
     image = 0
     for req, slot in zip(requests, slots, strict=True):

@@ -32,7 +32,8 @@ class LoRAProvider:
 
 
 PROVIDERS: dict[str, LoRAProvider] = {
-    "triton": LoRAProvider("triton", lora_apply, token_grouping),
+    # slot ids are validated on the host where the mapping is built: the grouping never syncs
+    "triton": LoRAProvider("triton", lora_apply, lambda slots, n: token_grouping(slots, n, validate=False)),
     "torch": LoRAProvider("torch", lora_apply_torch, lambda slots, n: None),
 }
 
@@ -121,7 +122,7 @@ class RuntimeModel:
         slots = [self.tables.slot(r.adapter) for r in requests]
         n_slots = self.tables.max_slots
         return build_mapping(self.arch, self.config, requests, slots, l_max, self.device, self.hooks,
-                             lambda s: self.provider.grouping(s, n_slots))
+                             lambda s: self.provider.grouping(s, n_slots), n_slots=n_slots)
 
     def apply_lora(self, name: str, group: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
         """One path for every run: the hooks pick the slot vector and the kernel (identity when healthy);

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +23,16 @@ class Work:
     flops: float = 0.0
 
 
-Build = Callable[[dict, str, torch.device], tuple[Callable[[], object], Work]]
+@dataclass(frozen=True)
+class Timed:
+    """What a case's build returns when the call needs more than a plain timing loop."""
+
+    fn: Callable[[], object]
+    work: Work
+    graph: bool = False   # on CUDA: time the replay of a CUDA graph captured from fn
+
+
+Build = Callable[[dict, str, torch.device], "tuple[Callable[[], object], Work] | Timed"]
 
 
 @dataclass(frozen=True)
@@ -34,15 +43,29 @@ class Case:
     x: str                         # the parameter plots put on the x axis
     build: Build
     has_flops: bool = True
+    # provider -> the variants it is timed in (the `variant` column); a provider not listed has none
+    variants: dict = field(default_factory=dict)
+    # variants whose rows are latency only (no bytes / flops: e.g. the token grouping alone)
+    latency_only: tuple[str, ...] = ()
+    # False for the copy case itself: its bandwidth is the yardstick, not measured against it
+    vs_copy: bool = True
 
-    def metrics(self, cuda: bool, profile: bool) -> tuple[str, ...]:
-        """Metric rows an ok point writes; `sweep.derive` computes each."""
+    def variants_of(self, provider: str) -> tuple:
+        return tuple(self.variants.get(provider, ())) or (None,)
+
+    def metrics(self, cuda: bool, profile: bool, copy: bool = False, variant: str | None = None) -> tuple[str, ...]:
+        """Metric rows an ok point writes; `sweep.derive` computes each. `copy`: the run measures the copy
+        bandwidth (the `copy` case is planned), so kernel rows also carry copy_us and pct_copy."""
         if self.kind == "e2e":
             out = ["latency_ms", "images_per_s", "tokens_per_s"]
+        elif variant in self.latency_only:
+            out = ["latency_ms", "tokens_per_s"]
         else:
-            out = ["latency_ms", "tokens_per_s", "gbps"] + (["tflops"] if self.has_flops else [])
+            out = ["latency_ms", "tokens_per_s", "gbps"] + (["tflops"] if self.has_flops else []) + ["bytes_mb"]
             if profile:
-                out.append("pct_roofline")
+                out += ["pct_roofline", "roof_us"]
+            if copy and self.vs_copy:
+                out += ["pct_copy", "copy_us"]
         if cuda:
             out.append("peak_mem_mib")
         return tuple(out)

@@ -106,7 +106,9 @@ def cmd_bench(args) -> int:
     if args.warmup_ms is not None:
         repro_base += ["--warmup-ms", f"{warmup_ms:g}"]
     env = collect(device)
-    ctx = sweep.Context(device, profile, env, rep_ms, warmup_ms, preset.min_reps, repro_base)
+    ctx = sweep.Context(device, profile, env, rep_ms, warmup_ms, preset.min_reps, repro_base,
+                        measures_copy=the_plan.measures_copy)
+    ctx.note_copy(store.rows())  # a resumed run keeps the copy bandwidth it already measured
     store.begin()
     try:
         counts = sweep.run(the_plan.points, done, ctx, store.append)

@@ -27,8 +27,11 @@ class Preset:
 
 
 def _kernel_points(preset: str) -> dict[str, list[dict]]:
-    """Each kernel's own sweep for this preset (its spec, beside the kernel)."""
-    return {name: spec.sweeps[preset].points() for name, spec in KERNELS.items() if preset in spec.sweeps}
+    """The copy yardstick, then each kernel's own sweep for this preset (its spec, beside the kernel)."""
+    from harness.bench.kernel_cases import COPY_SWEEPS
+
+    return {"copy": COPY_SWEEPS[preset].points(),
+            **{name: spec.sweeps[preset].points() for name, spec in KERNELS.items() if preset in spec.sweeps}}
 
 
 def _e2e(models, base: dict, axes: dict | None = None, grid: dict | None = None) -> list[dict]:

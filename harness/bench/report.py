@@ -2,8 +2,11 @@
 
 Plots: latency vs the case's x parameter per provider, % of roofline, speed-up over peft. Each panel
 is one case (and one model for end-to-end cases); its lines hold the other parameters at the base
-combination (the one swept over the most x values), one line per (provider, GPU), so a CSV holding
-several GPUs draws one line per GPU instead of mixing them.
+combination (the one swept over the most x values), one line per (provider and variant, GPU), so a CSV
+holding several GPUs draws one line per GPU instead of mixing them, and the LoRA kernel / eager /
+grouping variants stand side by side. Tables: each kernel row against the memory limits (bytes, the us
+they take at the profile's peak and at the copy bandwidth measured in the run, % of both), the noisy
+points, the regressions, the rows without numbers.
 """
 
 from __future__ import annotations
@@ -15,8 +18,14 @@ from harness.bench import schema
 from harness.bench.baseline import Comparison
 from harness.output import PAGE, esc, png_data_uri
 
-_OTHER = [c for c in schema.PARAM_COLUMNS if c != "model"]
+_OTHER = [c for c in schema.PARAM_COLUMNS if c not in ("model", "variant")]
 COLORS = {"triton": "tab:blue", "torch": "tab:orange", "peft": "tab:green", "vllm": "tab:red"}
+MARKERS = {"kernel": "o", "eager": "s", "grouping": "^"}
+
+
+def _label(r: dict) -> str:
+    """A plot line's provider label: the provider, and the variant where the case has one."""
+    return f"{r['provider']} {r['variant']}" if r.get("variant") else r["provider"]
 
 
 def _num(s: str) -> float:
@@ -58,7 +67,7 @@ def _panels(rows: list[dict], cases: dict) -> dict[tuple[str, str], dict]:
         series: dict[tuple[str, str], dict[float, dict]] = defaultdict(dict)
         for r in prs:
             if tuple(r.get(c, "") for c in others) == base and not math.isnan(_num(r.get(x))):
-                series[(r["provider"], r.get("gpu_name", ""))][_num(r[x])] = r
+                series[(_label(r), r.get("gpu_name", ""))][_num(r[x])] = r
         base_desc = " ".join(f"{c}={v}" for c, v in zip(others, base) if v)
         out[panel] = {"x": x, "series": series, "base": base_desc}
     return out
@@ -95,8 +104,9 @@ def _plot(panels: dict, ylabel: str, value, title: str, logy: bool, hline: float
                 if not xy:
                     continue
                 label = prov if len(gpus) == 1 else f"{prov} @ {gpu}"
-                ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", ms=3, linestyle=ls[gpu], label=label,
-                        color=COLORS.get(prov))
+                base, _, variant = prov.partition(" ")
+                ax.plot([a for a, _ in xy], [b for _, b in xy], marker=MARKERS.get(variant, "o"), ms=3,
+                        linestyle=ls[gpu], label=label, color=COLORS.get(base))
             xs_all = [x for s in p["series"].values() for x in s]
             if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
                 ax.set_xscale("log", base=2)
@@ -139,14 +149,14 @@ def plots(rows: list[dict], cases: dict) -> list[str]:
                               "(CPU, or a GPU without a profile; see --gpu). Achieved GB/s instead:"))
         if gbps:
             parts.append(f"<img alt='achieved GB/s' src='{_plot(gbps, 'GB/s (p50)', lambda r, x, p, g: _num(r['p50']), 'achieved GB/s (bytes from each kernel spec)', True)}'>")
-    peft = {k: v for k, v in lat.items() if any(prov == "peft" for prov, _ in v["series"])}
+    peft = {k: v for k, v in lat.items() if any(prov.split()[0] == "peft" for prov, _ in v["series"])}
     if peft:
         sp: dict = {}
         for key, p in peft.items():
             series = {}
             for (prov, gpu), pts in p["series"].items():
-                ref = p["series"].get(("peft", gpu), {})
-                if prov == "peft":
+                ref = next((v for (pv, g), v in p["series"].items() if pv.split()[0] == "peft" and g == gpu), {})
+                if prov.split()[0] == "peft":
                     continue
                 series[(prov, gpu)] = {x: {"ratio": _num(ref[x]["p50"]) / _num(r["p50"])}
                                        for x, r in pts.items() if x in ref}
@@ -161,6 +171,45 @@ def plots(rows: list[dict], cases: dict) -> list[str]:
 
 def _params(r: dict) -> str:
     return " ".join(f"{c}={r[c]}" for c in schema.PARAM_COLUMNS if r.get(c))
+
+
+def _limits_table(rows: list[dict]) -> str:
+    """Every ok kernel point that has byte counts: bytes, us at the profile's peak and at the run's copy
+    bandwidth, measured p50 us, % of each, and the note (noisy points say so)."""
+    by_point: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        if r.get("status") == "ok":
+            by_point[schema.row_key(r)[:-1]][r["metric"]] = r
+    head = ("case", "provider", "params", "MB", "us @ peak", "us @ copy", "p50 us", "% peak", "% copy", "note")
+    body = []
+    for key, m in by_point.items():
+        if "bytes_mb" not in m or key[0] == "copy":
+            continue
+        lat = m["latency_ms"]
+        cells = [_num(m[k]["p50"]) if k in m else math.nan for k in ("bytes_mb", "roof_us", "copy_us")]
+        cells.append(1e3 * _num(lat["p50"]))
+        cells += [_num(m[k]["p50"]) if k in m else math.nan for k in ("pct_roofline", "pct_copy")]
+        nums = "".join(f"<td>{'' if math.isnan(v) else f'{v:.4g}'}</td>" for v in cells)
+        body.append(f"<tr><td class='l'>{esc(key[0])}</td><td class='l'>{esc(key[1])}</td>"
+                    f"<td class='l'>{esc(_params(lat))}</td>{nums}<td class='l'>{esc(lat.get('note', ''))}</td></tr>")
+    if not body:
+        return ""
+    copy = [r for r in rows if r.get("case") == "copy" and r.get("metric") == "gbps" and r.get("status") == "ok"]
+    best = max((_num(r["p50"]) for r in copy), default=math.nan)
+    hdr = "".join(f"<th{' class=l' if h in ('case', 'provider', 'params', 'note') else ''}>{h}</th>" for h in head)
+    return (f"<details><summary>Kernel rows against the memory limits ({len(body)} points; copy bandwidth "
+            f"measured in this run: {'none' if math.isnan(best) else f'{best:.4g} GB/s'})</summary>"
+            f"<table><tr>{hdr}</tr>{''.join(body)}</table></details>")
+
+
+def _noisy(rows: list[dict]) -> str:
+    noisy = [r for r in rows if r.get("metric") == "latency_ms" and "noisy" in (r.get("note") or "")]
+    if not noisy:
+        return f"<p>No noisy points (p80 / p20 of the latency above {schema.NOISY_RATIO}).</p>"
+    return (f"<h2>Noisy points</h2><p>{len(noisy)} points whose p80 / p20 exceeds {schema.NOISY_RATIO}: their "
+            f"figures are less trustworthy.</p><ul>" + "".join(
+                f"<li>{esc(r['case'])} {esc(r['provider'])} {esc(_params(r))}: {esc(r['note'])}</li>" for r in noisy)
+            + "</ul>")
 
 
 def _regression_table(comps: list[Comparison], baseline: str) -> str:
@@ -187,6 +236,8 @@ def render_html(rows: list[dict], cases: dict, meta: dict, comps: list[Compariso
     if comps is not None:
         parts.append(_regression_table(comps, baseline or ""))
     parts += plots(rows, cases)
+    parts.append(_limits_table(rows))
+    parts.append(_noisy(rows))
     bad = [r for r in rows if r.get("status") != "ok"]
     if bad:
         parts.append("<h2>Rows without numbers</h2><table><tr><th class=l>case</th><th class=l>provider</th>"

@@ -24,6 +24,8 @@ PARAM_COLUMNS: tuple[str, ...] = (
     "head_dim",    # rope_2d: head dim
     "pool_k",      # position_pool: pooling kernel k (k x k patches per token)
     "images",      # e2e: images per batch (one image per request)
+    "variant",     # LoRA kernels: what is timed: kernel (grouping precomputed; CUDA graph on GPU) | eager (the
+                   # public call) | grouping (the token grouping alone); empty for every other case
 )
 ENV_COLUMNS: tuple[str, ...] = ("gpu_name", "driver", "cuda", "torch", "triton", "transformers", "peft", "git_sha",
                                 "timestamp")
@@ -41,8 +43,14 @@ UNITS: dict[str, str] = {
     "gbps": "GB/s",
     "tflops": "TFLOP/s",
     "pct_roofline": "%",
+    "bytes_mb": "MB",       # bytes one call must move (the kernel spec's model), 1e6
+    "roof_us": "us",        # the time those bytes (and flops) take at the GPU profile's peak
+    "copy_us": "us",        # the time those bytes take at the copy bandwidth measured in the same run
+    "pct_copy": "%",        # copy_us over the measured time: % of the achievable memory roofline
     "peak_mem_mib": "MiB",
 }
+# a point whose p80 / p20 latency exceeds this is flagged noisy in its rows' note
+NOISY_RATIO = 1.2
 
 
 def fmt(v) -> str:

@@ -1,6 +1,9 @@
 """Plan and run a sweep: points -> measured rows, appended to the store as each point finishes.
 
-A point is (case, provider, params); its rows are one per metric. A provider that cannot run here gives
+A point is (case, provider, params); its rows are one per metric. LoRA kernel cases expand each parameter
+point into the variants its provider is timed in (the `variant` column). The `copy` case runs first, and
+its best GB/s in this run (also when resumed: read back from the CSV) is the copy bandwidth kernel rows are
+held against (copy_us, pct_copy); a point whose p80 / p20 exceeds schema.NOISY_RATIO says so in its note. A provider that cannot run here gives
 one params-less row per case with status `unavailable` (never a number). A point that raises
 torch.OutOfMemoryError gives one `oom` row, any other exception one `error` row naming it; the sweep goes
 on. Finished points (any status) are never re-run on resume.
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.bench import schema
-from harness.bench.case import Case, Unavailable, Work, vllm_unavailable
+from harness.bench.case import Case, Timed, Unavailable, Work, vllm_unavailable
 from harness.bench.cases import all_cases
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
@@ -39,6 +42,11 @@ class Point:
 class Plan:
     points: list[Point]
     notes: list[str]      # row-less log lines (skipped providers)
+
+    @property
+    def measures_copy(self) -> bool:
+        """The run measures the copy bandwidth, so kernel rows carry copy_us / pct_copy."""
+        return any(p.case == "copy" and not p.unavailable for p in self.points)
 
 
 def log(msg: str) -> None:
@@ -90,7 +98,11 @@ def plan(preset: Preset, cases: Sequence[str] | None, providers: Sequence[str] |
                 if _matches({}, filters):
                     mine.append(Point(name, prov, {}, reason))
                 continue
-            mine += [Point(name, prov, dict(p)) for p in plist if _matches(p, filters)]
+            for p in plist:
+                for variant in case.variants_of(prov):
+                    q = {**p, "variant": variant} if variant else dict(p)
+                    if _matches(q, filters):
+                        mine.append(Point(name, prov, q))
         if case.kind == "e2e":  # consecutive points share one built model (see e2e._bucket)
             from harness.bench.e2e import _bucket
 
@@ -98,6 +110,8 @@ def plan(preset: Preset, cases: Sequence[str] | None, providers: Sequence[str] |
                                       _bucket(pt.params.get("n_adapters", 0)), pt.provider,
                                       pt.params.get("n_adapters", 0), pt.params.get("images", 0)))
         points += mine
+    # the copy bandwidth is measured before the kernels it is the yardstick of
+    points.sort(key=lambda pt: pt.case != "copy")
     return Plan(points, notes)
 
 
@@ -106,18 +120,28 @@ def _matches(params: dict, filters: dict[str, str]) -> bool:
 
 
 # ---------------------------------------------------------------------- metrics
-def derive(metric: str, t: Timing, w: Work, profile: GpuProfile | None) -> tuple[float, float, float]:
-    """(p50, p20, p80) of a metric. Throughputs invert latency: their p20 comes from latency's p80."""
+def derive(metric: str, t: Timing, w: Work, profile: GpuProfile | None, copy_gbps: float | None = None
+           ) -> tuple[float, float, float]:
+    """(p50, p20, p80) of a metric. Throughputs invert latency: their p20 comes from latency's p80.
+    bytes_mb, roof_us and copy_us do not depend on the timing (p50 = p20 = p80)."""
     lat = (t.p50_ms, t.p20_ms, t.p80_ms)
     if metric == "latency_ms":
         return lat
     if metric == "peak_mem_mib":
         m = (t.peak_bytes or 0) / 2**20
         return m, m, m
+    const = {"bytes_mb": lambda: w.nbytes / 1e6,
+             "roof_us": lambda: 1e6 * profile.roof_seconds(w.nbytes, w.flops),
+             "copy_us": lambda: 1e6 * w.nbytes / (copy_gbps * 1e9)}.get(metric)
+    if const is not None:
+        v = const()
+        return v, v, v
     amount = {"tokens_per_s": w.tokens, "images_per_s": w.images, "gbps": w.nbytes / 1e9,
               "tflops": w.flops / 1e12}.get(metric)
     if metric == "pct_roofline":
         amount = 100.0 * profile.roof_seconds(w.nbytes, w.flops)
+    if metric == "pct_copy":
+        amount = 100.0 * w.nbytes / (copy_gbps * 1e9)
     if amount is None:
         raise ValueError(f"unknown metric {metric!r}")
     p50, p20, p80 = (amount / (ms / 1e3) for ms in lat)
@@ -133,6 +157,19 @@ class Context:
     warmup_ms: float
     min_reps: int
     repro_base: list[str]
+    measures_copy: bool = False       # the plan holds copy points (kernel rows carry copy_us / pct_copy)
+    copy_gbps: float | None = None    # best copy bandwidth measured so far in this run
+
+    def note_copy(self, rows: list[dict]) -> None:
+        """Take the best ok copy GB/s among `rows` of this run's GPU."""
+        for r in rows:
+            if r.get("case") == "copy" and r.get("metric") == "gbps" and r.get("status") == "ok" and \
+                    r.get("gpu_name", "") == self.env.get("gpu_name", ""):
+                try:
+                    v = float(r["p50"])
+                except (TypeError, ValueError):
+                    continue
+                self.copy_gbps = max(self.copy_gbps or 0.0, v)
 
 
 def repro(point: Point, ctx: Context) -> str:
@@ -162,9 +199,11 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
         return [_row(point, ctx, "latency_ms", None, "unavailable", point.unavailable)]
     cuda = ctx.device.type == "cuda"
     try:
-        fn, work = case.build(point.params, point.provider, ctx.device)
-        t = measure(fn, ctx.device, ctx.rep_ms, ctx.warmup_ms, ctx.min_reps)
-        del fn
+        built = case.build(point.params, point.provider, ctx.device)
+        timed = built if isinstance(built, Timed) else Timed(*built)
+        work = timed.work
+        t = measure(timed.fn, ctx.device, ctx.rep_ms, ctx.warmup_ms, ctx.min_reps, graph=timed.graph)
+        del built, timed
     except Unavailable as e:
         return [_row(point, ctx, "latency_ms", None, "unavailable", str(e))]
     except torch.OutOfMemoryError as e:
@@ -173,8 +212,18 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - recorded as a row; the sweep goes on
         _free(case)
         return [_row(point, ctx, "latency_ms", None, "error", _one_line(e))]
-    return [_row(point, ctx, m, derive(m, t, work, ctx.profile), "ok")
-            for m in case.metrics(cuda, ctx.profile is not None)]
+    notes = [t.note] if t.note else []
+    if t.spread > schema.NOISY_RATIO:
+        notes.append(f"noisy: p80/p20 {t.spread:.2f} > {schema.NOISY_RATIO}")
+    metrics = case.metrics(cuda, ctx.profile is not None, ctx.measures_copy, point.params.get("variant"))
+    if ctx.copy_gbps is None and "copy_us" in metrics:
+        log(f"{point.case}: no copy bandwidth measured in this run (the copy case failed?): no copy_us / pct_copy")
+        metrics = tuple(m for m in metrics if m not in ("copy_us", "pct_copy"))
+    rows = [_row(point, ctx, m, derive(m, t, work, ctx.profile, ctx.copy_gbps), "ok", "; ".join(notes))
+            for m in metrics]
+    if point.case == "copy":
+        ctx.note_copy(rows)
+    return rows
 
 
 def _free(case: Case) -> None:

@@ -11,6 +11,19 @@ import triton.language as tl
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+# The combine function tl.sum / tl.cumsum use. Kernels that run once per program in the interpreter call
+# tl.reduce / tl.associative_scan with it directly: tl.sum is itself a jit function, and the interpreter
+# (triton 3.9) re-patches the language module on every nested jit call (~3 ms each, as much as a whole
+# small program), while it recognises this combine function and sums with numpy. On CUDA both compile to
+# the same reduction. Falls back to a plain add where triton names it differently.
+SUM = getattr(getattr(tl, "standard", None), "_sum_combine", _add)
+
+
 def interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (the only way on a machine without CUDA)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

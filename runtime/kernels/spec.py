@@ -40,6 +40,19 @@ class Sweep:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One way the bench times a kernel's op (the CSV's `variant` column), e.g. the op with its per-batch
+    preparation done outside the timed call (`kernel`), or the public call as an application makes it
+    (`eager`)."""
+
+    # (args, kwargs) from `sample` -> the zero-argument call to time; any preparation happens here, untimed
+    prepare: Callable[[tuple, dict], Callable[[], object]]
+    graph: bool = False      # on CUDA, timed as the replay of a CUDA graph captured from the call
+    roofline: bool = True    # the op's bytes / flops apply (False: latency rows only, e.g. a preparation step)
+    doc: str = ""
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     name: str  # the same name in runtime/kernels, the tests, the bench case and its CSV rows
     op: Callable  # the Triton op
@@ -58,6 +71,8 @@ class KernelSpec:
     has_flops: bool = True
     # the parameters a point of this kernel must give (checked before building inputs)
     params: tuple[str, ...] = ()
+    # the op's timed variants (name -> Variant); empty: the op is timed as called, with no variant column
+    variants: Mapping[str, Variant] = field(default_factory=dict)
 
     def check(self, p: dict) -> None:
         missing = [k for k in self.params if p.get(k) is None]

@@ -23,7 +23,8 @@ def expected_keys(cases=None, providers=None, filters=None, gpu="auto") -> list[
     registry = all_cases()
     out = []
     for pt in plan.points:
-        metrics = ("latency_ms",) if pt.unavailable else registry[pt.case].metrics(cuda, profile is not None)
+        metrics = ("latency_ms",) if pt.unavailable else registry[pt.case].metrics(
+            cuda, profile is not None, plan.measures_copy, pt.params.get("variant"))
         out += [(*pt.key(), m) for m in metrics]
     return out
 

@@ -81,10 +81,59 @@ def test_derived_quantiles_keep_order():
 
 def test_case_metrics_per_device():
     c = KERNEL_CASES["lora_apply"]
-    assert c.metrics(False, False) == ("latency_ms", "tokens_per_s", "gbps", "tflops")
-    assert c.metrics(True, True)[-2:] == ("pct_roofline", "peak_mem_mib")
+    assert c.metrics(False, False) == ("latency_ms", "tokens_per_s", "gbps", "tflops", "bytes_mb")
+    assert c.metrics(True, True, copy=True) == ("latency_ms", "tokens_per_s", "gbps", "tflops", "bytes_mb",
+                                                "pct_roofline", "roof_us", "pct_copy", "copy_us", "peak_mem_mib")
+    assert c.metrics(True, True, copy=True, variant="grouping") == ("latency_ms", "tokens_per_s", "peak_mem_mib")
     assert "tflops" not in KERNEL_CASES["pixel_shuffle"].metrics(False, False)
+    assert "copy_us" not in KERNEL_CASES["copy"].metrics(True, True, copy=True)  # the yardstick itself
     assert all_cases()["tower_connector"].metrics(False, True) == ("latency_ms", "images_per_s", "tokens_per_s")
+
+
+def test_lora_variants_per_provider():
+    """triton is timed as kernel / eager (+ grouping for apply); the twin and PEFT as called; vLLM's kernels
+    with their metadata prepared outside the timed call, like the runtime's kernel rows."""
+    assert KERNEL_CASES["lora_apply"].variants_of("triton") == ("kernel", "eager", "grouping")
+    assert KERNEL_CASES["lora_shrink"].variants_of("triton") == ("kernel", "eager")
+    assert KERNEL_CASES["lora_apply"].variants_of("peft") == ("eager",)
+    assert KERNEL_CASES["lora_expand"].variants_of("vllm") == ("kernel",)
+    assert KERNEL_CASES["pixel_shuffle"].variants_of("triton") == (None,)
+
+
+def test_copy_and_limit_metrics():
+    """bytes_mb, roof_us, copy_us are the byte model's figures (constant over quantiles); pct_copy is the
+    copy-bandwidth time over the measured time, like pct_roofline against the profile's peak."""
+    t = Timing(p50_ms=0.05, p20_ms=0.04, p80_ms=0.06, samples=10)
+    w = Work(tokens=4096, nbytes=100e6, flops=1e9)
+    p = roofline.PROFILES["h200"]
+    assert derive("bytes_mb", t, w, p) == (100.0, 100.0, 100.0)
+    assert derive("roof_us", t, w, p)[0] == pytest.approx(100e6 / 4.8e12 * 1e6)
+    assert derive("copy_us", t, w, p, copy_gbps=4000.0) == pytest.approx((25.0, 25.0, 25.0))
+    p50, p20, p80 = derive("pct_copy", t, w, p, copy_gbps=4000.0)
+    assert p50 == pytest.approx(50.0) and p20 < p50 < p80
+
+
+def test_noisy_points_are_flagged_and_uncapturable_calls_timed_anyway(monkeypatch):
+    from harness.bench import sweep
+    from harness.bench.case import Case, Timed
+
+    ctx = sweep.Context(torch.device("cpu"), None, {"gpu_name": "cpu"}, 1.0, 0.0, 3, ["x"])
+    case = Case("pixel_shuffle", "kernel", ("torch",), "T", lambda p, prov, dev: Timed(lambda: None, Work(1.0)))
+    point = sweep.Point("pixel_shuffle", "torch", {"T": 16})
+    monkeypatch.setattr(sweep, "measure", lambda *a, **k: Timing(1.0, 1.0, 1.3, 5))
+    assert all("noisy: p80/p20 1.30 > 1.2" in r["note"] for r in sweep.run_point(point, case, ctx))
+    monkeypatch.setattr(sweep, "measure", lambda *a, **k: Timing(1.0, 1.0, 1.1, 5))
+    assert all(r["note"] == "" for r in sweep.run_point(point, case, ctx))
+
+
+def test_copy_bandwidth_is_the_best_copy_row_of_this_gpu():
+    from harness.bench import sweep
+
+    ctx = sweep.Context(torch.device("cpu"), None, {"gpu_name": "g0"}, 1.0, 0.0, 3, ["x"], measures_copy=True)
+    rows = [_row("copy", "torch", "4096", "gbps", "3000", "g0"), _row("copy", "torch", "16384", "gbps", "3500", "g0"),
+            _row("copy", "torch", "16384", "gbps", "9000", "other GPU"), _row("pixel_shuffle", metric="gbps", p50="9e9")]
+    ctx.note_copy(rows)
+    assert ctx.copy_gbps == 3500.0
 
 
 def test_cpu_timing_loop_excludes_first_call_and_orders_quantiles():
@@ -149,3 +198,53 @@ def test_report_with_several_gpus_in_one_csv():
     imgs = re.findall(r"src='data:image/png;base64,", html)
     assert len(imgs) == 3
     assert "unavailable" in html
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_timing_on_cuda_and_its_fallback():
+    dev = torch.device("cuda")
+    x = torch.randn(1 << 20, device=dev)
+    y = torch.empty_like(x)
+    t = measure(lambda: y.copy_(x), dev, rep_ms=20, warmup_ms=5, graph=True)
+    assert t.note == "CUDA graph replay" and t.p20_ms <= t.p50_ms <= t.p80_ms
+    t = measure(lambda: float(y.copy_(x).sum()), dev, rep_ms=20, warmup_ms=5, graph=True)  # a host read
+    assert "not capturable" in t.note and t.p50_ms > 0
+
+
+def test_tuner_writes_a_config_file_the_runtime_reads(tmp_path):
+    """The tuning script's plumbing on CPU (the smoke sweep's first point, block shape / split stage only):
+    every candidate is checked against the twin before it may win, the file parses, the tuned bucket's
+    rule comes first and the base rules follow. Its timings mean nothing here; the GPU run tunes."""
+    import csv as _csv
+    import json
+
+    from harness.bench import tune
+    from runtime.kernels import lora_config as lc
+
+    base = lc.CONFIG_DIR / "h200.json"
+    out = tmp_path / "tuned.json"
+    assert tune.main(["--out", str(out), "--preset", "smoke", "--buckets", "1", "--stages", "1", "--rep-ms", "1",
+                      "--base", str(base)]) == 0
+    data = json.loads(out.read_text())
+    table = lc.parse_table(data, str(out))
+    assert table.shrink[0].when == {"T_max": 64, "W_max": 64, "rank_max": 8, "slices": 1, "dtype": "fp32"}
+    assert len(table.shrink) == 1 + len(json.loads(base.read_text())["shrink"])
+    rows = list(_csv.DictReader(open(f"{out}.csv")))
+    assert {r["op"] for r in rows} == {"shrink", "expand"} and all(r["status"] == "ok" for r in rows)
+    assert len(rows) >= 4
+
+
+def test_tuner_candidates_are_valid_configs():
+    from harness.bench import tune
+    from runtime.kernels import lora_config as lc
+
+    for p in tune.buckets():
+        s = lc.fallback_shrink(p["T"], p["H"], p["rank"], p["slices"])
+        e = lc.fallback_expand(p["T"], p["O"], p["rank"], p["slices"])
+        for stage in (0, 1):
+            for c in tune.shrink_candidates(p, s, stage):
+                lc._check(c, "shrink candidate")
+            for c in tune.expand_candidates(p, e, stage):
+                lc._check(c, "expand candidate")
+    assert tune.buckets()[0]["T"] == 4096 and tune.buckets()[0]["dtype"] == "bf16"  # the headline first

@@ -16,7 +16,9 @@ from runtime.kernels import (
     lora_expand_torch,
     lora_shrink,
     lora_shrink_torch,
+    token_grouping,
 )
+from runtime.kernels.lora import token_grouping_torch
 from suites.helpers import DEV, assert_close_scaled, rel_tol
 
 # Examples follow the profile (default 50): tiny shapes keep an interpreted file well under 60 s.
@@ -89,17 +91,20 @@ def test_lora_kernel_matches_twin_and_bruteforce(case):
     dtype, rel = case["dtype"], REL[case["dtype"]]
     none = slots < 0
 
-    v = lora_shrink(x, A, slots)
+    # the grouping kernels against their torch twin (integers: exactly), then built once for the ops below
+    grouping = token_grouping(slots, case["S"])
+    assert all(torch.equal(a, b) for a, b in zip(grouping, token_grouping_torch(slots, case["S"])))
+    v = lora_shrink(x, A, slots, grouping=grouping)
     v_ref = lora_shrink_torch(x, A, slots)
     assert v.dtype == torch.float32 and v.shape == (len(A), case["T"], case["R"])
     assert_close_scaled(v, v_ref, REL[torch.float32], "shrink vs twin")  # fp32 out for every input dtype
     assert torch.count_nonzero(v[:, none]) == 0, "rows with slot -1 must shrink to exactly 0"
 
     # expand alone, fed the same fp32 v on both sides
-    assert_close_scaled(lora_expand(v_ref, B, slots, y.clone(), offsets),
+    assert_close_scaled(lora_expand(v_ref, B, slots, y.clone(), offsets, grouping=grouping),
                         lora_expand_torch(v_ref, B, slots, y.clone(), offsets), rel, f"expand {dtype} vs twin")
 
-    got = lora_apply(x, y.clone(), A, B, slots, offsets)
+    got = lora_apply(x, y.clone(), A, B, slots, offsets)  # the eager call: groups (and validates) itself
     ref = lora_apply_torch(x, y.clone(), A, B, slots, offsets)
     assert_close_scaled(got, ref, rel, f"apply {dtype} vs twin")
     # -1 rows and gap columns: bit-for-bit the original y (never rewritten, not even as y + 0).
@@ -154,6 +159,15 @@ def test_lora_strided_views_and_determinism():
     assert torch.equal(first, again)
     ref = lora_apply_torch(x, wide.clone()[:, 5:23], A, B, slots)
     assert_close_scaled(first, ref, REL[torch.bfloat16], "strided bf16")
+    # adapters as rank views of wider tables (the rank dim strided) and one slice transposed in memory
+    A6, B6 = [a[:, :6, :] for a in A], [B[0][:, :, :6], B[1].transpose(1, 2).contiguous().transpose(1, 2)[:, :, :6]]
+    got = lora_apply(x, wide.clone()[:, 5:23], A6, B6, slots)
+    assert_close_scaled(got, lora_apply_torch(x, wide.clone()[:, 5:23], A6, B6, slots), REL[torch.bfloat16],
+                        "strided adapters")
+    # y column-major (its column stride is not 1: the kernel's general y path)
+    y_cm = wide.clone()[:, 5:23].t().contiguous().t()
+    assert y_cm.stride(1) != 1
+    assert_close_scaled(lora_apply(x, y_cm, A, B, slots), ref, REL[torch.bfloat16], "column-major y")
 
 
 def test_lora_rejects_bad_slot_ids():
@@ -170,22 +184,60 @@ def test_lora_block_sizes_follow_device():
     if interpreted():  # one block spans rows and H: few programs is what the interpreter needs
         assert (bm, bw, br) == (128, 64, 16)
     else:
-        assert bm in (16, 32, 64) and bw in (32, 64) and br == 16
+        assert bm in (16, 32, 64) and bw in (32, 64, 128) and br == 16
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("T", [1, 577, 2000])
-def test_lora_cuda_bf16_realistic(T):
-    """Llama-4 tower-sized q/k/v: bf16 dot with fp32 accumulation vs the fp32 twin. Products of bf16 values
-    are exact in fp32, so only summation order differs (~1e-6 rel in v); the single bf16 rounding of y can
-    then flip by one ulp (2^-7 rel): tolerance 1e-2 of max|ref|."""
+@CUDA
+@pytest.mark.parametrize("T,R,dtype", [(1, 16, torch.bfloat16), (577, 16, torch.bfloat16), (2000, 16, torch.float16),
+                                       (4096, 128, torch.bfloat16), (333, 64, torch.float16)])
+def test_lora_cuda_realistic(T, R, dtype):
+    """Llama-4 tower-sized q/k/v on tensor cores vs the fp32 twin. Shrink: 16-bit products are exact in fp32,
+    only the summation order differs (~1e-6 rel in v); expand: v split into hi + lo keeps v to 2^-16 (bf16)
+    / 2^-21 (fp16) rel; the single rounding of y into its 16-bit type can then flip by one ulp (2^-7 rel
+    bf16): tolerance 1e-2 of max|ref| (the spec's), and the -1 rows bit-for-bit untouched."""
     gen = torch.Generator().manual_seed(T)
-    S, R, H = 4, 16, 1408
-    A, B = make_adapters(gen, S, R, H, [1408, 1408, 1408], [16, 8, 1, 16], torch.bfloat16)
-    x = torch.randn(T, H, generator=gen).to(DEV, torch.bfloat16)
-    y = torch.randn(T, 3 * 1408, generator=gen).to(DEV, torch.bfloat16)
+    S, H = 4, 1408
+    A, B = make_adapters(gen, S, R, H, [1408, 1408, 1408], [R, R // 2, 1, R], dtype)
+    x = torch.randn(T, H, generator=gen).to(DEV, dtype)
+    y = torch.randn(T, 3 * 1408, generator=gen).to(DEV, dtype)
     slots = torch.randint(-1, S, (T,), generator=gen).to(DEV)
     got = lora_apply(x, y.clone(), A, B, slots)
-    assert_close_scaled(got, lora_apply_torch(x, y.clone(), A, B, slots), 1e-2, "cuda bf16")
+    assert_close_scaled(got, lora_apply_torch(x, y.clone(), A, B, slots), REL[dtype], f"cuda {dtype}")
     assert torch.equal(got[slots < 0], y[slots < 0])
+
+
+@pytest.mark.cuda
+@CUDA
+def test_lora_cuda_no_host_sync_and_graph_capture():
+    """With the grouping built without validation, grouping + shrink + expand never synchronise with the
+    host (torch's sync debug mode raises on any synchronising call), so the whole batch's LoRA work can be
+    captured in one CUDA graph; replaying it on new inputs matches the eager call bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    S, R, H, T = 5, 16, 1024, 700
+    A, B = make_adapters(gen, S, R, H, [512, 256], [16, 8, 16, 4, 16], torch.bfloat16)
+    x = torch.randn(T, H, generator=gen).to(DEV, torch.bfloat16)
+    y0 = torch.randn(T, 768, generator=gen).to(DEV, torch.bfloat16)
+    slots = torch.randint(-1, S - 1, (T,), generator=gen).to(DEV)  # the last slot stays unused
+    y = y0.clone()
+    lora_apply(x, y, A, B, slots, grouping=token_grouping(slots, S, validate=False))  # warm-up: compile, tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grouping = token_grouping(slots, S, validate=False)
+        lora_apply(x, y0.clone(), A, B, slots, grouping=grouping)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph_y = y0.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        lora_apply(x, graph_y, A, B, slots, grouping=token_grouping(slots, S, validate=False))
+    x.copy_(torch.randn(T, H, generator=gen).to(DEV, torch.bfloat16))
+    slots.copy_(torch.randint(-1, S, (T,), generator=gen).to(DEV))
+    graph_y.copy_(y0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_y, lora_apply(x, y0.clone(), A, B, slots))

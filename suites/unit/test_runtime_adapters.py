@@ -52,3 +52,24 @@ def test_replace_keeps_the_slot_and_unload_frees_it(setup):
     assert rt.load_adapter("y", folders["all"]) == s  # the freed slot is reused
     with pytest.raises(ValueError, match="'x' is not loaded"):
         rt.unload_adapter("x")
+
+
+def test_mapping_checks_slot_ids_on_the_host_and_groups_without_reading_the_device(setup):
+    """The runtime validates slot ids where it builds the mapping (python ints), so its per-group grouping
+    is built on the device with nothing read back: what lets a batch's LoRA calls run in a CUDA graph."""
+    from runtime.mapping import build_mapping
+    from suites.unit.test_kernel_lora_paths import no_host_reads
+    from vlm.requests import make_request
+
+    root, folders = setup
+    rt = RuntimeModel.from_checkpoint(root / "ckpt")
+    rt.load_adapter("all", folders["all"])
+    arch, cfg = rt.arch, rt.config
+    reqs = [make_request(arch, cfg, [arch.default_geometry(cfg)], a, seed=i) for i, a in enumerate(["all", None])]
+    with pytest.raises(ValueError, match=r"slot ids must lie in \[-1, 7\], got \[8\]"):
+        build_mapping(arch, cfg, reqs, [0, 8], 40, n_slots=rt.tables.max_slots)
+    mapping = rt.make_mapping(reqs, 40)
+    with no_host_reads():
+        groupings = {g: mapping.grouping(s) for g, s in mapping.slots.items()}
+    for g, s in mapping.slots.items():
+        assert groupings[g].counts.tolist()[:2] == [int((s == -1).sum()), int((s == 0).sum())]

@@ -133,13 +133,16 @@ def test_rank_and_alpha_patterns_from_peft(tmp_path):
 
 
 def test_an_exception_inside_the_runtime_is_its_failure_exit_1_with_a_report(tmp_path, monkeypatch, capsys):
-    """Slot ids out of range raised inside a LoRA module: exit 1 (not 2, not a crash), status `error` in
-    layers.csv naming the module and request, the report written."""
+    """An exception raised inside a LoRA module: exit 1 (not 2, not a crash), status `error` in layers.csv
+    naming the module and request, the report written."""
     from harness.correctness import faults as catalog
 
-    def out_of_range(rt):
-        catalog._hooks(rt, module_slots=lambda name, group, s: s + 100)
-    bad = catalog.Fault("slots-out-of-range", "slot ids past the table", "tower", out_of_range)
+    def corrupted(x, y, A, B, slots, grouping=None):
+        raise ValueError("slot table corrupted")
+
+    def raising(rt):
+        catalog._hooks(rt, kernel=lambda name, fn, module=None: corrupted if name == "lora" else fn)
+    bad = catalog.Fault("raises-inside", "a LoRA module raises", "tower", raising)
     monkeypatch.setitem(catalog.FAULTS, bad.name, bad)
     out = tmp_path / "rep"
     rc = main(["correctness", "--arch", "llama4", "--inject-fault", bad.name, "--out", str(out)])
@@ -148,7 +151,7 @@ def test_an_exception_inside_the_runtime_is_its_failure_exit_1_with_a_report(tmp
     err = df[df["status"] == "error"]
     assert set(err["mode"]) == {"e2e", "replay"}
     first = "vision_model.model.layers.0.self_attn.q_proj"
-    assert (err["module"] == first).any() and err["detail"].str.contains("slot_ids must lie in").all()
+    assert (err["module"] == first).any() and err["detail"].str.contains("slot table corrupted").all()
     s = json.loads((out / "summary.json").read_text())["archs"]["llama4"]
     assert s["first_divergence"]["replay"]["module"] == first and s["first_divergence"]["e2e"]["module"] == first
     assert (out / "index.html").is_file()

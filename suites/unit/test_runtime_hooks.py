@@ -67,7 +67,7 @@ def runtimes(saved):
     geoms = arch.mixed_geometries(cfg)
     reqs = [make_request(arch, cfg, [geoms[0]], "all", seed=0), make_request(arch, cfg, [geoms[1]], "tower", seed=1),
             make_request(arch, cfg, [], "lm", seed=2)]
-    return out, reqs
+    return out, reqs, _logits(_run(out["triton"], reqs, NO_FAULT))
 
 
 def _run(rt, reqs, hooks):
@@ -84,8 +84,7 @@ def _logits(caps):
 
 @pytest.mark.parametrize("hooks", [Shift(), SkipOne(), SwapConnector(), Transposed()], ids=lambda h: type(h).__name__)
 def test_each_hook_changes_both_paths_alike(runtimes, hooks):
-    rts, reqs = runtimes
-    healthy = _logits(_run(rts["triton"], reqs, NO_FAULT))
+    rts, reqs, healthy = runtimes
     got = {k: _logits(_run(rt, reqs, hooks)) for k, rt in rts.items()}
     scale = healthy.abs().max()
     for k, t in got.items():
@@ -95,7 +94,7 @@ def test_each_hook_changes_both_paths_alike(runtimes, hooks):
 
 @pytest.mark.parametrize("hooks", [ConnectorAsTower(), OneRowShort()], ids=lambda h: type(h).__name__)
 def test_mapping_hooks_raise_on_both_paths(runtimes, hooks):
-    rts, reqs = runtimes
+    rts, reqs, _ = runtimes
     for rt in rts.values():
         with pytest.raises(MappingError):
             _run(rt, reqs, hooks)
@@ -104,7 +103,7 @@ def test_mapping_hooks_raise_on_both_paths(runtimes, hooks):
 def test_the_triton_path_honours_a_module_slot_vector(runtimes):
     """A module handed a slot vector other than its group's: the kernel runs on that vector (its grouping is
     built for it), not on the group's cached grouping."""
-    rts, reqs = runtimes
+    rts, reqs, _ = runtimes
     rt = rts["triton"]
     rt.mapping = rt.make_mapping(reqs, max(len(r.prompt_ids) for r in reqs))
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.bench import schema
-from harness.bench.case import Case, Unavailable, Work, vllm_unavailable
+from harness.bench.case import Case, Unavailable, Work
 from harness.bench.cases import all_cases
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
@@ -67,7 +67,6 @@ def plan(preset: Preset, cases: Sequence[str] | None, providers: Sequence[str] |
     for p in providers or ():
         if p not in schema.PROVIDERS:
             raise ValueError(f"unknown provider {p!r}; expected one of {', '.join(schema.PROVIDERS)}")
-    vllm_reason = vllm_unavailable() if (providers is None or "vllm" in providers) else None
     points: list[Point] = []
     notes: list[str] = []
     for name, plist in preset.points.items():
@@ -82,15 +81,20 @@ def plan(preset: Preset, cases: Sequence[str] | None, providers: Sequence[str] |
                 notes.append(f"{name}: triton provider skipped on CPU (the Triton interpreter takes ~0.5 s per tiny "
                              f"forward); no rows written for it")
                 continue
-            reason = None
-            if prov == "vllm":
-                reason = vllm_reason or (f"vllm {name} is not implemented (needs the vLLM engine)"
-                                         if case.kind == "e2e" else None)
+            reason = case.unavailable(prov)
             if reason:
                 if _matches({}, filters):
                     mine.append(Point(name, prov, {}, reason))
                 continue
-            mine += [Point(name, prov, dict(p)) for p in plist if _matches(p, filters)]
+            for p in plist:
+                if not _matches(p, filters):
+                    continue
+                why = case.skip(prov, p)
+                if why:
+                    if f"{name}: {why}" not in notes:
+                        notes.append(f"{name}: {why}")
+                    continue
+                mine.append(Point(name, prov, dict(p)))
         if case.kind == "e2e":  # consecutive points share one built model (see e2e._bucket)
             from harness.bench.e2e import _bucket
 
@@ -163,6 +167,7 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
     cuda = ctx.device.type == "cuda"
     try:
         fn, work = case.build(point.params, point.provider, ctx.device)
+        note = getattr(fn, "note", "")  # e.g. that it ran in the Triton interpreter (lora_providers.noted)
         t = measure(fn, ctx.device, ctx.rep_ms, ctx.warmup_ms, ctx.min_reps)
         del fn
     except Unavailable as e:
@@ -173,7 +178,7 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - recorded as a row; the sweep goes on
         _free(case)
         return [_row(point, ctx, "latency_ms", None, "error", _one_line(e))]
-    return [_row(point, ctx, m, derive(m, t, work, ctx.profile), "ok")
+    return [_row(point, ctx, m, derive(m, t, work, ctx.profile), "ok", note)
             for m in case.metrics(cuda, ctx.profile is not None)]
 
 

@@ -91,16 +91,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def vllm_kernels(session: nox.Session) -> None:
-    """vLLM's own LoRA kernels: installs them (see VLLM above) and runs the tests that use them, vLLM required
-    (a skip would hide a vLLM release that broke the import); the bench smoke runs too, with its vllm rows.
-    Pass pytest args after --."""
+    """vLLM's own LoRA kernels: installs them (see VLLM above) and runs the tests that use them (provider vs a
+    float64 loop, two archs through the correctness engine, the bench's vllm rows), vLLM required: a skip would
+    hide a vLLM release that broke the import. Pass pytest args after --."""
     _install(session, "test")
     _install_vllm_kernels(session)
     env = {**_vllm_env(), "MMLORA_REQUIRE_VLLM": "1"}
-    args = session.posargs or ["suites", "-m", "vllm", "-v"]
-    session.run("python", "-m", "pytest", *args, env=env)
-    if not session.posargs:
-        session.run("python", "-m", "pytest", "suites/bench/test_smoke.py", "-q", env=env)
+    session.run("python", "-m", "pytest", *(session.posargs or ["suites", "-m", "vllm", "-v"]), env=env)
 
 
 @nox.session(python=PYTHON)

@@ -1,8 +1,8 @@
 """Kernel cases, one per `KernelSpec` in runtime/kernels (same name in code, tests and CSV):
   triton  the runtime's op
   torch   its pure-torch twin
-and for LoRA kernels the providers of `lora_providers` (peft, vllm, grouped_mm, matmul_floor). Inputs come from the spec's `sample`,
-bytes and flops from its `work`; every provider of a point runs on the same tensors."""
+and for LoRA kernels the providers of `lora_providers` (peft, vllm, grouped_mm, matmul_floor). Inputs come
+from the spec's `sample`, bytes and flops from its `work`; every provider of a point runs on the same tensors."""
 
 from __future__ import annotations
 

@@ -99,6 +99,13 @@ def _vllm(op: str, args: tuple, device):
     from runtime import vllm_lora
 
     ops = vllm_lora.load()
+    # vLLM caches each weight list's pointer table keyed by data_ptr() alone, assuming weights allocated once per
+    # engine; a sweep allocates per point, so a freed address reused with other strides would hit a stale entry
+    # (and single-slice entries keep every tensor alive). Dropping the cache costs one table build per point.
+    from vllm.lora.ops.triton_ops import utils as vllm_utils
+
+    vllm_utils._LORA_A_PTR_DICT.clear()
+    vllm_utils._LORA_B_PTR_DICT.clear()
     if op == "shrink":
         x, A, slots = args
     elif op == "expand":

@@ -100,3 +100,26 @@ def test_vllm_bench_callable_matches_twin(op):
     # vLLM casts the fp32 intermediate to fp16 before expand and rounds the delta before the add (see
     # runtime/vllm_lora.py): the same three half-ulp roundings as grouped_mm at fp16
     assert_close_scaled(got, want, REL["fp16"], f"vllm {op}")
+
+
+@pytest.mark.vllm
+def test_vllm_smoke_rows_hold_numbers(tmp_path):
+    """`mmlora bench --preset smoke --providers vllm` where vLLM is installed: ok rows with numbers for every LoRA
+    case (fp16, the interpreter noted on CPU), and the end-to-end cases one unavailable row each."""
+    need_vllm()
+    from harness.bench import schema
+    from harness.cli import main
+    from runtime.kernels import interpreted
+    from suites.bench.helpers import expected_keys, keys, read_rows
+
+    out = tmp_path / "vllm"
+    assert main(["bench", "--preset", "smoke", "--providers", "vllm", "--out", str(out)]) == 0
+    rows = read_rows(out / "results.csv")
+    assert sorted(keys(rows)) == sorted(expected_keys(providers=["vllm"]))
+    kernel = [r for r in rows if r["case"].startswith("lora_")]
+    assert {r["case"] for r in kernel} == {"lora_shrink", "lora_expand", "lora_apply"}
+    for r in kernel:
+        assert r["status"] == "ok" and r["dtype"] == "fp16" and float(r["p50"]) > 0, r
+        assert not interpreted() or "interpreter" in r["note"], r
+    assert all(r["status"] == "unavailable" for r in rows if not r["case"].startswith("lora_"))
+    assert set(schema.COLUMNS) <= set(rows[0])

@@ -37,25 +37,107 @@ def _cpu_env() -> dict:
     return {} if has_cuda else {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
 
 
+# vLLM's Triton LoRA kernels as a system under test, installed WITHOUT vLLM's requirements: the full install pins
+# its own CUDA torch and ~140 packages (serving stack, CUDA kernels); the kernels need only the wheel plus what
+# the import of vllm.lora.ops.triton_ops reaches (numpy, packaging, regex and psutil also come with the project's
+# stack; pyzmq and urllib3 do not). Torch stays the one installed first.
+VLLM = os.environ.get("MMLORA_VLLM", "vllm==0.32.0")
+VLLM_IMPORT_DEPS = ("numpy", "packaging", "regex", "psutil", "pyzmq", "urllib3")
+
+
+# What `import vllm.model_executor.models.mllama4 / gemma4_mm` reaches beyond the kernels (measured by importing
+# until nothing was missing), with vLLM 0.32's own version ranges where it states one. Only vllm_towers uses it.
+VLLM_MODEL_DEPS = ("cbor2", "aiohttp>=3.14.3", "requests>=2.33.0", "openai-harmony", "openai>=2.25.0", "pybase64",
+                   "cachetools", "msgspec", "cloudpickle", "uvloop", "py-cpuinfo", "prometheus_client>=0.18.0",
+                   "xgrammar==0.2.8", "fastapi>=0.133.0,<0.137.0", "partial-json-parser", "llguidance>=1.7.0,<1.8.0",
+                   "einops")
+
+
+def _install_vllm_kernels(session: nox.Session) -> None:
+    if isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
+        return  # --no-venv: the system python brings its own vLLM (or none)
+    session.install("--no-deps", VLLM)
+    session.install(*VLLM_IMPORT_DEPS)
+
+
+def _vllm_env() -> dict:
+    # CPU: vLLM must see CUDA_VISIBLE_DEVICES="" and VLLM_TARGET_DEVICE=cpu before it is imported (else it swaps
+    # Triton for a placeholder, or claims pinned memory); runtime/vllm_lora.py sets both too, for direct use.
+    env = _cpu_env()
+    if env:
+        env.update(CUDA_VISIBLE_DEVICES="", VLLM_TARGET_DEVICE="cpu")
+    return env
+
+
+def _wants_vllm(args, flag: str) -> bool:
+    """True when the command line names vllm as the value of `flag` (`--kernel vllm`, `--providers a,vllm`)."""
+    args = list(args)
+    values = [v for i, a in enumerate(args) for v in
+              ([args[i + 1]] if a == flag and i + 1 < len(args) else [a.split("=", 1)[1]] if a.startswith(flag + "=")
+               else [])]
+    return any("vllm" in v.split(",") for v in values)
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Every suite (unit, properties, correctness, bench smoke) on CPU; pass pytest args after --."""
+    """Every suite (unit, properties, correctness, bench smoke) on CPU; pass pytest args after --.
+    Without pytest args it then runs `vllm_kernels`, so CI checks vLLM's kernels (in their own venv: this
+    one stays without vLLM, the state the bench and the refusals must handle)."""
     _install(session, "test")
+    if not session.posargs:
+        session.notify("vllm_kernels")
     session.run("python", "-m", "pytest", "suites", "-q", *session.posargs, env=_cpu_env())
 
 
 @nox.session(python=PYTHON)
+def vllm_kernels(session: nox.Session) -> None:
+    """vLLM's own LoRA kernels: installs them (see VLLM above) and runs the tests that use them (provider vs a
+    float64 loop, two archs through the correctness engine, the bench's vllm rows), vLLM required: a skip would
+    hide a vLLM release that broke the import. Pass pytest args after --."""
+    _install(session, "test")
+    _install_vllm_kernels(session)
+    env = {**_vllm_env(), "MMLORA_REQUIRE_VLLM": "1"}
+    session.run("python", "-m", "pytest", *(session.posargs or ["suites", "-m", "vllm", "-v"]), env=env)
+
+
+@nox.session(python=PYTHON)
+def vllm_towers(session: nox.Session) -> None:
+    """vLLM's own vision towers (Llama 4, Gemma 4) vs HF's, layer by layer (suites/unit/test_vllm_towers.py).
+    Not part of `tests`: vLLM's model modules import transformers' Llama 4 image processor, which imports
+    torchvision, and PyPI builds torchvision only for its CUDA torch: a CPU torch cannot import it. On a CPU
+    machine run it with PyPI's pair, e.g. MMLORA_TORCH=torch==2.14.1 MMLORA_TORCHVISION=torchvision==0.29.1
+    (CUDA builds, ~4 GB, run fine without a GPU); on a GPU runner with vLLM installed: `nox --no-venv -s ...`."""
+    _install(session, "test")
+    _install_vllm_kernels(session)
+    if not isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
+        if os.environ.get("MMLORA_TORCHVISION"):
+            session.install("--no-deps", os.environ["MMLORA_TORCHVISION"])  # never let it swap torch
+        session.install(*VLLM_MODEL_DEPS)
+    env = {**_vllm_env(), "MMLORA_REQUIRE_VLLM": "1"}
+    session.run("python", "-m", "pytest", *(session.posargs or ["suites", "-m", "vllm_towers", "-v"]), env=env)
+
+
+@nox.session(python=PYTHON)
 def correctness(session: nox.Session) -> None:
-    """Layer-by-layer comparison of the runtime against HF + PEFT on the built-in tiny models."""
+    """Layer-by-layer comparison of the runtime against HF + PEFT on the built-in tiny models
+    (`-- --kernel vllm --dtype fp16` installs vLLM's kernels first and judges them instead)."""
     _install(session)
-    session.run("python", "-m", "harness.cli", "correctness", *session.posargs, env=_cpu_env())
+    vllm = _wants_vllm(session.posargs, "--kernel")
+    if vllm:
+        _install_vllm_kernels(session)
+    session.run("python", "-m", "harness.cli", "correctness", *session.posargs,
+                env=_vllm_env() if vllm else _cpu_env())
 
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Performance sweep, e.g. `nox -s bench -- --gpu h100` (CPU: `-- --preset smoke`)."""
+    """Performance sweep, e.g. `nox -s bench -- --gpu h100` (CPU: `-- --preset smoke`); naming vllm in
+    `--providers` installs vLLM's kernels first."""
     _install(session)
-    session.run("python", "-m", "harness.cli", "bench", *session.posargs, env=_cpu_env())
+    vllm = _wants_vllm(session.posargs, "--providers")
+    if vllm:
+        _install_vllm_kernels(session)
+    session.run("python", "-m", "harness.cli", "bench", *session.posargs, env=_vllm_env() if vllm else _cpu_env())
 
 
 @nox.session(python=PYTHON)

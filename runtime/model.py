@@ -29,12 +29,25 @@ class LoRAProvider:
     apply: Callable
     # (slots, n_slots) -> the provider's per-batch grouping of these slots (built once per group per batch)
     grouping: Callable[[torch.Tensor, int], object]
+    # (dtype, device) -> None, or ValueError with one line: what this provider cannot run, refused before any work
+    check: Callable[[torch.dtype, torch.device], None] = lambda dtype, device: None
+
+
+def _vllm(name: str):
+    # vLLM is optional (never in the default install) and slow to import: loaded on first use, not here
+    def call(*args, **kwargs):
+        from runtime import vllm_lora
+
+        return getattr(vllm_lora, name)(*args, **kwargs)
+    return call
 
 
 PROVIDERS: dict[str, LoRAProvider] = {
     # slot ids are validated on the host where the mapping is built: the grouping never syncs
     "triton": LoRAProvider("triton", lora_apply, lambda slots, n: token_grouping(slots, n, validate=False)),
     "torch": LoRAProvider("torch", lora_apply_torch, lambda slots, n: None),
+    # vLLM's own Triton LoRA kernels (runtime/vllm_lora.py); without vLLM installed, check() says so in one line
+    "vllm": LoRAProvider("vllm", _vllm("lora_apply_vllm"), _vllm("vllm_grouping"), _vllm("check")),
 }
 
 
@@ -79,6 +92,8 @@ class RuntimeModel:
             raise ValueError(f"unknown kernel provider {kernel!r}; expected one of {', '.join(PROVIDERS)}")
         self.arch, self.config, self.model = arch, config, model.eval()
         self.provider = PROVIDERS[kernel]
+        p = next(model.parameters())
+        self.provider.check(p.dtype, p.device)
         self.mapping: SlotMapping | None = None
         # a seeded fault replaces this (harness/correctness/faults.py); the healthy path calls every hook anyway
         self.hooks: RuntimeHooks = NO_FAULT
@@ -88,7 +103,6 @@ class RuntimeModel:
                  if isinstance(m, torch.nn.Linear) and (regex.fullmatch(n) or n in extra)]
         if not names:
             raise ValueError(f"{arch.model_type}: no Linear matches the LoRA recipes")
-        p = next(model.parameters())
         self.tables = SlotTables({n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features)
                                   for n in names}, max_slots, r_max, p.dtype, p.device)
         self.lora_names = names

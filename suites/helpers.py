@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from runtime.kernels import KERNELS
@@ -19,3 +22,16 @@ def assert_close_scaled(got: torch.Tensor, ref: torch.Tensor, rel: float, what: 
 def rel_tol(kernel: str) -> dict:
     """The kernel spec's tolerance by dtype (justified beside the spec in runtime/kernels)."""
     return dict(KERNELS[kernel].rel_tol)
+
+
+def need_vllm() -> None:
+    """Skip when vLLM's kernels cannot run here; fail instead where MMLORA_REQUIRE_VLLM=1 (the `vllm_kernels`
+    nox session, which installed them: there a skip would hide a vLLM release that broke the import)."""
+    from runtime.vllm_lora import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
+        pytest.fail(f"MMLORA_REQUIRE_VLLM=1 but vLLM's kernels cannot run: {reason}")
+    pytest.skip(reason)

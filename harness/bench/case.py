@@ -49,6 +49,10 @@ class Case:
     latency_only: tuple[str, ...] = ()
     # False for the copy case itself: its bandwidth is the yardstick, not measured against it
     vs_copy: bool = True
+    # provider -> why it cannot run here at all (one unavailable row per case), or None
+    unavailable: Callable[[str], str | None] = lambda provider: None
+    # (provider, params) -> why this provider leaves the point out (a log line, no row), or None
+    skip: Callable[[str, dict], str | None] = lambda provider, params: None
 
     def variants_of(self, provider: str) -> tuple:
         return tuple(self.variants.get(provider, ())) or (None,)
@@ -72,11 +76,14 @@ class Case:
 
 
 def vllm_unavailable() -> str | None:
-    """Why vLLM cannot be used here, or None when `import vllm` works."""
+    """Why vLLM's kernels cannot be used here, or None. Goes through runtime.vllm_lora, which sets what vLLM
+    must see before its first import on a CPU machine (importing vllm here first would lock in a Triton
+    placeholder)."""
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed (import vllm fails)"
+    from runtime.vllm_lora import unavailable_reason
+
     try:
-        import vllm  # noqa: F401
+        return unavailable_reason()
     except Exception as e:  # noqa: BLE001 - any failure to import means unavailable
         return f"import vllm failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    return None

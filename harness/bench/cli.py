@@ -124,7 +124,7 @@ def register(sub) -> None:
     b.add_argument("--preset", default="auto",
                    help="smoke (CPU-sized) | nightly | full (GPU only) | auto (nightly with CUDA, else smoke)")
     b.add_argument("--providers", action="append", metavar="P[,P...]",
-                   help="subset of triton,torch,peft,vllm (default: every provider a case has)")
+                   help="subset of triton,torch,peft,vllm,grouped_mm,matmul_floor (default: every provider a case has)")
     b.add_argument("--cases", action="append", metavar="C[,C...]", help="subset of the preset's cases")
     b.add_argument("--filter", action="append", metavar="PARAM=VALUE",
                    help="keep points whose parameter equals VALUE (repeatable; the repro column uses it)")

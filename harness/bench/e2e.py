@@ -186,8 +186,15 @@ def _e2e(case: str):
     return build
 
 
+def _unavailable(provider: str) -> str | None:
+    if provider == "vllm":
+        return vllm_unavailable() or "vllm end to end is not implemented (it needs the vLLM engine)"
+    return None
+
+
 E2E_CASES: dict[str, Case] = {
     "tower_connector": Case("tower_connector", "e2e", ("triton", "torch", "peft", "vllm"), "images",
-                            _e2e("tower_connector")),
-    "prefill": Case("prefill", "e2e", ("triton", "torch", "peft", "vllm"), "images", _e2e("prefill")),
+                            _e2e("tower_connector"), unavailable=_unavailable),
+    "prefill": Case("prefill", "e2e", ("triton", "torch", "peft", "vllm"), "images", _e2e("prefill"),
+                    unavailable=_unavailable),
 }

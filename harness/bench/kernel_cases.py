@@ -1,8 +1,8 @@
 """Kernel cases, one per `KernelSpec` in runtime/kernels (same name in code, tests and CSV):
   triton  the runtime's op, in each of the spec's variants (LoRA: kernel / eager / grouping)
   torch   its pure-torch twin (LoRA: `eager`, it groups by itself on every call)
-and for LoRA kernels the providers of `lora_providers` (peft: `eager`; vllm: `kernel`, its metadata
-prepared outside the timed call). Inputs come from the spec's `sample`, bytes and flops from its `work`;
+and for LoRA kernels the providers of `lora_providers` (peft: `eager`; vllm, grouped_mm and matmul_floor:
+`kernel`, their grouping or metadata prepared outside the timed call). Inputs come from the spec's `sample`, bytes and flops from its `work`;
 every provider of a point runs on the same tensors.
 
 Plus `copy`: a device-to-device copy of a T x H tensor (torch's `copy_`), the yardstick of the memory
@@ -15,11 +15,12 @@ import torch
 
 from harness.bench import lora_providers
 from harness.bench.case import Case, Timed, Work
-from runtime.kernels import KERNELS, KernelSpec
+from runtime.kernels import KERNELS, KernelSpec, interpreted
 from runtime.kernels.spec import DTYPES, ELEM, Sweep
 
 # what the other providers' LoRA rows time (see the module docstring)
-OTHER_VARIANTS = {"torch": ("eager",), "peft": ("eager",), "vllm": ("kernel",)}
+OTHER_VARIANTS = {"torch": ("eager",), "peft": ("eager",), "vllm": ("kernel",), "grouped_mm": ("kernel",),
+                  "matmul_floor": ("kernel",)}
 
 
 def _build(spec: KernelSpec):
@@ -38,7 +39,10 @@ def _build(spec: KernelSpec):
             return Timed(v.prepare(args, kwargs), work, graph=v.graph)
         if provider in ("triton", "torch"):
             fn = spec.op if provider == "triton" else spec.twin
-            return (lambda: fn(*args, **kwargs)), work
+            call = lambda: fn(*args, **kwargs)  # noqa: E731
+            if provider == "triton" and interpreted():
+                call = lora_providers.noted(call, lora_providers.INTERPRETER_NOTE)
+            return call, work
         if spec.family == "lora" and provider in lora_providers.PROVIDERS:
             fn = lora_providers.build(spec.name, provider, p, args, device)
             return Timed(fn, work, graph=variant == "kernel")

@@ -19,7 +19,8 @@ from harness.bench.baseline import Comparison
 from harness.output import PAGE, esc, png_data_uri
 
 _OTHER = [c for c in schema.PARAM_COLUMNS if c not in ("model", "variant")]
-COLORS = {"triton": "tab:blue", "torch": "tab:orange", "peft": "tab:green", "vllm": "tab:red"}
+COLORS = {"triton": "tab:blue", "torch": "tab:orange", "peft": "tab:green", "vllm": "tab:red",
+          "grouped_mm": "tab:purple", "matmul_floor": "tab:gray"}
 MARKERS = {"kernel": "o", "eager": "s", "grouping": "^"}
 
 

@@ -33,7 +33,7 @@ KEY_COLUMNS: tuple[str, ...] = ("case", "provider", *PARAM_COLUMNS)
 COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "metric", "unit", "p50", "p20", "p80", "status", "note", *ENV_COLUMNS,
                             "repro")
 STATUSES: tuple[str, ...] = ("ok", "oom", "unavailable", "error")
-PROVIDERS: tuple[str, ...] = ("triton", "torch", "peft", "vllm")
+PROVIDERS: tuple[str, ...] = ("triton", "torch", "peft", "vllm", "grouped_mm", "matmul_floor")
 
 # metric -> unit; latency is the measured one, the others are derived from it
 UNITS: dict[str, str] = {

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.bench import schema
-from harness.bench.case import Case, Timed, Unavailable, Work, vllm_unavailable
+from harness.bench.case import Case, Timed, Unavailable, Work
 from harness.bench.cases import all_cases
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
@@ -75,7 +75,6 @@ def plan(preset: Preset, cases: Sequence[str] | None, providers: Sequence[str] |
     for p in providers or ():
         if p not in schema.PROVIDERS:
             raise ValueError(f"unknown provider {p!r}; expected one of {', '.join(schema.PROVIDERS)}")
-    vllm_reason = vllm_unavailable() if (providers is None or "vllm" in providers) else None
     points: list[Point] = []
     notes: list[str] = []
     for name, plist in preset.points.items():
@@ -90,15 +89,17 @@ def plan(preset: Preset, cases: Sequence[str] | None, providers: Sequence[str] |
                 notes.append(f"{name}: triton provider skipped on CPU (the Triton interpreter takes ~0.5 s per tiny "
                              f"forward); no rows written for it")
                 continue
-            reason = None
-            if prov == "vllm":
-                reason = vllm_reason or (f"vllm {name} is not implemented (needs the vLLM engine)"
-                                         if case.kind == "e2e" else None)
+            reason = case.unavailable(prov)
             if reason:
                 if _matches({}, filters):
                     mine.append(Point(name, prov, {}, reason))
                 continue
             for p in plist:
+                why = case.skip(prov, p)
+                if why:
+                    if f"{name}: {why}" not in notes:
+                        notes.append(f"{name}: {why}")
+                    continue
                 for variant in case.variants_of(prov):
                     q = {**p, "variant": variant} if variant else dict(p)
                     if _matches(q, filters):
@@ -201,7 +202,7 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
     try:
         built = case.build(point.params, point.provider, ctx.device)
         timed = built if isinstance(built, Timed) else Timed(*built)
-        work = timed.work
+        work, note = timed.work, getattr(timed.fn, "note", "")  # e.g. it ran in the Triton interpreter
         t = measure(timed.fn, ctx.device, ctx.rep_ms, ctx.warmup_ms, ctx.min_reps, graph=timed.graph)
         del built, timed
     except Unavailable as e:
@@ -212,7 +213,7 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - recorded as a row; the sweep goes on
         _free(case)
         return [_row(point, ctx, "latency_ms", None, "error", _one_line(e))]
-    notes = [t.note] if t.note else []
+    notes = [n for n in (note, t.note) if n]
     if t.spread > schema.NOISY_RATIO:
         notes.append(f"noisy: p80/p20 {t.spread:.2f} > {schema.NOISY_RATIO}")
     metrics = case.metrics(cuda, ctx.profile is not None, ctx.measures_copy, point.params.get("variant"))

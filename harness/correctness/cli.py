@@ -32,11 +32,12 @@ def _options(args):
     from harness.correctness import MODES, Options
     from harness.correctness.engine import check_fault
     from harness.correctness.faults import get_fault
+    from runtime.model import PROVIDERS
     from vlm.arch import REGISTRY, get_arch
     from vlm.checkpoint import check_device, parse_dtype, read_checkpoint_config
 
-    parse_dtype(args.dtype)
-    check_device(args.device)
+    # the LoRA provider refuses what it cannot run (vLLM missing, its dtypes) before any work
+    PROVIDERS[args.kernel].check(parse_dtype(args.dtype), check_device(args.device))
     fault = get_fault(args.inject_fault) if args.inject_fault else None
     if args.model == "tiny":
         # a fault alone runs every arch it applies to; with --arch, each named arch must be one of them

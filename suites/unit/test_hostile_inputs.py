@@ -346,6 +346,26 @@ def c_cuda_without_cuda(saved, tmp):
 
 
 
+def c_vllm_not_installed(saved, tmp):
+    # vLLM hidden (sys.modules entry None: `import vllm` raises ImportError(name="vllm")), as where it is absent
+    import sys
+
+    from runtime import vllm_lora
+
+    held = sys.modules.get("vllm", "absent")
+    sys.modules["vllm"] = None
+    vllm_lora.load.cache_clear()
+    try:
+        cli_refuses(tmp, ["correctness", "--arch", "llava", "--kernel", "vllm", "--dtype", "fp16", "--mode", "replay"],
+                    "vLLM is not installed; install vLLM's kernels with `nox -s vllm_kernels`")
+    finally:
+        if held == "absent":
+            del sys.modules["vllm"]
+        else:
+            sys.modules["vllm"] = held
+        vllm_lora.load.cache_clear()
+
+
 def c_output_not_writable(saved, tmp):
     blocker = tmp / "a_file"
     blocker.write_text("x")
@@ -427,6 +447,10 @@ CATALOG = [
          refused(["correctness", "--arch", "llama4", "--adapters", "-1"], "-1")),
     Case("unknown-fault", "cli", "--inject-fault not in the catalog",
          refused(["correctness", "--arch", "llama4", "--inject-fault", "gremlins"], "'gremlins'")),
+    Case("kernel-vllm-not-installed", "cli", "--kernel vllm where vLLM is not installed",
+         c_vllm_not_installed),
+    Case("kernel-vllm-fp32", "cli", "--kernel vllm --dtype fp32 (vLLM's shrink takes fp16 / bf16 only)",
+         refused(["correctness", "--arch", "llava", "--kernel", "vllm", "--dtype", "fp32"], "dtype float32")),
     Case("output-not-writable", "cli", "--out below a file", c_output_not_writable),
     Case("html-in-strings", "cli", "adapter name holding HTML: escaped in the report (exit 0)", c_html_in_strings),
     Case("unknown-gpu-profile", "bench", "--gpu names no profile",

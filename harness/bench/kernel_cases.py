@@ -89,6 +89,8 @@ COPY_CASE = Case("copy", "kernel", ("torch",), "T", _copy, has_flops=False, vs_c
 KERNEL_CASES: dict[str, Case] = {
     "copy": COPY_CASE,
     **{name: Case(name, "kernel", _providers(spec), "T", _build(spec), has_flops=spec.has_flops,
-                  variants=_variants(spec), latency_only=tuple(k for k, v in spec.variants.items() if not v.roofline))
+                  variants=_variants(spec), latency_only=tuple(k for k, v in spec.variants.items() if not v.roofline),
+                  **(dict(unavailable=lora_providers.unavailable, skip=lora_providers.skip)
+                     if spec.family == "lora" else {}))
        for name, spec in KERNELS.items()},
 }

@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`nox -s tests` runs one worker per core) each worker gets one intra-op thread: the
+# tiny models gain nothing from more, and N workers x N threads oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # default: >= 50 examples per property (the acceptance bar); nightly: 10x more, for GPU runners / cron.

@@ -1,6 +1,7 @@
 """`mmlora bench`: sweep a preset, append rows to OUT/results.csv, write OUT/index.html when complete.
 
-Exit codes: 0 done (no regression), 1 a regression against --baseline, 2 bad input (one line on stderr),
+Exit codes: 0 done (no regression), 1 a regression against --baseline, 2 bad input (one line on stderr; a bad
+--shard before anything is planned or created),
 130 interrupted (rerun with the same --out to resume).
 """
 
@@ -45,7 +46,7 @@ def _list(the_plan) -> int:
     return 0
 
 
-def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows) -> int:
+def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows, shard, n_points) -> int:
     from harness.bench import baseline as bl
     from harness.bench import sweep
     from harness.bench.cases import all_cases
@@ -56,9 +57,12 @@ def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, b
     comps = bl.compare(rows, base_rows) if base_rows is not None else None
     meta = {"preset": name, "gpu profile": profile.name if profile else "none", "device": device_name or "cpu",
             "rep_ms": rep_ms, "git": env["git_sha"], "torch": env["torch"], "triton": env["triton"]}
+    if shard:
+        meta["shard"] = str(shard)
     html = render_html(rows, all_cases(), meta, comps, args.baseline)
     summary = {"preset": name, "gpu_profile": profile.name if profile else None, "env": env,
-               "rows": len(rows), "points_run_now": counts, "baseline": args.baseline,
+               "shard": str(shard) if shard else None, "points": n_points, "rows": len(rows),
+               "points_run_now": counts, "baseline": args.baseline,
                "regressions": sum(c.regression for c in comps) if comps is not None else None}
     tmp_json = out / ".summary.json.tmp"
     write_json(tmp_json, summary)
@@ -71,7 +75,26 @@ def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, b
     return 0
 
 
+def _shard(args, the_plan):
+    """The plan cut down to `--shard`'s points (a note says how many), or the plan itself without it."""
+    from harness.bench import shards, sweep
+
+    if args.shard is None:
+        return the_plan
+    mine = shards.select(the_plan.points, args.shard)
+    shared = sorted({p.case for p in mine if p.case in shards.SHARED_CASES})
+    note = (f"shard {args.shard}: {len(mine)} of {len(the_plan.points)} planned points"
+            + (f" ({', '.join(shared)} runs in every shard)" if shared else ""))
+    return sweep.Plan(mine, [*the_plan.notes, note])
+
+
 def cmd_bench(args) -> int:
+    # checked before anything is imported, planned or created: a bad --shard costs nothing
+    if args.shard is not None:
+        from harness.bench.shards import parse
+
+        args.shard = parse(args.shard)
+
     import torch
 
     import runtime  # noqa: F401 - sets TRITON_INTERPRET before anything imports triton (CPU machines)
@@ -87,7 +110,7 @@ def cmd_bench(args) -> int:
     profile, warning = roofline.resolve(args.gpu, device_name)
     name, preset, rep_ms, warmup_ms = _preset(args, cuda)
     filters = sweep.parse_filters(args.filter)
-    the_plan = sweep.plan(preset, _csv_list(args.cases), _csv_list(args.providers), filters, cuda)
+    the_plan = _shard(args, sweep.plan(preset, _csv_list(args.cases), _csv_list(args.providers), filters, cuda))
     base_rows = bl.load(args.baseline) if args.baseline else None
     if args.list:
         return _list(the_plan)
@@ -101,6 +124,8 @@ def cmd_bench(args) -> int:
     sweep.log(f"preset {name} on {device_name or 'cpu'}; results go to {store.csv} "
               f"(rerun with --out {out} to resume)")
     repro_base = ["python", "-m", "harness.cli", "bench", "--preset", name, "--gpu", args.gpu]
+    if args.shard is not None:  # records the row's shard; the split is per point, so it selects the row again
+        repro_base += ["--shard", str(args.shard)]
     if args.rep_ms is not None:
         repro_base += ["--rep-ms", f"{rep_ms:g}"]
     if args.warmup_ms is not None:
@@ -115,7 +140,8 @@ def cmd_bench(args) -> int:
     except KeyboardInterrupt:
         sweep.log(f"interrupted; finished points are in {store.csv}; rerun with --out {out} to resume")
         raise
-    return _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows)
+    return _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows, args.shard,
+                   len(the_plan.points))
 
 
 def register(sub) -> None:
@@ -132,6 +158,13 @@ def register(sub) -> None:
     b.add_argument("--out", help="run folder (default reports/bench/<timestamp>); an existing one is resumed")
     b.add_argument("--rep-ms", type=float, help="timing budget per point in ms (default: the preset's)")
     b.add_argument("--warmup-ms", type=float, help="warmup per point in ms (default: the preset's)")
-    b.add_argument("--list", action="store_true", help="print the planned points and exit")
+    b.add_argument("--shard", metavar="I/N",
+                   help="run shard I of N: the points whose key hashes to I (copy runs in every shard); "
+                        "join the shards' folders with bench-merge")
+    b.add_argument("--list", action="store_true", help="print the planned points (of --shard) and exit")
     b.set_defaults(func=cmd_bench)
+
+    from harness.bench.merge import register as register_merge
+
+    register_merge(sub)
 

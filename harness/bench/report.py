@@ -228,12 +228,13 @@ def _regression_table(comps: list[Comparison], baseline: str) -> str:
 
 
 def render_html(rows: list[dict], cases: dict, meta: dict, comps: list[Comparison] | None = None,
-                baseline: str | None = None) -> str:
+                baseline: str | None = None, extra: str = "") -> str:
+    """The page; `extra` is HTML (already escaped) placed under the header, e.g. bench-merge's runs table."""
     status = Counter(r.get("status", "") for r in rows)
     gpus = sorted({r.get("gpu_name", "") for r in rows})
     parts = ["<h1>mmlora bench</h1>",
              "<p>" + " &middot; ".join(f"{esc(k)}: {esc(v)}" for k, v in meta.items()) + "</p>",
-             f"<p>{len(rows)} rows; status: {esc(dict(status))}; GPUs: {esc(', '.join(gpus))}</p>"]
+             f"<p>{len(rows)} rows; status: {esc(dict(status))}; GPUs: {esc(', '.join(gpus))}</p>", extra]
     if comps is not None:
         parts.append(_regression_table(comps, baseline or ""))
     parts += plots(rows, cases)

@@ -46,7 +46,8 @@ def _list(the_plan) -> int:
     return 0
 
 
-def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows, shard, n_points) -> int:
+def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows, shard, n_points,
+            config) -> int:
     from harness.bench import baseline as bl
     from harness.bench import sweep
     from harness.bench.cases import all_cases
@@ -60,7 +61,7 @@ def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, b
     if shard:
         meta["shard"] = str(shard)
     html = render_html(rows, all_cases(), meta, comps, args.baseline)
-    summary = {"preset": name, "gpu_profile": profile.name if profile else None, "env": env,
+    summary = {"preset": name, "gpu_profile": profile.name if profile else None, "env": env, "config": config,
                "shard": str(shard) if shard else None, "points": n_points, "rows": len(rows),
                "points_run_now": counts, "baseline": args.baseline,
                "regressions": sum(c.regression for c in comps) if comps is not None else None}
@@ -140,8 +141,11 @@ def cmd_bench(args) -> int:
     except KeyboardInterrupt:
         sweep.log(f"interrupted; finished points are in {store.csv}; rerun with --out {out} to resume")
         raise
+    # what bench-merge requires equal in every shard of one sweep (the shard index aside)
+    config = {"cases": _csv_list(args.cases), "providers": _csv_list(args.providers), "filters": filters,
+              "rep_ms": rep_ms, "warmup_ms": warmup_ms, "gpu_profile": profile.name if profile else None}
     return _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows, args.shard,
-                   len(the_plan.points))
+                   len(the_plan.points), config)
 
 
 def register(sub) -> None:

@@ -45,7 +45,7 @@ def parse(text: str) -> Shard:
         raise ValueError(f"--shard {text!r}: expected I/N, shard I of N (e.g. 2/3)")
     index, count = int(m[1]), int(m[2])
     if count < 1 or not 1 <= index <= count:
-        raise ValueError(f"--shard {text!r}: I must be between 1 and N, and N at least 1 (e.g. 2/3)")
+        raise ValueError(f"--shard {text!r}: shards count from 1: I must be between 1 and N (e.g. 2/3)")
     return Shard(index, count)
 
 

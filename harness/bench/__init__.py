@@ -13,5 +13,7 @@ One job per module:
   baseline  regression table against a baseline CSV
   report    index.html with inline PNG plots
   env       environment columns (GPU, driver, library versions, git sha)
+  shards    `--shard I/N`: which points a shard runs (a hash of each point's key)
+  merge     the `bench-merge` subcommand: the shards' folders into one results.csv + index.html
   cli       the `bench` subcommand
 """

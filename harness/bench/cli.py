@@ -120,6 +120,15 @@ def cmd_bench(args) -> int:
     check_writable(out)
     store = Store(out)
     done = store.open()
+    if done:  # resuming: the folder must hold this shard's rows only, or its summary and the merge would lie
+        from harness.bench.shards import recorded
+
+        other = recorded(store.rows()) - {str(args.shard) if args.shard else None}
+        if other:
+            was = next(iter(other))
+            raise ValueError(f"--out {str(out)!r} holds rows of {'--shard ' + was if was else 'an unsharded run'}, "
+                             f"not of {'--shard ' + str(args.shard) if args.shard else 'an unsharded run'}: "
+                             f"use another --out")
     for note in ([warning] if warning else []) + list(dict.fromkeys(the_plan.notes)):
         sweep.log(note)
     sweep.log(f"preset {name} on {device_name or 'cpu'}; results go to {store.csv} "
@@ -142,7 +151,8 @@ def cmd_bench(args) -> int:
         sweep.log(f"interrupted; finished points are in {store.csv}; rerun with --out {out} to resume")
         raise
     # what bench-merge requires equal in every shard of one sweep (the shard index aside)
-    config = {"cases": _csv_list(args.cases), "providers": _csv_list(args.providers), "filters": filters,
+    config = {"cases": sorted(_csv_list(args.cases) or []) or None,
+              "providers": sorted(_csv_list(args.providers) or []) or None, "filters": filters,
               "rep_ms": rep_ms, "warmup_ms": warmup_ms, "gpu_profile": profile.name if profile else None}
     return _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, base_rows, args.shard,
                    len(the_plan.points), config)
@@ -163,7 +173,8 @@ def register(sub) -> None:
     b.add_argument("--rep-ms", type=float, help="timing budget per point in ms (default: the preset's)")
     b.add_argument("--warmup-ms", type=float, help="warmup per point in ms (default: the preset's)")
     b.add_argument("--shard", metavar="I/N",
-                   help="run shard I of N: the points whose key hashes to I (copy runs in every shard); "
+                   help="run shard I of N, counted from 1: the points whose key hashes to I (copy runs in every "
+                        "shard); "
                         "join the shards' folders with bench-merge")
     b.add_argument("--list", action="store_true", help="print the planned points (of --shard) and exit")
     b.set_defaults(func=cmd_bench)

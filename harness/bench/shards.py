@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,3 +60,15 @@ def shard_of(key: Sequence[str], count: int) -> int:
 def select(points: Sequence, shard: Shard) -> list:
     """The points of `points` (sweep.Point, in plan order) that `shard` runs: its own and every shared one."""
     return [p for p in points if p.case in SHARED_CASES or shard_of(p.key(), shard.count) == shard.index]
+
+
+def recorded(rows: Sequence[dict]) -> set[str | None]:
+    """The --shard values ("I/N", or None for an unsharded run) in rows' repro commands."""
+    out: set[str | None] = set()
+    for r in rows:
+        try:
+            argv = shlex.split(r.get("repro") or "")
+        except ValueError:
+            continue
+        out.add(argv[argv.index("--shard") + 1] if "--shard" in argv[:-1] else None)
+    return out

@@ -221,3 +221,14 @@ def test_the_shard_of_a_point_depends_on_its_key_alone():
         i = shards.shard_of(p.key(), 3)
         assert shards.select([p], shards.Shard(i, 3)) == [p]
         assert p.case in shards.SHARED_CASES or shards.select([p], shards.Shard(i % 3 + 1, 3)) == []
+
+
+@pytest.mark.parametrize("shard", [["--shard", "2/3"], []])
+def test_resuming_a_folder_of_another_shard_is_refused(runs, capsys, tmp_path, shard):
+    out = tmp_path / "s1"
+    shutil.copytree(runs / "s1", out)
+    before = (out / "results.csv").read_bytes()
+    rc = main([*ARGS, *shard, "--out", str(out)])
+    line = _one_line(capsys)
+    assert rc == 2 and "--shard 1/3" in line and str(out) in line
+    assert (out / "results.csv").read_bytes() == before and not (out / ".incomplete").exists()

@@ -39,6 +39,9 @@ from harness.bench import schema
 from harness.bench.shards import SHARED_CASES, parse
 
 _VALUES = ("status", "p50", "p20", "p80")
+# summary.json's config -> the bench option it records
+_FLAGS = {"cases": "--cases", "providers": "--providers", "filters": "--filter", "rep_ms": "--rep-ms",
+          "warmup_ms": "--warmup-ms", "gpu_profile": "--gpu profile"}
 
 
 @dataclass
@@ -104,7 +107,9 @@ def check(sources: list[Source], allow_mixed: bool) -> None:
                                  + (" (or pass --allow-mixed)" if what in ("git sha", "GPU") else ""))
 
     same("preset", lambda s: s.summary.get("preset"))
-    same("configuration", lambda s: s.summary.get("config"))
+    configs = [s.summary.get("config") or {} for s in sources]
+    for key in dict.fromkeys(k for c in configs for k in c):  # name the first option that differs
+        same(_FLAGS.get(key, key), lambda s, key=key: (s.summary.get("config") or {}).get(key))
     same("shard count", lambda s: s.shard and parse(s.shard).count)  # None (unsharded) matches none
     if not allow_mixed:
         same("git sha", lambda s: (s.summary.get("env") or {}).get("git_sha"))

@@ -145,8 +145,9 @@ def _variant(runs, name, edit):
 
 
 @pytest.mark.parametrize("name, edit, words", [
-    ("rep", lambda s: s["config"].update(rep_ms=50.0), "configuration"),
-    ("filter", lambda s: s["config"].update(filters={"dtype": "fp32"}), "configuration"),
+    ("rep", lambda s: s["config"].update(rep_ms=50.0), "--rep-ms (1.0 vs 50.0)"),
+    ("filter", lambda s: s["config"].update(filters={"dtype": "fp32"}), "--filter"),
+    ("cases", lambda s: s["config"].update(cases=["copy"]), "--cases"),
     ("preset", lambda s: s.update(preset="nightly"), "preset"),
     ("count", lambda s: s.update(shard="2/4"), "shard count"),
     ("unsharded", lambda s: s.update(shard=None), "shard count"),

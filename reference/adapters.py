@@ -9,14 +9,17 @@ percent), not a multiple of it: with an O(1) delta any LoRA bug is an O(1) error
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vlm.adapter_files import check_against_model, read_adapter
+from vlm.adapter_files import AdapterFile, check_against_model, pattern_value, read_adapter
 from vlm.arch import ArchSpec
 
 BASE_PREFIX = "base_model.model."
@@ -143,22 +146,100 @@ def save_adapters(peft_model, folder: str | Path) -> dict[str, Path]:
 
 
 def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
-    """Load PEFT-saved adapters (any PEFT, not only ours) onto `model` after a clear-error pre-check."""
+    """Load PEFT-saved adapters (any PEFT, not only ours) onto `model` after a clear-error pre-check.
+
+    An adapter saved under module names the model converts (transformers 4.x names: `read_adapter` renames
+    them with the model class's own key conversion) is loaded from a renamed copy: PEFT 0.21 renames the
+    tensors on load too, but not `target_modules`, and it drops LLaVA's `multi_modal_projector` tensors
+    (its undo-a-prefix-rename rule fires on them) with no error. Either way, `check_loaded` then verifies that
+    PEFT holds every module of the file with the file's tensors and scale, so a dropped tensor is an error,
+    not a module both sides skip."""
     from peft import PeftModel
 
     if not folders:
         raise ValueError("no adapter folders given")
-    for folder in folders.values():
-        check_against_model(read_adapter(folder), model)
+    adapters = {name: read_adapter(folder, model) for name, folder in folders.items()}
+    for adapter in adapters.values():
+        check_against_model(adapter, model)
     peft_model = None
-    for name, folder in folders.items():
-        try:
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
-            else:
-                peft_model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        except (ValueError, RuntimeError, KeyError) as e:
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
+    with tempfile.TemporaryDirectory(prefix="mmlora-adapter-") as tmp:
+        for name, folder in folders.items():
+            adapter = adapters[name]
+            source = renamed_copy(adapter, Path(tmp) / name) if adapter.renamed else Path(folder)
+            try:
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(model, str(source), adapter_name=name,
+                                                           is_trainable=False)
+                else:
+                    peft_model.load_adapter(str(source), adapter_name=name, is_trainable=False)
+            except (ValueError, RuntimeError, KeyError) as e:
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
     peft_model.eval()
+    for name, adapter in adapters.items():
+        check_loaded(peft_model, name, adapter)
     return peft_model
+
+
+def renamed_copy(adapter: AdapterFile, folder: Path) -> Path:
+    """The adapter under the model's module names, as a PEFT folder: every tensor key renamed, and
+    `target_modules` the exact list of the file's modules (a regex written for the old names cannot be renamed;
+    a module it matched that holds no tensor would only get PEFT's zero-B init). rank / alpha patterns become
+    exact per-module entries, resolved on the names the file holds."""
+    from safetensors.torch import save_file
+
+
+    cfg = dict(adapter.config)
+    ranks, alphas = {}, {}
+    for new in adapter.modules:
+        old = adapter.renamed.get(new, new)
+        r = pattern_value(cfg.get("rank_pattern"), old, cfg["r"])
+        alpha = pattern_value(cfg.get("alpha_pattern"), old, cfg["lora_alpha"])
+        if r != cfg["r"]:
+            ranks[re.escape(new)] = r
+        if alpha != cfg["lora_alpha"]:
+            alphas[re.escape(new)] = alpha
+    cfg.update(target_modules=sorted(adapter.modules), rank_pattern=ranks, alpha_pattern=alphas,
+               layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = {}
+    for new, w in adapter.modules.items():
+        tensors[f"{BASE_PREFIX}{new}.lora_A.weight"] = w.A.contiguous()
+        tensors[f"{BASE_PREFIX}{new}.lora_B.weight"] = w.B.contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _same(loaded: torch.Tensor, saved: torch.Tensor) -> bool:
+    # compared at the lower of the two precisions: PEFT may hold the adapter in the model's dtype
+    if loaded.shape != saved.shape:
+        return False
+    low = loaded.dtype if loaded.element_size() < saved.element_size() else saved.dtype
+    return torch.equal(loaded.detach().cpu().to(low), saved.to(low))
+
+
+def check_loaded(peft_model, name: str, adapter: AdapterFile) -> None:
+    """PEFT holds adapter `name` on exactly the modules the file holds, with the file's A, B and scale (a module
+    adapted beyond the file must have B = 0, PEFT's init). PEFT ignores a tensor it finds no module for."""
+    from peft.tuners.lora import LoraLayer
+
+    loaded = {n.removeprefix(BASE_PREFIX): mod for n, mod in peft_model.named_modules()
+              if isinstance(mod, LoraLayer) and name in mod.lora_A}
+    missing = sorted(set(adapter.modules) - set(loaded))
+    if missing:
+        raise ValueError(f"PEFT did not load module {missing[0]!r} of adapter {name!r} from {str(adapter.path)!r} "
+                         f"({len(missing)} of its {len(adapter.modules)} modules missing)")
+    for module, w in adapter.modules.items():
+        mod = loaded[module]
+        for what, saved, held in (("lora_A", w.A, mod.lora_A[name].weight), ("lora_B", w.B, mod.lora_B[name].weight)):
+            if not _same(held, saved):
+                raise ValueError(f"PEFT holds adapter {name!r} module {module!r} with a {what} that is not the "
+                                 f"file's ({str(adapter.path)!r})")
+        if not math.isclose(mod.scaling[name], w.scale, rel_tol=1e-12):
+            raise ValueError(f"PEFT scales adapter {name!r} module {module!r} by {mod.scaling[name]}, the file's "
+                             f"config gives {w.scale}")
+    extra = sorted(n for n in set(loaded) - set(adapter.modules) if loaded[n].lora_B[name].weight.any())
+    if extra:
+        raise ValueError(f"PEFT adapts module {extra[0]!r} with adapter {name!r} beyond the file "
+                         f"{str(adapter.path)!r}, with non-zero weights")

@@ -15,6 +15,7 @@ from runtime.kernels import lora_apply, lora_apply_torch, token_grouping
 from runtime.mapping import SlotMapping, build_mapping
 from runtime.slot_tables import SlotTables
 from runtime.substitutions import active, install
+from vlm.adapter_files import AdapterFile, read_adapter
 from vlm.arch import ArchSpec
 from vlm.capture import Captures, Recorder, captures_per_request
 from vlm.requests import Request, build_batch
@@ -125,7 +126,10 @@ class RuntimeModel:
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, folder, slot: int | None = None) -> int:
-        """`folder`: a PEFT adapter folder or an already read `vlm.adapter_files.AdapterFile`."""
+        """`folder`: a PEFT adapter folder (module names the model lacks converted by the model's own key
+        conversion) or an already read `vlm.adapter_files.AdapterFile`."""
+        if not isinstance(folder, AdapterFile):
+            folder = read_adapter(folder, self.model)
         return self.tables.load(name, folder, slot)
 
     def unload_adapter(self, name: str) -> None:

@@ -2,6 +2,11 @@
 
 Shared by the reference (which still loads through PEFT itself, after this check gives a clear error)
 and the runtime (which stacks the tensors into slots). Safetensors only: a pickle is refused, unread.
+
+Given the model, module names the model lacks are converted by the model class's own checkpoint key
+conversion (transformers 5's `get_model_conversion_mapping`, the rules `from_pretrained` applies to old
+checkpoints): an adapter saved under transformers 4.x names (LLaVA's `language_model.model.layers...`) then
+reads under the model's names on both sides.
 """
 
 from __future__ import annotations
@@ -9,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,9 +39,10 @@ class AdapterFile:
     path: Path
     config: dict
     modules: dict[str, LoraWeights]  # runtime module name -> weights
+    renamed: dict[str, str] = field(default_factory=dict)  # module name -> the name the file holds, where converted
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict, module: str, default):
     # PEFT matches rank_pattern / alpha_pattern keys as a regex against the end of the module name
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -103,11 +110,11 @@ def _module_weights(st_path: Path, config: dict, module: str, ab: dict[str, torc
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has lora_A {tuple(A.shape)} and "
                          f"lora_B {tuple(B.shape)} whose ranks disagree")
-    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    r = pattern_value(config.get("rank_pattern"), module, config["r"])
     if A.shape[0] != r:
         raise ValueError(f"adapter {str(st_path)!r}: module {module!r} has rank {A.shape[0]} but the config "
                          f"says r={r}")
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     for name, t in (("lora_A", A), ("lora_B", B)):
         if not t.is_floating_point():
@@ -117,15 +124,69 @@ def _module_weights(st_path: Path, config: dict, module: str, ab: dict[str, torc
     return LoraWeights(A, B, float(scale))
 
 
-def read_adapter(folder: str | Path) -> AdapterFile:
+def read_adapter(folder: str | Path, model: torch.nn.Module | None = None) -> AdapterFile:
     """Validate a PEFT adapter folder and return its per-module weights and scales (ValueError naming the bad
-    value otherwise)."""
+    value otherwise). With `model`, a module name the model lacks is converted by the model's own key
+    conversion (`module_name_converter`), and one that stays absent is refused, named as the file holds it.
+    rank_pattern / alpha_pattern apply to the names the file holds (the names they were written for)."""
     folder = Path(folder)
     cfg_path, st_path = _files(folder)
     config = _config(folder, cfg_path)
     pairs = _pairs(st_path, _read_safetensors(st_path))
     modules = {module: _module_weights(st_path, config, module, ab) for module, ab in sorted(pairs.items())}
-    return AdapterFile(folder, config, modules)
+    if model is None:
+        return AdapterFile(folder, config, modules)
+    have = {n for n, _ in _unwrapped(model).named_modules()}
+    convert = None
+    converted: dict[str, LoraWeights] = {}
+    renamed: dict[str, str] = {}
+    for name, w in modules.items():
+        new = name
+        if name not in have:
+            convert = convert or module_name_converter(model)
+            new = convert(name)
+            if new not in have:
+                became = f" (converted to {new!r} by {type(_unwrapped(model)).__name__}'s key conversion)" \
+                    if new != name else f" (no key conversion of {type(_unwrapped(model)).__name__} renames it)"
+                raise ValueError(f"adapter {str(folder)!r} targets module {name!r}, which the model does not "
+                                 f"have{became}")
+        if new in converted:
+            raise ValueError(f"adapter {str(folder)!r}: modules {renamed.get(new, new)!r} and {name!r} are both "
+                             f"{new!r} for the model")
+        if new != name:
+            renamed[new] = name
+        converted[new] = w
+    return AdapterFile(folder, config, dict(sorted(converted.items())), renamed)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    # a PeftModel's names carry "base_model.model."; the conversion is scoped by the transformers model's names
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def module_name_converter(model: torch.nn.Module) -> Callable[[str], str]:
+    """The model class's own checkpoint key conversion, as module name -> module name: transformers'
+    `get_model_conversion_mapping(model)` (every PreTrainedModel part's rules, scoped to where it sits), applied
+    to the module's weight key by `rename_source_key`, as `from_pretrained` renames old checkpoints and PEFT's
+    `convert_peft_adapter_state_dict_for_transformers` renames adapter keys. A name the rules would fuse or
+    split (a WeightConverter: the weight becomes part of another tensor) is refused: plain LoRA slots cannot
+    follow it."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    base = _unwrapped(model)
+    transforms = get_model_conversion_mapping(base) if hasattr(base, "config") else []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def convert(name: str) -> str:
+        key, fused = rename_source_key(f"{name}.weight", renamings, converters)
+        if fused is not None:
+            raise ValueError(f"module {name!r}: {type(base).__name__}'s key conversion merges or splits its weight "
+                             f"({fused!r}), which a LoRA on that module cannot follow")
+        return key.removesuffix(".weight")
+
+    return convert
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -156,7 +156,8 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
     fixes = arch.install_fixes(ref_model)
     pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)
-    adapters = {name: read_adapter(folder) for name, folder in folders.items()}
+    # under the model's module names (an adapter saved with transformers 4.x names is converted, as PEFT's copy was)
+    adapters = {name: read_adapter(folder, ref_model) for name, folder in folders.items()}
     notes = [w for name, a in adapters.items() for w in arch.check_targets(config, list(a.modules), f"adapter {name!r}")]
     for n in notes:
         _log(f"  {arch.model_type}: note: {n}")

@@ -25,9 +25,9 @@ def _reason(v: dict, dtype: str) -> str:
         return "" if v["passed"] else "FALSE ALARM: a legitimate variation failed"
     if not v["caught"]:
         return (f"not seen: the error reached {v['margin']:.2f} of the bound the reference's own {dtype} error "
-                f"sets at {v['expected']}")
+                f"sets at {v['expected_first']}")
     if not v["named"]:
-        return (f"caught first at {v['first']} (the fault is spread over the group; at {v['expected']} it reached "
+        return (f"caught first at {v['first']} (the fault is spread over the group; at {v['expected_first']} it reached "
                 f"{v['margin']:.2f} of the bound)")
     return ""
 

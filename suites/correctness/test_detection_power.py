@@ -11,6 +11,7 @@ import pytest
 
 from harness.correctness.engine import Options, judge, prepare
 from harness.correctness.faults import FAULTS
+from harness.correctness.power import _reason
 
 # LoRA and mapping faults and the controls on Llama 4 (tiled tower, connector inside the tower prefix); each
 # vision-kernel fault on every arch that substitutes its kernel (test_faults_and_cli runs a control on
@@ -51,6 +52,10 @@ def test_catalog_row(fault, arch, dtype, prepared):
         assert v["passed"], f"negative control failed: {res.summary['first_divergence']}"
         return
     assert not math.isnan(v["margin"]), "the module the fault names was not compared"
+    reason = _reason(v, dtype)  # the power table's reason column, from this very verdict
     if (fault, dtype) in BLIND:
-        return  # reported with its margin; see BLIND's reason
+        # reported with its margin; see BLIND's reason
+        assert reason.startswith(("not seen", "caught first at")) and v["expected_first"] in reason, reason
+        return
     assert v["caught"] and v["named"], v
+    assert reason == "", reason

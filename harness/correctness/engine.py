@@ -19,19 +19,17 @@ from pathlib import Path
 import torch
 
 from harness.correctness import modes
+from harness.correctness.bundle import Bundle, load, record
 from harness.correctness.compare import Row, first_divergence
 from harness.correctness.faults import Fault, get_fault
-from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
-from harness.correctness.truth import adapter_ratios, run_truth, trivial_warnings, truth_dtype, truth_model
+from harness.correctness.rules import DEFAULT_ADAPTER_SCALE
 from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
-from reference.run import run_reference
 from runtime.model import RuntimeModel
-from vlm.adapter_files import AdapterFile, read_adapter
+from vlm.adapter_files import AdapterFile
 from vlm.arch import ArchSpec, ImageGeometry, get_arch
 from vlm.checkpoint import (
     build_tiny,
     check_device,
-    load_checkpoint,
     parse_dtype,
     read_checkpoint_config,
     save_checkpoint,
@@ -80,18 +78,14 @@ class Prepared:
     device: torch.device
     reqs: list[Request]
     adapters: dict[str, AdapterFile]
-    ref_pm: object  # the reference PeftModel at the run dtype
-    truth_pm: object  # the same at high precision
-    ref: list  # captures per request, run dtype
-    truth: list  # captures per request, high precision
+    # the reference's and the truth's captures on disk, read one module at a time (bundle.py)
+    bundle: Bundle
     order: list[str]
     notes: list[str]  # targets the arch flags (the run goes on)
     ratios: dict[str, dict[str, float]]  # adapter -> group -> rms(delta) / rms(base)
     warnings: list[str]  # adapters whose comparison is trivial
     fixes: list[str]  # reference fixes in force (HF code replaced where it is wrong on valid inputs)
     seconds: float = 0.0
-    # fault-independent values the comparisons reuse across judges (truth and base outputs per module)
-    cache: dict = field(default_factory=dict, repr=False)
 
 
 def _log(msg: str) -> None:
@@ -150,28 +144,9 @@ def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, tor
 
 
 def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
-    t0 = time.time()
-    torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
-    ckpt = _checkpoint(arch_name, opts, workdir)
-    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
-    fixes = arch.install_fixes(ref_model)
-    pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)
-    adapters = {name: read_adapter(folder) for name, folder in folders.items()}
-    notes = [w for name, a in adapters.items() for w in arch.check_targets(config, list(a.modules), f"adapter {name!r}")]
-    for n in notes:
-        _log(f"  {arch.model_type}: note: {n}")
-    reqs = default_requests(arch, config, list(folders), opts.geometries)
-    _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
-    ref = run_reference(pm, arch, config, reqs, "single", device, torch_dtype).captures
-    tpm = truth_model(ckpt, torch_dtype, device, folders)
-    truth = run_truth(tpm, arch, config, reqs, device, torch_dtype)
-    targets = {name: set(a.modules) for name, a in adapters.items()}
-    ratios = adapter_ratios(tpm, arch, reqs, truth, targets)
-    warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
-    for w in warnings:
-        _log(f"  {arch.model_type}: WARNING: {w}")
-    return Prepared(arch, config, ckpt, opts.dtype, torch_dtype, truth_dtype(device), device, reqs, adapters, pm,
-                    tpm, ref, truth, _order(ref), notes, ratios, warnings, fixes, round(time.time() - t0, 2))
+    """The reference and truth runs, streamed into a bundle in `workdir` (bundle.py), read back as the judge
+    needs them: `mmlora correctness` is `mmlora record` then `mmlora compare`."""
+    return load(record(arch_name, opts, workdir, workdir / arch_name / "bundle"))
 
 
 def _runtime(p: Prepared, opts: Options) -> RuntimeModel:

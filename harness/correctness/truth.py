@@ -51,10 +51,10 @@ def truth_model(ckpt: Path, run_dtype: torch.dtype, device: torch.device, folder
     return pm
 
 
-def run_truth(pm, arch, config, reqs, device: torch.device, run_dtype: torch.dtype):
+def run_truth(pm, arch, config, reqs, device: torch.device, run_dtype: torch.dtype, sink=None):
     with ieee_matmuls():
         return run_reference(pm, arch, config, reqs, "single", device, run_dtype,
-                             compute_dtype=truth_dtype(device)).captures
+                             compute_dtype=truth_dtype(device), sink=sink).captures
 
 
 def _rms(t: torch.Tensor) -> float:

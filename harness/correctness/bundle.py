@@ -20,20 +20,17 @@ import json
 import math
 import shutil
 import statistics
-import time
 import weakref
 from pathlib import Path
 
 import torch
 
-from harness.correctness.rules import NEGLIGIBLE_DELTA
-from harness.correctness.truth import ieee_matmuls, run_truth, trivial_warnings, truth_dtype, truth_model
-from harness.output import atomic_dir
-from reference.run import BASE_PREFIX, base_output, module_outputs, run_reference
+from harness.correctness.truth import ieee_matmuls, truth_dtype
+from reference.run import BASE_PREFIX, base_output, module_outputs
 from vlm.adapter_files import read_adapter
 from vlm.arch import ImageGeometry
 from vlm.capture import Sink
-from vlm.checkpoint import check_device, load_checkpoint, parse_dtype, read_checkpoint_config
+from vlm.checkpoint import read_checkpoint_config
 from vlm.rows import BOUNDARY_GROUP, module_rows_per_request
 
 FORMAT, VERSION = "mmlora-bundle", 1
@@ -177,7 +174,7 @@ def _versions() -> dict:
     return out
 
 
-def _request_entry(r) -> dict:
+def request_entry(r) -> dict:
     ids = ",".join(str(int(t)) for t in r.prompt_ids)
     return {"adapter": r.adapter, "images": len(r.images), "geometry": [g.describe() for g in r.images],
             "tokens": len(r.prompt_ids), "prompt_sha256": hashlib.sha256(ids.encode()).hexdigest()}
@@ -188,64 +185,49 @@ def _checkpoint_files(folder: Path) -> dict[str, str]:
             if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".json"))}
 
 
-def record(arch_name: str, opts, workdir: Path, out: Path) -> Path:
-    """The reference and its truth, streamed into a bundle at `out` (written whole or not at all)."""
-    from harness.correctness.engine import _adapters, _checkpoint, _log, _order, default_requests
+def captured(stage: Stage, side: str, n_requests: int) -> list[list[str]]:
+    """Per request, the modules a single-request forward captured rows for, in first-capture order."""
+    return [[n for n in stage.seen.get((side, i), []) if stage.rows((side, i), n)] for i in range(n_requests)]
 
-    t0 = time.time()
-    torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
-    ckpt = _checkpoint(arch_name, opts, workdir)
-    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
-    fixes = arch.install_fixes(ref_model)
-    pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)
-    adapters = {name: read_adapter(folder) for name, folder in folders.items()}
-    notes = [w for name, a in adapters.items() for w in arch.check_targets(config, list(a.modules), f"adapter {name!r}")]
-    for n in notes:
-        _log(f"  {arch.model_type}: note: {n}")
-    reqs = default_requests(arch, config, list(folders), opts.geometries)
-    _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
+
+def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, reqs, pm, tpm, device,
+                    targets: dict[str, set[str]]) -> tuple[BundleWriter, dict[str, dict[str, float]]]:
+    """Every module's file, in the reference's order, from the staged reference and truth captures; returns
+    the writer (manifest still to finish) and the adapters' measured rms(delta) / rms(base) per group."""
     tdt = truth_dtype(device)
-    with atomic_dir(out, MANIFEST) as tmp:
-        stage = Stage(tmp / ".stage")
-        run_reference(pm, arch, config, reqs, "single", device, torch_dtype, sink=lambda i: stage.sink(("ref", i)))
-        tpm = truth_model(ckpt, torch_dtype, device, folders)
-        run_truth(tpm, arch, config, reqs, device, torch_dtype, sink=lambda i: stage.sink(("truth", i)))
-        order = _order([[n for n in stage.seen.get(("ref", i), []) if stage.rows(("ref", i), n)]
-                        for i in range(len(reqs))])
-        targets = {name: set(a.modules) for name, a in adapters.items()}
-        per_ratio: dict[str, dict[str, list[float]]] = {}
-        writer = BundleWriter(tmp, len(reqs))
-        for name in order:
-            tensors = _module_tensors(stage, name, arch, config, reqs, pm, tpm, device, tdt, targets, per_ratio)
-            writer.add(name, BOUNDARY_GROUP.get(name) or arch.group_of(name), tensors)
-            del tensors
-        shutil.rmtree(stage.folder)
-        ratios = {a: {g: statistics.median(v) for g, v in groups.items()} for a, groups in per_ratio.items()}
-        warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
-        for w in warnings:
-            _log(f"  {arch.model_type}: WARNING: {w}")
-        # a generated checkpoint / generated adapters live in the work folder: the bundle keeps them
-        if opts.model == "tiny":
-            shutil.copytree(ckpt, tmp / "checkpoint")
-            ckpt_path = "checkpoint"
-        else:
-            ckpt_path = str(Path(ckpt).resolve())
-        entries = {}
-        for name, folder in folders.items():
-            path = str(Path(folder).resolve())
-            if not opts.adapters:
-                shutil.copytree(folder, tmp / "adapters" / name)
-                path = f"adapters/{name}"
-            entries[name] = {"path": path, "sha256": _sha256(Path(folder) / "adapter_model.safetensors")}
-        writer.finish({
-            "kind": "reference", "arch": arch.model_type, "dtype": opts.dtype, "device": str(device),
-            "truth_dtype": str(tdt).removeprefix("torch."), "seed": opts.seed,
-            "options": {"model": opts.model, "n_adapters": opts.n_adapters, "adapter_scale": opts.adapter_scale},
-            "checkpoint": {"path": ckpt_path, "files": _checkpoint_files(Path(ckpt))},
-            "adapters": entries, "geometries": [dataclasses.asdict(g) for g in opts.geometries],
-            "requests": [_request_entry(r) for r in reqs], "ratios": ratios, "warnings": warnings,
-            "notes": notes, "fixes": fixes, "seconds": round(time.time() - t0, 2), "versions": _versions()})
-    return out
+    per_ratio: dict[str, dict[str, list[float]]] = {}
+    writer = BundleWriter(tmp, len(reqs))
+    for name in order:
+        tensors = _module_tensors(stage, name, arch, config, reqs, pm, tpm, device, tdt, targets, per_ratio)
+        writer.add(name, BOUNDARY_GROUP.get(name) or arch.group_of(name), tensors)
+        del tensors
+    shutil.rmtree(stage.folder)
+    return writer, {a: {g: statistics.median(v) for g, v in groups.items()} for a, groups in per_ratio.items()}
+
+
+def finish_reference(writer: BundleWriter, opts, arch, reqs, ckpt: Path, folders: dict[str, Path], device,
+                     **fields) -> None:
+    """The manifest; a generated checkpoint and generated adapters (in a work folder) are copied in."""
+    tmp = writer.folder
+    if opts.model == "tiny":
+        shutil.copytree(ckpt, tmp / "checkpoint")
+        ckpt_path = "checkpoint"
+    else:
+        ckpt_path = str(Path(ckpt).resolve())
+    entries = {}
+    for name, folder in folders.items():
+        path = str(Path(folder).resolve())
+        if not opts.adapters:
+            shutil.copytree(folder, tmp / "adapters" / name)
+            path = f"adapters/{name}"
+        entries[name] = {"path": path, "sha256": _sha256(Path(folder) / "adapter_model.safetensors")}
+    writer.finish({
+        "kind": "reference", "arch": arch.model_type, "dtype": opts.dtype, "device": str(device),
+        "truth_dtype": str(truth_dtype(device)).removeprefix("torch."), "seed": opts.seed,
+        "options": {"model": opts.model, "n_adapters": opts.n_adapters, "adapter_scale": opts.adapter_scale},
+        "checkpoint": {"path": ckpt_path, "files": _checkpoint_files(Path(ckpt))}, "adapters": entries,
+        "geometries": [dataclasses.asdict(g) for g in opts.geometries],
+        "requests": [request_entry(r) for r in reqs], **fields, "versions": _versions()})
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -312,7 +294,7 @@ def stream_outputs(rt, reqs, folder: Path) -> Bundle:
         writer.add(name, BOUNDARY_GROUP.get(name) or rt.arch.group_of(name), tensors)
         del tensors
     shutil.rmtree(stage.folder)
-    writer.finish({"kind": "outputs", "requests": [_request_entry(r) for r in reqs]})
+    writer.finish({"kind": "outputs", "requests": [request_entry(r) for r in reqs]})
     return Bundle.open(folder)
 
 
@@ -430,11 +412,9 @@ def _resolve(bundle: Bundle, path: str) -> Path:
     return p if p.is_absolute() else bundle.folder / p
 
 
-def load(folder: str | Path):
-    """A reference bundle as the engine's `Prepared`: checkpoint, adapters and requests rebuilt and checked
-    against the manifest (another adapter file, checkpoint or geometry is a BundleError)."""
-    from harness.correctness.engine import Prepared, default_requests
-
+def open_reference(folder: str | Path):
+    """A reference bundle, its checkpoint and adapters checked against the manifest (another checkpoint or
+    adapter file is a BundleError): (bundle, checkpoint folder, arch, config, adapters, geometries)."""
     b = Bundle.open(folder)
     m, where = b.manifest, f"bundle {str(folder)!r}"
     if m.get("kind") != "reference":
@@ -469,27 +449,16 @@ def load(folder: str | Path):
         adapters[name] = read_adapter(path)
     geoms = [ImageGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
              for g in m["geometries"]]
-    reqs = default_requests(arch, config, list(m["adapters"]), geoms)
-    rebuilt = [_request_entry(r) for r in reqs]
-    if len(rebuilt) != len(m["requests"]):
-        raise BundleError(f"{where}: {len(m['requests'])} requests recorded, {len(rebuilt)} rebuilt")
-    for i, (a, r) in enumerate(zip(m["requests"], rebuilt)):
+    return b, ckpt, arch, config, adapters, geoms
+
+
+def check_requests(b: Bundle, reqs) -> None:
+    """The requests rebuilt from the recorded options are the recorded ones."""
+    where, recorded = f"bundle {str(b.folder)!r}", b.manifest["requests"]
+    rebuilt = [request_entry(r) for r in reqs]
+    if len(rebuilt) != len(recorded):
+        raise BundleError(f"{where}: {len(recorded)} requests recorded, {len(rebuilt)} rebuilt")
+    for i, (a, r) in enumerate(zip(recorded, rebuilt)):
         for key in ("adapter", "geometry", "tokens", "prompt_sha256"):
             if a.get(key) != r[key]:
                 raise BundleError(f"{where}: request {i} {key} {a.get(key)!r} recorded, {r[key]!r} rebuilt")
-    torch_dtype, device = parse_dtype(m["dtype"]), check_device(m["device"])
-    return Prepared(arch, config, ckpt, m["dtype"], torch_dtype, truth_dtype(device), device, reqs, adapters, b,
-                    b.names, m["notes"], m["ratios"], m["warnings"], m["fixes"], m.get("seconds", 0.0))
-
-
-def judge_outputs(p, got: Bundle, opts):
-    """An output bundle against a reference bundle, e2e (no runtime, no model)."""
-    from harness.correctness import modes
-    from harness.correctness.engine import ArchResult, _log, _summarize
-
-    t0 = time.time()
-    rows = modes.compare_outputs(p, got)
-    summary = _summarize(p, rows, opts)
-    summary["seconds"] = round(p.seconds + time.time() - t0, 2)
-    _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
-    return ArchResult(p.arch.model_type, rows, summary)

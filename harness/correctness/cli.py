@@ -160,7 +160,8 @@ def cmd_record(args) -> int:
     """`mmlora record`: the reference and its truth for one arch, streamed into a bundle."""
     import tempfile
 
-    from harness.correctness.bundle import MANIFEST, record
+    from harness.correctness.bundle import MANIFEST
+    from harness.correctness.engine import record
 
     opts = _options(args)
     if len(opts.archs) != 1:
@@ -177,8 +178,8 @@ def cmd_compare(args) -> int:
     """`mmlora compare BUNDLE`: the runtime against a recorded reference; `mmlora compare REF GOT`: an output
     bundle (any engine's, README "Bundles") against it, e2e."""
     from harness.correctness import MODES, Options
-    from harness.correctness.bundle import Bundle, check_outputs, judge_outputs, load
-    from harness.correctness.engine import check_fault, judge
+    from harness.correctness.bundle import Bundle, check_outputs
+    from harness.correctness.engine import check_fault, judge, judge_outputs, load
     from harness.correctness.faults import get_fault
     from runtime.model import PROVIDERS
 

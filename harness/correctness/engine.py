@@ -18,18 +18,21 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness import modes
-from harness.correctness.bundle import Bundle, load, record
+from harness.correctness import bundle, modes
 from harness.correctness.compare import Row, first_divergence
 from harness.correctness.faults import Fault, get_fault
-from harness.correctness.rules import DEFAULT_ADAPTER_SCALE
+from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
+from harness.correctness.truth import run_truth, trivial_warnings, truth_dtype, truth_model
+from harness.output import atomic_dir
 from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
+from reference.run import run_reference
 from runtime.model import RuntimeModel
-from vlm.adapter_files import AdapterFile
+from vlm.adapter_files import AdapterFile, read_adapter
 from vlm.arch import ArchSpec, ImageGeometry, get_arch
 from vlm.checkpoint import (
     build_tiny,
     check_device,
+    load_checkpoint,
     parse_dtype,
     read_checkpoint_config,
     save_checkpoint,
@@ -79,7 +82,7 @@ class Prepared:
     reqs: list[Request]
     adapters: dict[str, AdapterFile]
     # the reference's and the truth's captures on disk, read one module at a time (bundle.py)
-    bundle: Bundle
+    bundle: bundle.Bundle
     order: list[str]
     notes: list[str]  # targets the arch flags (the run goes on)
     ratios: dict[str, dict[str, float]]  # adapter -> group -> rms(delta) / rms(base)
@@ -143,9 +146,52 @@ def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, tor
     return pm, save_adapters(pm, workdir / arch.model_type / "adapters")
 
 
+def record(arch_name: str, opts: Options, workdir: Path, out: Path) -> Path:
+    """The reference and its truth, streamed into a bundle at `out` (bundle.py; written whole or not at all):
+    each capture goes to disk as the hooks see it, then one module at a time into the module's file."""
+    t0 = time.time()
+    torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
+    ckpt = _checkpoint(arch_name, opts, workdir)
+    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
+    fixes = arch.install_fixes(ref_model)
+    pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)
+    adapters = {name: read_adapter(folder) for name, folder in folders.items()}
+    notes = [w for name, a in adapters.items() for w in arch.check_targets(config, list(a.modules), f"adapter {name!r}")]
+    for n in notes:
+        _log(f"  {arch.model_type}: note: {n}")
+    reqs = default_requests(arch, config, list(folders), opts.geometries)
+    _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
+    with atomic_dir(out, bundle.MANIFEST) as tmp:
+        stage = bundle.Stage(tmp / ".stage")
+        run_reference(pm, arch, config, reqs, "single", device, torch_dtype, sink=lambda i: stage.sink(("ref", i)))
+        tpm = truth_model(ckpt, torch_dtype, device, folders)
+        run_truth(tpm, arch, config, reqs, device, torch_dtype, sink=lambda i: stage.sink(("truth", i)))
+        targets = {name: set(a.modules) for name, a in adapters.items()}
+        order = _order(bundle.captured(stage, "ref", len(reqs)))
+        writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, tpm, device, targets)
+        warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
+        for w in warnings:
+            _log(f"  {arch.model_type}: WARNING: {w}")
+        bundle.finish_reference(writer, opts, arch, reqs, ckpt, folders, device, ratios=ratios, warnings=warnings,
+                                notes=notes, fixes=fixes, seconds=round(time.time() - t0, 2))
+    return out
+
+
+def load(folder: str | Path) -> Prepared:
+    """A reference bundle as what the judge needs; the requests are rebuilt from the recorded options and
+    must be the recorded ones (bundle.BundleError otherwise)."""
+    b, ckpt, arch, config, adapters, geoms = bundle.open_reference(folder)
+    m = b.manifest
+    reqs = default_requests(arch, config, list(m["adapters"]), geoms)
+    bundle.check_requests(b, reqs)
+    torch_dtype, device = parse_dtype(m["dtype"]), check_device(m["device"])
+    return Prepared(arch, config, ckpt, m["dtype"], torch_dtype, truth_dtype(device), device, reqs, adapters, b,
+                    b.names, m["notes"], m["ratios"], m["warnings"], m["fixes"], m.get("seconds", 0.0))
+
+
 def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
-    """The reference and truth runs, streamed into a bundle in `workdir` (bundle.py), read back as the judge
-    needs them: `mmlora correctness` is `mmlora record` then `mmlora compare`."""
+    """The reference and truth runs recorded into a bundle in `workdir`, read back as the judge needs them:
+    `mmlora correctness` is `mmlora record` then `mmlora compare`."""
     return load(record(arch_name, opts, workdir, workdir / arch_name / "bundle"))
 
 
@@ -237,6 +283,16 @@ def judge(p: Prepared, opts: Options, fault: Fault | None = None) -> ArchResult:
         _judge_quantized(summary, rows, quant, opts)
     if fault is not None:
         summary["fault"] = fault.verdict(rt, p.order, summary, rows)
+    summary["seconds"] = round(p.seconds + time.time() - t0, 2)
+    _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
+    return ArchResult(p.arch.model_type, rows, summary)
+
+
+def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options) -> ArchResult:
+    """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model."""
+    t0 = time.time()
+    rows = modes.compare_outputs(p, got)
+    summary = _summarize(p, rows, opts)
     summary["seconds"] = round(p.seconds + time.time() - t0, 2)
     _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(p.arch.model_type, rows, summary)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from harness.correctness.bundle import stream_outputs
 from harness.correctness.compare import Metrics, Row, error_metrics, judge
 from harness.correctness.rules import rule
 from vlm.rows import BOUNDARY_GROUP, LM_IMAGE_EMBEDS, group_row_counts, rows_per_request
@@ -94,8 +95,6 @@ def compare_outputs(p, got) -> list[Row]:
 def e2e(p, rt) -> list[Row]:
     """The runtime's one mixed batch, streamed into an output bundle, against each request run alone by the
     reference and the truth."""
-    from harness.correctness.bundle import stream_outputs
-
     current: list[str] = [p.order[0]]
 
     def entering(name: str) -> Callable:

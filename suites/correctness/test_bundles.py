@@ -40,7 +40,7 @@ def test_record_then_compare_gives_the_layers_csv_of_correctness(recorded, tmp_p
 @pytest.fixture(scope="module")
 def engine_outputs(recorded):
     """What an engine has: its own batch run, each module's rows per request (the project's runtime here)."""
-    from harness.correctness.bundle import load
+    from harness.correctness.engine import load
     from runtime.model import RuntimeModel
 
     p = load(recorded / "ref")  # only to rebuild the very requests (the engine's own job) and its adapters
@@ -150,12 +150,12 @@ def test_a_reference_bundle_with_another_adapter_file_is_refused(recorded, tmp_p
 
 
 def test_an_interrupted_record_leaves_no_bundle(tmp_path, monkeypatch):
-    from harness.correctness import bundle
+    from harness.correctness import engine
 
     def interrupted(*args, sink, **kw):
         sink(0)("some.module", "out", torch.ones(3, 4))  # a first capture is on disk ...
         raise RuntimeError("interrupted")  # ... when the reference stops
-    monkeypatch.setattr(bundle, "run_reference", interrupted)
+    monkeypatch.setattr(engine, "run_reference", interrupted)
     assert main(["record", *REF_ARGS, "--adapters", "0", "--out", str(tmp_path / "b")]) == 2
     assert list(tmp_path.iterdir()) == []
 

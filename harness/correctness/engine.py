@@ -2,8 +2,9 @@
 runtime (one mixed batch), every LoRA module and group boundary, per request, in two modes (modes.py).
 
 `prepare` does everything that does not depend on the runtime (checkpoint, adapters, requests, reference and
-truth runs, adapter ratios) once per arch; `judge` builds a runtime, applies a fault if asked, and compares.
-The detection-power table (`mmlora faults --power`) judges many faults against one prepared reference.
+truth runs, adapter ratios) once per arch, recorded into a bundle (`record`, bundle.py) and read back
+(`load`); `judge` builds a runtime, applies a fault if asked, and compares. The
+detection-power table (`mmlora faults --power`) judges many faults against one prepared reference.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@
           runtime's own batch mapping); the truth is the same PEFT module at high precision on those very
           inputs, so the first faulty module is named exactly
 
+The reference's side comes from its bundle (bundle.py), read one module and request at a time; e2e streams
+the runtime's captures into an output bundle first, the very format an engine of its own may hand in
+(`compare_outputs`, `mmlora compare REF GOT`).
+
 Anything raised inside the runtime under test is that runtime's failure: an `error` row naming the module
 (and the request where it is known), never a crash of the harness.
 """

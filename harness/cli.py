@@ -1,4 +1,4 @@
-"""`mmlora` command line: archs, tokens, correctness, faults, bench.
+"""`mmlora` command line: archs, tokens, correctness, record, compare, faults, bench.
 
 Exit codes: 0 success, 1 a divergence or regression was found, 2 bad input (one line on stderr).
 """

@@ -12,13 +12,13 @@ Modes:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vlm.arch import ArchSpec
-from vlm.capture import Captures, Recorder, captures_per_request
+from vlm.capture import Captures, Recorder, Sink, captures_per_request
 from vlm.requests import Batch, Request, build_batch
 from vlm.rows import LOGITS
 
@@ -66,23 +66,29 @@ def base_output(peft_model, name: str, x: torch.Tensor) -> torch.Tensor:
     return peft_model.get_submodule(BASE_PREFIX + name).get_base_layer()(x)
 
 
-def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str], extra: dict) -> Captures:
-    rec = Recorder(peft_model, names, arch, prefix=BASE_PREFIX)
+def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str], extra: dict,
+             sink: Sink | None = None) -> Captures:
+    rec = Recorder(peft_model, names, arch, prefix=BASE_PREFIX, sink=sink)
     rec.set_image_positions(batch.input_ids == arch.image_token_id(config))
     try:
         with torch.no_grad():
             logits = arch.forward_logits(peft_model, **batch.model_inputs(), **extra)
     finally:
         rec.close()
+    if sink is not None:  # everything went to the sink as it was made
+        sink(LOGITS, "out", logits.detach())
+        return [{} for _ in batch.requests]
     return captures_per_request(rec.records, arch, config, batch, logits)
 
 
 def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request], mode: str = "single",
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  compute_dtype: torch.dtype | None = None) -> ReferenceRun:
+                  compute_dtype: torch.dtype | None = None,
+                  sink: Callable[[int], Sink] | None = None) -> ReferenceRun:
     """Captures of every LoRA module and boundary per request. Pixel inputs are rounded to `dtype` (the run
     dtype, as a serving engine feeds them); with `compute_dtype` (the high-precision truth) they are then
-    upcast, so the truth sees exactly the inputs the run sees."""
+    upcast, so the truth sees exactly the inputs the run sees. `sink(i)` (mode single only): request i's
+    tensors go there as the hooks see them (batched rows, unsplit) and the captures returned are empty."""
     if compute_dtype is not None:
         def to(batch: Batch, device, dtype=dtype) -> Batch:
             return batch.to(device, dtype).to(device, compute_dtype)
@@ -91,6 +97,8 @@ def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request
             return batch.to(device, dtype)
     if mode not in MODES:
         raise ValueError(f"unknown reference mode {mode!r}; expected one of {MODES}")
+    if sink is not None and mode != "single":
+        raise ValueError("a capture sink streams per request: reference mode 'single' only")
     if not requests:
         raise ValueError("empty batch: at least one request is needed")
     names = lora_module_names(peft_model)
@@ -98,7 +106,8 @@ def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request
         caps: Captures = []
         for r in requests:
             with _adapter_ctx(peft_model, r.adapter):
-                caps += _forward(peft_model, arch, config, to(build_batch(arch, config, [r]), device), names, {})
+                caps += _forward(peft_model, arch, config, to(build_batch(arch, config, [r]), device), names, {},
+                                 sink(len(caps)) if sink is not None else None)
         return ReferenceRun(caps, names)
     if mode == "grouped":
         caps = [None] * len(requests)

@@ -17,8 +17,9 @@ from runtime.slot_tables import SlotTables
 from runtime.substitutions import active, install
 from vlm.adapter_files import AdapterFile, read_adapter
 from vlm.arch import ArchSpec
-from vlm.capture import Captures, Recorder, captures_per_request
+from vlm.capture import Captures, Recorder, Sink, captures_per_request
 from vlm.requests import Request, build_batch
+from vlm.rows import LOGITS
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,14 @@ class RuntimeModel:
         apply = hooks.kernel("lora", self.provider.apply, module=name)
         apply(x2, y2, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
 
-    def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None) -> Captures:
-        """One batched forward of a mixed batch; per-request captures of every LoRA module + boundaries."""
+    def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None, sink: Sink | None = None) -> Captures:
+        """One batched forward of a mixed batch; per-request captures of every LoRA module + boundaries.
+        With `sink`, every tensor (batched rows, unsplit; the logits last) goes there as it is made and the
+        captures returned are empty."""
         # pixels in the model's dtype, as a serving engine feeds them (Llama 4's patch embedding does not cast)
         batch = build_batch(self.arch, self.config, requests).to(self.device, dtype or self.dtype)
         self.mapping = self.make_mapping(requests, batch.input_ids.shape[1])
-        rec = Recorder(self.model, self.lora_names, self.arch)
+        rec = Recorder(self.model, self.lora_names, self.arch, sink=sink)
         rec.set_image_positions(batch.input_ids == self.arch.image_token_id(self.config))
         try:
             with torch.no_grad(), active(self.kernel_sites, lambda: self.hooks):
@@ -166,4 +169,7 @@ class RuntimeModel:
         finally:
             rec.close()
             self.mapping = None
+        if sink is not None:
+            sink(LOGITS, "out", logits.detach())
+            return [{} for _ in requests]
         return captures_per_request(rec.records, self.arch, self.config, batch, logits)

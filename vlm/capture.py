@@ -3,7 +3,7 @@ the HF module name (PEFT's `base_model.model.` prefix removed), moved to CPU; sh
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -33,12 +33,18 @@ def _out_tensor(out) -> torch.Tensor:
     return out[0]  # ModelOutput
 
 
+Sink = Callable[[str, str, torch.Tensor], None]  # (module name, "in" | "out", tensor): writes, keeps nothing
+
+
 class Recorder:
     """Collects {name: {"in": [tensors], "out": [tensors]}} over one forward; several calls are kept in
-    order (a module can run once per image)."""
+    order (a module can run once per image). With a `sink`, each tensor goes to the sink as soon as the
+    hook sees it (streaming to disk: harness/correctness/bundle.py) and nothing is kept."""
 
-    def __init__(self, root: torch.nn.Module, names: Iterable[str], arch: ArchSpec, prefix: str = ""):
+    def __init__(self, root: torch.nn.Module, names: Iterable[str], arch: ArchSpec, prefix: str = "",
+                 sink: Sink | None = None):
         self.records: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self._sink = sink
         self._handles = []
         modules = dict(root.named_modules())
         for name in names:
@@ -55,6 +61,9 @@ class Recorder:
             self._handles.append(modules[lm_root].register_forward_pre_hook(self._lm_pre, with_kwargs=True))
 
     def _put(self, name, key, t):
+        if self._sink is not None:
+            self._sink(name, key, t.detach())
+            return
         self.records.setdefault(name, {"in": [], "out": []})[key].append(t.detach().to("cpu", copy=True))
 
     def _hook(self, name):

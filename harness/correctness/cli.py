@@ -141,15 +141,77 @@ def cmd_correctness(args) -> int:
     if opts.modes == ("replay",):
         print("mmlora correctness: replay checks the LoRA modules only; group boundaries and the substituted "
               "vision kernels need --mode e2e or both", file=sys.stderr)
-    results = run(opts)
+    return _finish(out, run(opts), opts, args.strict)
+
+
+def _finish(out: Path, results, opts, strict: bool) -> int:
+    """Exit code, report, verdict lines: the same for `correctness` and `compare`."""
     ok = all(r.summary["ok"] for r in results)
     warnings = [f"{r.arch}: {w}" for r in results for w in r.summary.get("warnings", [])]
-    exit_code = 0 if ok and not (args.strict and warnings) else 1
-    _write_report(out, results, opts, ok, exit_code, args.strict)
+    exit_code = 0 if ok and not (strict and warnings) else 1
+    _write_report(out, results, opts, ok, exit_code, strict)
     _print_verdict(out, results, opts, ok, warnings)
     if ok and exit_code:
         print("mmlora correctness: --strict: a trivial comparison is a failure (warnings above)", file=sys.stderr)
     return exit_code
+
+
+def cmd_record(args) -> int:
+    """`mmlora record`: the reference and its truth for one arch, streamed into a bundle."""
+    import tempfile
+
+    from harness.correctness.bundle import MANIFEST
+    from harness.correctness.engine import record
+
+    opts = _options(args)
+    if len(opts.archs) != 1:
+        raise ValueError(f"mmlora record: a bundle holds one arch; pass --arch (one of {len(opts.archs)})")
+    out = Path(args.out)
+    check_replaceable(out, MANIFEST)
+    with tempfile.TemporaryDirectory(prefix="mmlora-work-") as tmp:
+        record(opts.archs[0], opts, Path(tmp), out)
+    print(f"mmlora record: {opts.archs[0]} reference bundle in {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """`mmlora compare BUNDLE`: the runtime against a recorded reference; `mmlora compare REF GOT`: an output
+    bundle (any engine's, README "Bundles") against it, e2e."""
+    from harness.correctness import MODES, Options
+    from harness.correctness.bundle import Bundle, check_outputs
+    from harness.correctness.engine import check_fault, judge, judge_outputs, load
+    from harness.correctness.faults import get_fault
+    from runtime.model import PROVIDERS
+
+    p = load(args.bundle)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    got = None
+    if args.got is not None:
+        if args.mode == "replay":
+            raise ValueError("mmlora compare REF GOT: an output bundle holds outputs only, compared e2e; "
+                             "--mode replay needs the runtime (mmlora compare REF)")
+        if args.inject_fault or args.quantize:
+            raise ValueError("mmlora compare REF GOT runs no runtime: --inject-fault / --quantize do not apply")
+        modes = ("e2e",)
+        got = Bundle.open(args.got)
+        check_outputs(p.bundle, got)
+    fault = get_fault(args.inject_fault) if args.inject_fault else None
+    check_fault(fault, p.arch.model_type)
+    if fault is not None and fault.mode not in modes:
+        raise ValueError(f"--inject-fault {fault.name} is localised in {fault.mode} mode, which --mode "
+                         f"{args.mode} does not run")
+    if args.quantize_projector and not args.quantize:
+        raise ValueError("--quantize-projector needs --quantize lm-int8")
+    if got is None:
+        PROVIDERS[args.kernel].check(p.torch_dtype, p.device)
+    opts = Options(archs=[p.arch.model_type], model=str(p.ckpt),
+                   adapters={n: str(e["path"]) for n, e in p.bundle.manifest["adapters"].items()},
+                   dtype=p.dtype, device=str(p.device), modes=modes, fault=args.inject_fault, kernel=args.kernel,
+                   quantize=args.quantize, quantize_projector=args.quantize_projector)
+    out = Path(args.out) if args.out else default_run_dir("correctness")
+    check_replaceable(out, "summary.json")
+    result = judge_outputs(p, got, opts) if got is not None else judge(p, opts, fault)
+    return _finish(out, [result], opts, args.strict)
 
 
 def cmd_faults(args) -> int:
@@ -169,31 +231,51 @@ def register(sub) -> None:
     from harness.correctness.rules import DEFAULT_ADAPTER_SCALE
     from runtime.model import PROVIDERS
 
+    def reference_args(c, one_arch: bool = False) -> None:
+        c.add_argument("--arch", action="append", help="architecture" + (
+            "" if one_arch else " (repeatable; default: all registered)"))
+        c.add_argument("--model", default="tiny", help="'tiny' (built-in random models) or a checkpoint folder")
+        c.add_argument("--adapter", action="append", metavar="NAME=ADAPTER_DIR",
+                       help="a PEFT-saved adapter (repeatable)")
+        c.add_argument("--adapters", type=int, default=3, help="random adapters to make when no --adapter is given")
+        c.add_argument("--adapter-scale", type=float, default=DEFAULT_ADAPTER_SCALE,
+                       help="generated adapters: rms(LoRA delta) / rms(base output) per module (default "
+                            f"{DEFAULT_ADAPTER_SCALE}; trained adapters show a few percent to a few tens of percent)")
+        c.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
+        c.add_argument("--device", default="cpu", help="cpu | cuda")
+        c.add_argument("--geometry", action="append", metavar="NAME=VALUE",
+                       help="an image geometry the batch's images take in turn (repeatable), as `mmlora tokens` "
+                            "takes it: tiles=2, grid=1,4,6, patches=3x5, image-size=56x84, split=1x2 (default: the "
+                            "arch's mix of sizes / tile counts / grids)")
+
+    def runtime_args(c) -> None:
+        c.add_argument("--strict", action="store_true",
+                       help="exit 1 when an adapter changes (almost) nothing on a group it targets")
+        c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"])
+        c.add_argument("--inject-fault", help="a seeded fault from `mmlora faults`")
+        c.add_argument("--kernel", default="triton", choices=sorted(PROVIDERS),
+                       help="the runtime's LoRA provider: " + ", ".join(sorted(PROVIDERS)))
+        c.add_argument("--quantize", choices=["lm-int8"], help="weight-only int8 on the runtime's LM Linears "
+                       "(registry skip list honoured); reports drift per group, fails only on a skip violation")
+        c.add_argument("--quantize-projector", action="store_true",
+                       help="with --quantize: quantize the connector too")
+        c.add_argument("--out", help="report folder (default reports/correctness/<timestamp>)")
+
     c = sub.add_parser("correctness", help="compare every module of runtime vs HF + PEFT; exit 0 ok, 1 divergence")
-    c.add_argument("--arch", action="append", help="architecture (repeatable; default: all registered)")
-    c.add_argument("--model", default="tiny", help="'tiny' (built-in random models) or a checkpoint folder")
-    c.add_argument("--adapter", action="append", metavar="NAME=ADAPTER_DIR", help="a PEFT-saved adapter (repeatable)")
-    c.add_argument("--adapters", type=int, default=3, help="random adapters to make when no --adapter is given")
-    c.add_argument("--adapter-scale", type=float, default=DEFAULT_ADAPTER_SCALE,
-                   help="generated adapters: rms(LoRA delta) / rms(base output) per module (default "
-                        f"{DEFAULT_ADAPTER_SCALE}; trained adapters show a few percent to a few tens of percent)")
-    c.add_argument("--strict", action="store_true",
-                   help="exit 1 when an adapter changes (almost) nothing on a group it targets")
-    c.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
-    c.add_argument("--device", default="cpu", help="cpu | cuda")
-    c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"])
-    c.add_argument("--inject-fault", help="a seeded fault from `mmlora faults`")
-    c.add_argument("--geometry", action="append", metavar="NAME=VALUE",
-                   help="an image geometry the batch's images take in turn (repeatable), as `mmlora tokens` "
-                        "takes it: tiles=2, grid=1,4,6, patches=3x5, image-size=56x84, split=1x2 (default: the "
-                        "arch's mix of sizes / tile counts / grids)")
-    c.add_argument("--kernel", default="triton", choices=sorted(PROVIDERS),
-                   help="the runtime's LoRA provider: " + ", ".join(sorted(PROVIDERS)))
-    c.add_argument("--quantize", choices=["lm-int8"], help="weight-only int8 on the runtime's LM Linears "
-                   "(registry skip list honoured); reports drift per group, fails only on a skip violation")
-    c.add_argument("--quantize-projector", action="store_true", help="with --quantize: quantize the connector too")
-    c.add_argument("--out", help="report folder (default reports/correctness/<timestamp>)")
+    reference_args(c)
+    runtime_args(c)
     c.set_defaults(func=cmd_correctness)
+    r = sub.add_parser("record", help="record the reference and its truth for one arch into a bundle folder")
+    reference_args(r, one_arch=True)
+    r.add_argument("--out", required=True, help="the bundle folder to write (README, Bundles)")
+    r.set_defaults(func=cmd_record, kernel="triton", inject_fault=None, mode="both", quantize=None,
+                   quantize_projector=False)
+    m = sub.add_parser("compare", help="the runtime (or an output bundle GOT) against a recorded reference bundle; "
+                       "exit 0 ok, 1 divergence, 2 bad bundle")
+    m.add_argument("bundle", help="a reference bundle (mmlora record)")
+    m.add_argument("got", nargs="?", help="an output bundle of an engine (README, Bundles): compared e2e")
+    runtime_args(m)
+    m.set_defaults(func=cmd_compare)
     f = sub.add_parser("faults", help="list the seeded-fault catalog; --power measures what the verdict catches")
     f.add_argument("--power", action="store_true",
                    help="run fault x dtype x adapter scale x arch and write the detection-power table")

@@ -2,8 +2,9 @@
 runtime (one mixed batch), every LoRA module and group boundary, per request, in two modes (modes.py).
 
 `prepare` does everything that does not depend on the runtime (checkpoint, adapters, requests, reference and
-truth runs, adapter ratios) once per arch; `judge` builds a runtime, applies a fault if asked, and compares.
-The detection-power table (`mmlora faults --power`) judges many faults against one prepared reference.
+truth runs, adapter ratios) once per arch, recorded into a bundle (`record`, bundle.py) and read back
+(`load`); `judge` builds a runtime, applies a fault if asked, and compares. The
+detection-power table (`mmlora faults --power`) judges many faults against one prepared reference.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness import modes
+from harness.correctness import bundle, modes
 from harness.correctness.compare import Row, first_divergence
 from harness.correctness.faults import Fault, get_fault
 from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
-from harness.correctness.truth import adapter_ratios, run_truth, trivial_warnings, truth_dtype, truth_model
+from harness.correctness.truth import run_truth, trivial_warnings, truth_dtype, truth_model
+from harness.output import atomic_dir
 from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
 from runtime.model import RuntimeModel
@@ -80,18 +82,14 @@ class Prepared:
     device: torch.device
     reqs: list[Request]
     adapters: dict[str, AdapterFile]
-    ref_pm: object  # the reference PeftModel at the run dtype
-    truth_pm: object  # the same at high precision
-    ref: list  # captures per request, run dtype
-    truth: list  # captures per request, high precision
+    # the reference's and the truth's captures on disk, read one module at a time (bundle.py)
+    bundle: bundle.Bundle
     order: list[str]
     notes: list[str]  # targets the arch flags (the run goes on)
     ratios: dict[str, dict[str, float]]  # adapter -> group -> rms(delta) / rms(base)
     warnings: list[str]  # adapters whose comparison is trivial
     fixes: list[str]  # reference fixes in force (HF code replaced where it is wrong on valid inputs)
     seconds: float = 0.0
-    # fault-independent values the comparisons reuse across judges (truth and base outputs per module)
-    cache: dict = field(default_factory=dict, repr=False)
 
 
 def _log(msg: str) -> None:
@@ -149,7 +147,9 @@ def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, tor
     return pm, save_adapters(pm, workdir / arch.model_type / "adapters")
 
 
-def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
+def record(arch_name: str, opts: Options, workdir: Path, out: Path) -> Path:
+    """The reference and its truth, streamed into a bundle at `out` (bundle.py; written whole or not at all):
+    each capture goes to disk as the hooks see it, then one module at a time into the module's file."""
     t0 = time.time()
     torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
     ckpt = _checkpoint(arch_name, opts, workdir)
@@ -163,16 +163,38 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
         _log(f"  {arch.model_type}: note: {n}")
     reqs = default_requests(arch, config, list(folders), opts.geometries)
     _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
-    ref = run_reference(pm, arch, config, reqs, "single", device, torch_dtype).captures
-    tpm = truth_model(ckpt, torch_dtype, device, folders)
-    truth = run_truth(tpm, arch, config, reqs, device, torch_dtype)
-    targets = {name: set(a.modules) for name, a in adapters.items()}
-    ratios = adapter_ratios(tpm, arch, reqs, truth, targets)
-    warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
-    for w in warnings:
-        _log(f"  {arch.model_type}: WARNING: {w}")
-    return Prepared(arch, config, ckpt, opts.dtype, torch_dtype, truth_dtype(device), device, reqs, adapters, pm,
-                    tpm, ref, truth, _order(ref), notes, ratios, warnings, fixes, round(time.time() - t0, 2))
+    with atomic_dir(out, bundle.MANIFEST) as tmp:
+        stage = bundle.Stage(tmp / ".stage")
+        run_reference(pm, arch, config, reqs, "single", device, torch_dtype, sink=lambda i: stage.sink(("ref", i)))
+        tpm = truth_model(ckpt, torch_dtype, device, folders)
+        run_truth(tpm, arch, config, reqs, device, torch_dtype, sink=lambda i: stage.sink(("truth", i)))
+        targets = {name: set(a.modules) for name, a in adapters.items()}
+        order = _order(bundle.captured(stage, "ref", len(reqs)))
+        writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, tpm, device, targets)
+        warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
+        for w in warnings:
+            _log(f"  {arch.model_type}: WARNING: {w}")
+        bundle.finish_reference(writer, opts, arch, reqs, ckpt, folders, device, ratios=ratios, warnings=warnings,
+                                notes=notes, fixes=fixes, seconds=round(time.time() - t0, 2))
+    return out
+
+
+def load(folder: str | Path) -> Prepared:
+    """A reference bundle as what the judge needs; the requests are rebuilt from the recorded options and
+    must be the recorded ones (bundle.BundleError otherwise)."""
+    b, ckpt, arch, config, adapters, geoms = bundle.open_reference(folder)
+    m = b.manifest
+    reqs = default_requests(arch, config, list(m["adapters"]), geoms)
+    bundle.check_requests(b, reqs)
+    torch_dtype, device = parse_dtype(m["dtype"]), check_device(m["device"])
+    return Prepared(arch, config, ckpt, m["dtype"], torch_dtype, truth_dtype(device), device, reqs, adapters, b,
+                    b.names, m["notes"], m["ratios"], m["warnings"], m["fixes"], m.get("seconds", 0.0))
+
+
+def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
+    """The reference and truth runs recorded into a bundle in `workdir`, read back as the judge needs them:
+    `mmlora correctness` is `mmlora record` then `mmlora compare`."""
+    return load(record(arch_name, opts, workdir, workdir / arch_name / "bundle"))
 
 
 def _runtime(p: Prepared, opts: Options) -> RuntimeModel:
@@ -263,6 +285,16 @@ def judge(p: Prepared, opts: Options, fault: Fault | None = None) -> ArchResult:
         _judge_quantized(summary, rows, quant, opts)
     if fault is not None:
         summary["fault"] = fault.verdict(rt, p.order, summary, rows)
+    summary["seconds"] = round(p.seconds + time.time() - t0, 2)
+    _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
+    return ArchResult(p.arch.model_type, rows, summary)
+
+
+def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options) -> ArchResult:
+    """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model."""
+    t0 = time.time()
+    rows = modes.compare_outputs(p, got)
+    summary = _summarize(p, rows, opts)
     summary["seconds"] = round(p.seconds + time.time() - t0, 2)
     _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(p.arch.model_type, rows, summary)

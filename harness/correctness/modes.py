@@ -6,6 +6,10 @@
           runtime's own batch mapping); the truth is the same PEFT module at high precision on those very
           inputs, so the first faulty module is named exactly
 
+The reference's side comes from its bundle (bundle.py), read one module and request at a time; e2e streams
+the runtime's captures into an output bundle first, the very format an engine of its own may hand in
+(`compare_outputs`, `mmlora compare REF GOT`).
+
 Anything raised inside the runtime under test is that runtime's failure: an `error` row naming the module
 (and the request where it is known), never a crash of the harness.
 """
@@ -14,14 +18,16 @@ from __future__ import annotations
 
 import bisect
 import re
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
+from harness.correctness.bundle import stream_outputs
 from harness.correctness.compare import Metrics, Row, error_metrics, judge
 from harness.correctness.rules import rule
-from harness.correctness.truth import ieee_matmuls
-from reference.run import base_output, module_outputs
 from vlm.rows import BOUNDARY_GROUP, LM_IMAGE_EMBEDS, group_row_counts, rows_per_request
 
 
@@ -55,31 +61,44 @@ def make_row(p, mode: str, i: int, name: str, metrics: Metrics, detail: str = ""
 def _error_rows(p, mode: str, name: str, err: BaseException, requests=None) -> list[Row]:
     where = re.search(r"module '([^']+)'", str(err))
     name = where.group(1) if where and where.group(1) in p.order else name
-    idx = [i for i in (requests if requests is not None else range(len(p.reqs))) if name in p.ref[i]] or [0]
+    idx = [i for i in (requests if requests is not None else range(len(p.reqs))) if p.bundle.has(i, name)] or [0]
     return [make_row(p, mode, i, name, error_metrics(), f"runtime raised {_one_line(err)}") for i in idx]
 
 
-def _cached(p, key, make):
-    if key not in p.cache:
-        p.cache[key] = make()
-    return p.cache[key]
+def _got_base(p, name: str, got_in: torch.Tensor) -> torch.Tensor:
+    """The reference's base Linear (its weights, as recorded) on the runtime's input."""
+    w, b = p.bundle.get(None, name, "weight"), p.bundle.get(None, name, "bias")
+    with torch.no_grad():
+        return F.linear(got_in.to(p.device), w.to(p.device), None if b is None else b.to(p.device)).cpu()
 
 
-def _bases(p, i: int, name: str, got_in, ref_in, truth_in):
-    """The base Linear's output on each side's input (reference and truth ones are computed once)."""
-    if name.startswith("@") or got_in is None or ref_in is None or truth_in is None:
-        return None
-
-    def fixed():
-        with ieee_matmuls():
-            truth_base = base_output(p.truth_pm, name, truth_in.to(p.device)).cpu()
-        return base_output(p.ref_pm, name, ref_in.to(p.device)).cpu(), truth_base
-    ref_base, truth_base = _cached(p, ("e2e-bases", i, name), fixed)
-    return base_output(p.ref_pm, name, got_in.to(p.device)).cpu(), ref_base, truth_base
+def compare_outputs(p, got) -> list[Row]:
+    """Each module's output of a full runtime (or engine) forward, an output bundle, against the reference
+    and the truth of each request run alone; read one module and request at a time."""
+    rows = []
+    r = rule(p.dtype, "e2e")
+    for i in range(len(p.reqs)):
+        for name in p.order:
+            if not p.bundle.has(i, name):
+                continue
+            if not got.has(i, name):
+                rows.append(make_row(p, "e2e", i, name, error_metrics(), "runtime did not capture this module"))
+                continue
+            g_in = got.get(i, name, "in")
+            bases = None
+            if not name.startswith("@") and g_in is not None and p.bundle.has(None, name, "weight") \
+                    and p.bundle.has(i, name, "base") and p.bundle.has(i, name, "truth.base"):
+                bases = (_got_base(p, name, g_in), p.bundle.get(i, name, "base"), p.bundle.get(i, name, "truth.base"))
+            m = judge(got.get(i, name, "out"), p.bundle.get(i, name, "out"), p.bundle.get(i, name, "truth.out"), r,
+                      bases)
+            rows.append(make_row(p, "e2e", i, name, m))
+            del g_in, bases
+    return rows
 
 
 def e2e(p, rt) -> list[Row]:
-    """The runtime's one mixed batch against each request run alone by the reference and the truth."""
+    """The runtime's one mixed batch, streamed into an output bundle, against each request run alone by the
+    reference and the truth."""
     current: list[str] = [p.order[0]]
 
     def entering(name: str) -> Callable:
@@ -87,27 +106,16 @@ def e2e(p, rt) -> list[Row]:
             current[0] = name
         return hook
 
-    handles = [rt.model.get_submodule(n).register_forward_pre_hook(entering(n)) for n in rt.lora_names]
-    try:
-        got = rt.run(p.reqs)
-    except Exception as e:  # noqa: BLE001 - a runtime failure is a verdict, not a harness crash
-        return _error_rows(p, "e2e", current[0], e)
-    finally:
-        for h in handles:
-            h.remove()
-    rows = []
-    r = rule(p.dtype, "e2e")
-    for i in range(len(p.reqs)):
-        for name in p.order:
-            if name not in p.ref[i]:
-                continue
-            if name not in got[i]:
-                rows.append(make_row(p, "e2e", i, name, error_metrics(), "runtime did not capture this module"))
-                continue
-            g, ref, tru = got[i][name], p.ref[i][name], p.truth[i][name]
-            bases = _bases(p, i, name, g.get("in"), ref.get("in"), tru.get("in"))
-            rows.append(make_row(p, "e2e", i, name, judge(g["out"], ref["out"], tru["out"], r, bases)))
-    return rows
+    with tempfile.TemporaryDirectory(prefix="mmlora-got-") as tmp:
+        handles = [rt.model.get_submodule(n).register_forward_pre_hook(entering(n)) for n in rt.lora_names]
+        try:
+            got = stream_outputs(rt, p.reqs, Path(tmp))
+        except Exception as e:  # noqa: BLE001 - a runtime failure is a verdict, not a harness crash
+            return _error_rows(p, "e2e", current[0], e)
+        finally:
+            for h in handles:
+                h.remove()
+        return compare_outputs(p, got)
 
 
 def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Tensor]:
@@ -116,13 +124,13 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Ten
     lengths = [len(r.prompt_ids) for r in p.reqs]
     l_max = max(lengths)
     if group == "language_model":
-        d = p.ref[have[0]][name]["in"].shape[-1]
+        d = p.bundle.get(have[0], name, "in").shape[-1]
         x = torch.zeros(len(p.reqs), l_max, d, dtype=p.torch_dtype)
         for i in have:
-            x[i, : lengths[i]] = p.ref[i][name]["in"]
+            x[i, : lengths[i]] = p.bundle.get(i, name, "in")
         counts = None
     else:
-        x = torch.cat([p.ref[i][name]["in"] for i in have])
+        x = torch.cat([p.bundle.get(i, name, "in") for i in have])
         counts = group_row_counts(p.arch, p.config, p.reqs, group)
     rt.mapping = mapping
     try:
@@ -131,15 +139,6 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Ten
     finally:
         rt.mapping = None
     return rows_per_request(y, group, counts, lengths, l_max, name)
-
-
-def _replay_truth(p, i: int, name: str):
-    """On the reference's own input to the module: the truth's output and base output (the same PEFT module
-    at high precision), and the base output at the run dtype."""
-    x = p.ref[i][name]["in"]
-    with ieee_matmuls():
-        truth_out, truth_base = module_outputs(p.truth_pm, name, x.to(p.device, p.truth_dtype), p.reqs[i].adapter)
-    return truth_out.cpu(), truth_base.cpu(), base_output(p.ref_pm, name, x.to(p.device)).cpu()
 
 
 def replay(p, rt) -> list[Row]:
@@ -154,7 +153,7 @@ def replay(p, rt) -> list[Row]:
     for name in p.order:
         if name not in rt.tables.shapes:
             continue
-        have = [i for i in range(len(p.reqs)) if name in p.ref[i] and "in" in p.ref[i][name]]
+        have = [i for i in range(len(p.reqs)) if p.bundle.has(i, name) and p.bundle.has(i, name, "in")]
         if not have:
             continue
         try:
@@ -163,7 +162,11 @@ def replay(p, rt) -> list[Row]:
             rows += _error_rows(p, "replay", name, e, have)
             continue
         for i in have:
-            truth_out, truth_base, base = _cached(p, ("replay", i, name), lambda i=i, name=name: _replay_truth(p, i, name))
-            m = judge(pieces[i], p.ref[i][name]["out"], truth_out, r, (base, base, truth_base))
+            # recorded on the reference's own input: the same PEFT module at high precision (output and base
+            # output), and the base output at the run dtype
+            base = p.bundle.get(i, name, "base")
+            m = judge(pieces[i], p.bundle.get(i, name, "out"), p.bundle.get(i, name, "replay.truth_out"), r,
+                      (base, base, p.bundle.get(i, name, "replay.truth_base")))
             rows.append(make_row(p, "replay", i, name, m))
+        del pieces
     return rows

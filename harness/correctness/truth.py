@@ -9,13 +9,12 @@ those of the adapter files, and its pixel inputs the run-dtype pixels upcast.
 from __future__ import annotations
 
 import contextlib
-import statistics
 from pathlib import Path
 
 import torch
 
 from reference.adapters import add_adapters, default_specs, load_adapters
-from reference.run import base_output, run_reference
+from reference.run import run_reference
 from vlm.checkpoint import load_checkpoint
 
 
@@ -51,31 +50,10 @@ def truth_model(ckpt: Path, run_dtype: torch.dtype, device: torch.device, folder
     return pm
 
 
-def run_truth(pm, arch, config, reqs, device: torch.device, run_dtype: torch.dtype):
+def run_truth(pm, arch, config, reqs, device: torch.device, run_dtype: torch.dtype, sink=None):
     with ieee_matmuls():
         return run_reference(pm, arch, config, reqs, "single", device, run_dtype,
-                             compute_dtype=truth_dtype(device)).captures
-
-
-def _rms(t: torch.Tensor) -> float:
-    return float(t.double().pow(2).mean().sqrt()) if t.numel() else 0.0
-
-
-def adapter_ratios(truth_pm, arch, reqs, truth, targets: dict[str, set[str]]) -> dict[str, dict[str, float]]:
-    """rms(delta) / rms(base output), median over the modules each adapter targets, per adapter and group,
-    measured on the truth run (the requests that use the adapter)."""
-    per: dict[str, dict[str, list[float]]] = {}
-    with ieee_matmuls():
-        for req, caps in zip(reqs, truth):
-            if req.adapter is None:
-                continue
-            for name, io in caps.items():
-                if name.startswith("@") or name not in targets.get(req.adapter, ()) or "in" not in io:
-                    continue
-                base = base_output(truth_pm, name, io["in"])
-                r = _rms(io["out"] - base) / max(_rms(base), 1e-300)
-                per.setdefault(req.adapter, {}).setdefault(arch.group_of(name), []).append(r)
-    return {a: {g: statistics.median(v) for g, v in groups.items()} for a, groups in per.items()}
+                             compute_dtype=truth_dtype(device), sink=sink).captures
 
 
 def trivial_warnings(ratios: dict[str, dict[str, float]], targets: dict[str, set[str]], arch,

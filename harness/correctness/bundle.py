@@ -436,6 +436,10 @@ def open_reference(folder: str | Path):
     if arch.model_type != m["arch"]:
         raise BundleError(f"{where}: checkpoint is {arch.model_type!r}, the bundle {m['arch']!r}")
     config = arch.model_class().config_class.from_dict(raw)
+    # adapters are read against the model's module names (old transformers-4.x names are converted by the
+    # model class's own key conversion, as the recording did): an empty skeleton on the meta device is enough
+    with torch.device("meta"):
+        skeleton = arch.model_class()(config)
     adapters = {}
     for name, e in m["adapters"].items():
         path = _resolve(b, e["path"])
@@ -446,7 +450,7 @@ def open_reference(folder: str | Path):
         if sha != e["sha256"]:
             raise BundleError(f"{where}: adapter {name!r}: {str(st)!r} is another file (sha256 {sha[:12]}..., "
                               f"recorded {e['sha256'][:12]}...)")
-        adapters[name] = read_adapter(path)
+        adapters[name] = read_adapter(path, skeleton)
     geoms = [ImageGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
              for g in m["geometries"]]
     return b, ckpt, arch, config, adapters, geoms

@@ -6,6 +6,7 @@ is an error (transformers would otherwise leave it randomly initialised with a w
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,14 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
     if missing:
         raise ValueError(f"checkpoint {str(folder)!r} is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
     return arch, model.config, model.to(device).eval()
+
+
+def shared_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree of `model` over the very same parameter and buffer tensors (no copy): the runtime
+    swaps its own modules into the twin while the reference wraps the original, and both read one set of
+    weights. Anything that must change a weight (quantization) replaces that Parameter in its own tree."""
+    import copy
+
+    memo = {id(t): t for _, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                 model.named_buffers(remove_duplicate=False))}
+    return copy.deepcopy(model, memo)

@@ -22,7 +22,7 @@ from harness.correctness import modes
 from harness.correctness.compare import Row, first_divergence
 from harness.correctness.faults import Fault, get_fault
 from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
-from harness.correctness.truth import adapter_ratios, run_truth, trivial_warnings, truth_dtype, truth_model
+from harness.correctness.truth import adapter_ratios, run_truth, trivial_warnings, truth_dtype
 from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
 from runtime.model import RuntimeModel
@@ -35,6 +35,7 @@ from vlm.checkpoint import (
     parse_dtype,
     read_checkpoint_config,
     save_checkpoint,
+    shared_twin,
 )
 from vlm.requests import Request, make_request
 
@@ -81,7 +82,7 @@ class Prepared:
     reqs: list[Request]
     adapters: dict[str, AdapterFile]
     ref_pm: object  # the reference PeftModel at the run dtype
-    truth_pm: object  # the same at high precision
+    truth_pm: object  # the same model, run as the truth inside truth.high_precision (no second copy)
     ref: list  # captures per request, run dtype
     truth: list  # captures per request, high precision
     order: list[str]
@@ -92,6 +93,9 @@ class Prepared:
     seconds: float = 0.0
     # fault-independent values the comparisons reuse across judges (truth and base outputs per module)
     cache: dict = field(default_factory=dict, repr=False)
+    # the checkpoint's model as loaded, before the reference's fixes and PEFT: every runtime is a twin of it over
+    # the very same weight tensors (vlm.checkpoint.shared_twin)
+    base: object = field(default=None, repr=False)
 
 
 def _log(msg: str) -> None:
@@ -154,6 +158,7 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
     ckpt = _checkpoint(arch_name, opts, workdir)
     arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
+    base = shared_twin(ref_model)  # taken before the fixes and PEFT change the reference's module tree
     fixes = arch.install_fixes(ref_model)
     pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)
     adapters = {name: read_adapter(folder) for name, folder in folders.items()}
@@ -163,23 +168,23 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     reqs = default_requests(arch, config, list(folders), opts.geometries)
     _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
     ref = run_reference(pm, arch, config, reqs, "single", device, torch_dtype).captures
-    tpm = truth_model(ckpt, torch_dtype, device, folders)
-    truth = run_truth(tpm, arch, config, reqs, device, torch_dtype)
+    # the truth is the reference model itself run at high precision (truth.high_precision): no second copy
+    truth = run_truth(pm, arch, config, reqs, device, torch_dtype)
     targets = {name: set(a.modules) for name, a in adapters.items()}
-    ratios = adapter_ratios(tpm, arch, reqs, truth, targets)
+    ratios = adapter_ratios(pm, arch, reqs, truth, targets, truth_dtype(device))
     warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
     for w in warnings:
         _log(f"  {arch.model_type}: WARNING: {w}")
     return Prepared(arch, config, ckpt, opts.dtype, torch_dtype, truth_dtype(device), device, reqs, adapters, pm,
-                    tpm, ref, truth, _order(ref), notes, ratios, warnings, fixes, round(time.time() - t0, 2))
+                    pm, ref, truth, _order(ref), notes, ratios, warnings, fixes, round(time.time() - t0, 2), base=base)
 
 
 def _runtime(p: Prepared, opts: Options) -> RuntimeModel:
     ranks = [w.rank for a in p.adapters.values() for w in a.modules.values()] or [1]
     targets = {m for a in p.adapters.values() for m in a.modules}  # user adapters may go beyond the recipes
-    rt = RuntimeModel.from_checkpoint(p.ckpt, dtype=p.torch_dtype, device=p.device, kernel=opts.kernel,
-                                      max_slots=max(8, len(p.adapters)), r_max=max(16, *ranks),
-                                      extra_targets=targets)
+    # a twin of the reference's base model over the same weight tensors: one copy of the weights in memory
+    rt = RuntimeModel(p.arch, p.config, shared_twin(p.base), kernel=opts.kernel,
+                      max_slots=max(8, len(p.adapters)), r_max=max(16, *ranks), extra_targets=targets)
     for name, adapter in p.adapters.items():
         rt.load_adapter(name, adapter)
     return rt

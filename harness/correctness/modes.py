@@ -20,7 +20,7 @@ import torch
 
 from harness.correctness.compare import Metrics, Row, error_metrics, judge
 from harness.correctness.rules import rule
-from harness.correctness.truth import ieee_matmuls
+from harness.correctness.truth import high_precision
 from reference.run import base_output, module_outputs
 from vlm.rows import BOUNDARY_GROUP, LM_IMAGE_EMBEDS, group_row_counts, rows_per_request
 
@@ -71,7 +71,7 @@ def _bases(p, i: int, name: str, got_in, ref_in, truth_in):
         return None
 
     def fixed():
-        with ieee_matmuls():
+        with high_precision(p.truth_pm, p.truth_dtype):
             truth_base = base_output(p.truth_pm, name, truth_in.to(p.device)).cpu()
         return base_output(p.ref_pm, name, ref_in.to(p.device)).cpu(), truth_base
     ref_base, truth_base = _cached(p, ("e2e-bases", i, name), fixed)
@@ -137,7 +137,7 @@ def _replay_truth(p, i: int, name: str):
     """On the reference's own input to the module: the truth's output and base output (the same PEFT module
     at high precision), and the base output at the run dtype."""
     x = p.ref[i][name]["in"]
-    with ieee_matmuls():
+    with high_precision(p.truth_pm, p.truth_dtype):
         truth_out, truth_base = module_outputs(p.truth_pm, name, x.to(p.device, p.truth_dtype), p.reqs[i].adapter)
     return truth_out.cpu(), truth_base.cpu(), base_output(p.ref_pm, name, x.to(p.device)).cpu()
 

@@ -58,32 +58,58 @@ def _linear_in_chunks(mod: torch.nn.Linear, dtype: torch.dtype, chunk: int):
     return forward
 
 
-def _embedding_rows(mod: torch.nn.Embedding, dtype: torch.dtype):
-    """Pre / post forward hooks that make `mod` look up its rows in a table of only the rows asked for,
-    upcast (a lookup is exact: the same values as looking up in the whole table upcast)."""
-    state: list = []
-
-    def pre(_mod, args, kwargs):
+def _embedding_rows(mod: torch.nn.Embedding, dtype: torch.dtype, forward):
+    """`forward` (the Embedding's) looking up its rows in a table of only the rows asked for, upcast (a lookup
+    is exact: the same values as a lookup in the whole table upcast)."""
+    def call(*args, **kwargs):
         key = None if args else next(iter(kwargs))
         ids = args[0] if args else kwargs[key]
         rows, where = torch.unique(ids, return_inverse=True)
-        state.append((mod.weight.data, mod.padding_idx))
-        mod.weight.data = mod.weight.data[rows].to(dtype)
-        mod.padding_idx = None  # only gradients and a range check read it; the table is renumbered
         where = where.reshape(ids.shape)
-        return ((where, *args[1:]), kwargs) if key is None else (args, {**kwargs, key: where})
+        saved = mod.weight.data, mod.padding_idx
+        mod.weight.data = saved[0][rows].to(dtype)
+        mod.padding_idx = None  # only gradients and a range check read it; the table is renumbered
+        try:
+            return forward(where, *args[1:], **kwargs) if key is None else forward(*args, **{**kwargs, key: where})
+        finally:
+            mod.weight.data, mod.padding_idx = saved
+    return call
 
-    def post(_mod, _args, _kwargs, out):
-        mod.weight.data, mod.padding_idx = state.pop()
-        return out
-    return pre, post
+
+def _upcast_on_call(mod: torch.nn.Module, dtype: torch.dtype, skip: str | None, forward):
+    """`forward` with `mod`'s own floating tensors upcast for the call: for a module accelerate offloads, whose
+    tensors exist only while its hook has loaded them (at the run dtype), around the forward it wraps."""
+    def call(*args, **kwargs):
+        saved = []
+        for t in _direct(mod):
+            if t[1] != skip and t[2].is_floating_point() and t[2].dtype != dtype:
+                saved.append((t[2], t[2].data))
+                t[2].data = t[2].data.to(dtype)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for t, data in saved:
+                t.data = data
+    return call
 
 
-def _set_forward(mod: torch.nn.Module, forward) -> tuple:
-    """Replace the forward `mod` runs (under accelerate's hooks: the one they wrap); returns how to undo it."""
+def _direct(mod: torch.nn.Module):
+    return [("p", n, t) for n, t in mod._parameters.items() if t is not None] + \
+        [("b", n, t) for n, t in mod._buffers.items() if t is not None]
+
+
+def _offloaded(mod: torch.nn.Module) -> bool:
+    """accelerate loads this module's tensors for each call (disk / CPU offload) and puts them back after."""
+    hook = getattr(mod, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
+
+
+def _set_forward(mod: torch.nn.Module, make) -> tuple:
+    """Replace the forward `mod` runs (under accelerate's hooks: the one they wrap) by `make(current)`; returns
+    how to undo it."""
     attr = "_old_forward" if hasattr(mod, "_hf_hook") else "forward"
     had = mod.__dict__.get(attr)
-    object.__setattr__(mod, attr, forward)
+    object.__setattr__(mod, attr, make(getattr(mod, attr)))
     return mod, attr, had
 
 
@@ -92,12 +118,12 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
     """Run `model` (the reference PeftModel) as the truth inside the block: every floating parameter and buffer
     at `dtype` (float64 on CPU), IEEE fp32 matmuls on CUDA. Tensors are upcast in place and given back
     their very storage afterwards; Linear / Embedding weights above `big` bytes are never upcast whole (see
-    the module docstring), so no second copy of the model exists. `big=0` puts every Linear and Embedding on
-    the piecewise path (tests hold it to a fully upcast copy)."""
+    the module docstring), so no second copy of the model exists. Modules accelerate offloads (device maps)
+    are upcast for each call, once its hook has loaded them. `big=0` puts every Linear and Embedding on the
+    piecewise path (tests hold it to a fully upcast copy)."""
     size = torch.empty((), dtype=dtype).element_size()
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     forwards: list[tuple] = []
-    handles: list = []
     seen: set[int] = set()
     # adapter Linears are small (rank r) and PEFT casts their input to their weight's dtype: always upcast whole
     adapter = {id(m) for m in model.modules() if type(m).__module__.startswith("peft.")
@@ -112,13 +138,15 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
             if piecewise:
                 seen.add(id(w))
                 if isinstance(mod, torch.nn.Linear):
-                    forwards.append(_set_forward(mod, _linear_in_chunks(mod, dtype, chunk)))
+                    forwards.append(_set_forward(mod, lambda _f, mod=mod: _linear_in_chunks(mod, dtype, chunk)))
                 else:
-                    pre, post = _embedding_rows(mod, dtype)
-                    handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-                    handles.append(mod.register_forward_hook(post, with_kwargs=True))
-            for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-                if t is None or id(t) in seen or not t.is_floating_point():
+                    forwards.append(_set_forward(mod, lambda f, mod=mod: _embedding_rows(mod, dtype, f)))
+            if _offloaded(mod):
+                forwards.append(_set_forward(mod, lambda f, mod=mod, skip="weight" if piecewise else None:
+                                             _upcast_on_call(mod, dtype, skip, f)))
+                continue
+            for _, _, t in _direct(mod):
+                if id(t) in seen or not t.is_floating_point():
                     continue
                 seen.add(id(t))
                 saved.append((t, t.data))
@@ -126,9 +154,7 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
         with ieee_matmuls():
             yield model
     finally:
-        for h in handles:
-            h.remove()
-        for mod, attr, had in forwards:
+        for mod, attr, had in reversed(forwards):
             if had is None:
                 del mod.__dict__[attr]
             else:

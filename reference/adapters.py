@@ -65,6 +65,29 @@ def lora_config(arch: ArchSpec, spec: AdapterSpec):
                       target_modules=arch.target_regex(groups), bias="none")
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: its accelerate hook's execution device under a device map (its weights may sit
+    on the meta device, offloaded), else where its weights are."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device(dev)
+    return next((t.device for t in module.parameters() if t.device.type != "meta"), torch.device("cpu"))
+
+
+def _materialize(peft_model) -> None:
+    """PEFT creates the LoRA weights of a module accelerate offloads on the meta device (no data): they are
+    small, so they live on the module's execution device instead (randomize / load fill them)."""
+    from peft.tuners.lora import LoraLayer
+
+    for mod in peft_model.modules():
+        if isinstance(mod, LoraLayer):
+            dev = execution_device(mod.get_base_layer())
+            for d in (mod.lora_A, mod.lora_B):
+                for sub in d.values():
+                    if any(p.is_meta for p in sub.parameters()):
+                        sub.to_empty(device=dev)
+
+
 @torch.no_grad()
 def randomize(peft_model, name: str, seed: int) -> None:
     """Non-zero A and B: A ~ N(0, 1/in), B ~ N(0, 1/r) / 4, so a LoRA changes a module's output by a
@@ -98,7 +121,7 @@ def calibrate(peft_model, arch: ArchSpec, config, requests, target: float, devic
         ins = [c[key]["in"] for c in caps if key in c and "in" in c[key]]
         if not ins:
             continue  # a module no request reaches (e.g. an unused layer): left as drawn
-        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in ins]).float().to(mod.get_base_layer().weight.device)
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in ins]).float().to(execution_device(mod.get_base_layer()))
         base_rms = mod.get_base_layer()(x.to(mod.get_base_layer().weight.dtype)).float().pow(2).mean().sqrt()
         for adapter in mod.lora_A:
             A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
@@ -120,6 +143,7 @@ def add_adapters(model: torch.nn.Module, arch: ArchSpec, specs: Sequence[Adapter
             peft_model = get_peft_model(model, cfg, adapter_name=spec.name)
         else:
             peft_model.add_adapter(spec.name, cfg)
+        _materialize(peft_model)
         randomize(peft_model, spec.name, spec.seed)
     peft_model.eval()
     return peft_model

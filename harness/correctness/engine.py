@@ -59,6 +59,8 @@ class Options:
     quantize_projector: bool = False  # also quantize the connector (against the registry's skip list)
     quant_honour_skips: bool = True  # False only in tests: a quantizer that ignores the skip list
     geometries: Sequence[ImageGeometry] = ()  # the batch's image geometries in turn (default: the arch's mix)
+    device_map: str | dict | None = None  # accelerate's placement over this node's devices (vlm.checkpoint)
+    max_memory: dict | None = None  # the most accelerate may place per device (implies device_map "auto")
 
 
 @dataclass
@@ -157,7 +159,9 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     t0 = time.time()
     torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
     ckpt = _checkpoint(arch_name, opts, workdir)
-    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
+    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device, device_map=opts.device_map,
+                                              max_memory=opts.max_memory,
+                                              offload_folder=workdir / arch_name / "offload")
     base = shared_twin(ref_model)  # taken before the fixes and PEFT change the reference's module tree
     fixes = arch.install_fixes(ref_model)
     pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)

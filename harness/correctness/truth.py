@@ -46,10 +46,11 @@ BIG = 64 << 20  # bytes at the truth dtype: a Linear / Embedding weight above th
 CHUNK = 16 << 20  # bytes at the truth dtype of one upcast piece of a large Linear weight
 
 
-def _linear_in_chunks(mod: torch.nn.Linear, dtype: torch.dtype, chunk: int):
-    """`mod`'s forward at `dtype` from its weight upcast `chunk` bytes at a time (output columns)."""
+def _linear_in_chunks(mod: torch.nn.Linear, dtype: torch.dtype, chunk: int, weight=None):
+    """`mod`'s forward at `dtype` from its weight (`weight()`, default `mod.weight`) upcast `chunk` bytes at a
+    time (output columns)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        w, b = mod.weight, mod.bias
+        w, b = mod.weight if weight is None else weight(), mod.bias
         n = max(1, chunk // (w.shape[1] * torch.empty((), dtype=dtype).element_size()))
         if n >= w.shape[0]:
             return torch.nn.functional.linear(x, w.to(dtype), None if b is None else b.to(dtype))
@@ -58,16 +59,16 @@ def _linear_in_chunks(mod: torch.nn.Linear, dtype: torch.dtype, chunk: int):
     return forward
 
 
-def _embedding_rows(mod: torch.nn.Embedding, dtype: torch.dtype, forward):
-    """`forward` (the Embedding's) looking up its rows in a table of only the rows asked for, upcast (a lookup
-    is exact: the same values as a lookup in the whole table upcast)."""
+def _embedding_rows(mod: torch.nn.Embedding, dtype: torch.dtype, forward, weight):
+    """`forward` (the Embedding's) looking up its rows in a table of only the rows asked for of `weight()`,
+    upcast (a lookup is exact: the same values as a lookup in the whole table upcast)."""
     def call(*args, **kwargs):
         key = None if args else next(iter(kwargs))
         ids = args[0] if args else kwargs[key]
         rows, where = torch.unique(ids, return_inverse=True)
         where = where.reshape(ids.shape)
         saved = mod.weight.data, mod.padding_idx
-        mod.weight.data = saved[0][rows].to(dtype)
+        mod.weight.data = weight()[rows].to(dtype)
         mod.padding_idx = None  # only gradients and a range check read it; the table is renumbered
         try:
             return forward(where, *args[1:], **kwargs) if key is None else forward(*args, **{**kwargs, key: where})
@@ -129,19 +130,31 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
     adapter = {id(m) for m in model.modules() if type(m).__module__.startswith("peft.")
                for d in (getattr(m, "lora_A", None), getattr(m, "lora_B", None)) if isinstance(d, torch.nn.ModuleDict)
                for m in d.values()}
+    reals: dict[int, torch.Tensor] = {}  # piecewise weights: their run-dtype data, while they hold a stand-in
     try:
         for mod in model.modules():
             w = getattr(mod, "weight", None)
+            offloaded = _offloaded(mod)
+            real = reals.get(id(w), w.data if isinstance(w, torch.Tensor) else None)
             piecewise = (isinstance(mod, torch.nn.Linear | torch.nn.Embedding) and id(mod) not in adapter
-                         and isinstance(w, torch.Tensor)
-                         and w.is_floating_point() and w.dtype != dtype and w.numel() * size > big)
+                         and real is not None and real.is_floating_point() and real.dtype != dtype
+                         and real.numel() * size > big)
             if piecewise:
                 seen.add(id(w))
+                if not offloaded and id(w) not in reals:
+                    # a stand-in of the truth dtype (code that reads its dtype / device / shape sees what a full
+                    # upcast shows; one that read its values outside the module would get NaN, loudly), 8 bytes
+                    reals[id(w)] = real
+                    saved.append((w, real))
+                    w.data = torch.full((), float("nan"), dtype=dtype, device=real.device).expand(real.shape)
+                weight = (lambda mod=mod: mod.weight) if offloaded else (lambda real=real: real)
                 if isinstance(mod, torch.nn.Linear):
-                    forwards.append(_set_forward(mod, lambda _f, mod=mod: _linear_in_chunks(mod, dtype, chunk)))
+                    forwards.append(_set_forward(mod, lambda _f, mod=mod, weight=weight:
+                                                 _linear_in_chunks(mod, dtype, chunk, weight)))
                 else:
-                    forwards.append(_set_forward(mod, lambda f, mod=mod: _embedding_rows(mod, dtype, f)))
-            if _offloaded(mod):
+                    forwards.append(_set_forward(mod, lambda f, mod=mod, weight=weight:
+                                                 _embedding_rows(mod, dtype, f, weight)))
+            if offloaded:
                 forwards.append(_set_forward(mod, lambda f, mod=mod, skip="weight" if piecewise else None:
                                              _upcast_on_call(mod, dtype, skip, f)))
                 continue

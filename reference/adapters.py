@@ -174,6 +174,8 @@ def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
         raise ValueError("no adapter folders given")
     for folder in folders.values():
         check_against_model(read_adapter(folder), model)
+    if set((getattr(model, "hf_device_map", None) or {}).values()) & {"cpu", "disk"}:
+        return _load_offloaded(model, folders)
     peft_model = None
     for name, folder in folders.items():
         try:
@@ -184,5 +186,35 @@ def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
         except (ValueError, RuntimeError, KeyError) as e:
             first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
+    peft_model.eval()
+    return peft_model
+
+
+def _load_offloaded(model: torch.nn.Module, folders: Mapping[str, str | Path]):
+    """PEFT 0.21's loader re-dispatches a model offloaded to CPU / disk and fails on it (KeyError on a module of
+    the device map): the adapters are added as `get_peft_model` does (weights made on each module's execution
+    device) and their tensors loaded with PEFT's own `set_peft_model_state_dict`."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_model = None
+    for name, folder in folders.items():
+        try:
+            cfg = LoraConfig.from_pretrained(str(folder))
+            cfg.inference_mode = True
+            if peft_model is None:
+                peft_model = get_peft_model(model, cfg, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, cfg)
+            _materialize(peft_model)
+            res = set_peft_model_state_dict(peft_model, load_file(str(Path(folder) / "adapter_model.safetensors")),
+                                            adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, OSError) as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
+        missing = [k for k in res.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+        if res.unexpected_keys or missing:
+            what = (res.unexpected_keys or missing)[0]
+            raise ValueError(f"adapter {name!r} from {str(folder)!r} does not fit the model: tensor {what!r}")
     peft_model.eval()
     return peft_model

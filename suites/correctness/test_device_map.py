@@ -49,3 +49,24 @@ def test_half_the_layers_on_disk_gives_the_plain_run(tmp_path):
     for x, y in zip(a, b):
         diff = {k: (x[k], y[k]) for k in x if x[k] != y[k] and not (x[k] != x[k] and y[k] != y[k])}  # NaN == NaN
         assert not diff, (x["module"], x["request"], diff)
+
+
+def test_adapter_folders_load_onto_an_offloaded_model(tmp_path):
+    """PEFT's own loader fails on a model offloaded to disk; reference.adapters loads them as it adds them."""
+    from reference.adapters import DEFAULT_SPECS, add_adapters, load_adapters, save_adapters
+
+    ckpt = save_checkpoint(build_tiny("llava")[1], tmp_path / "ckpt")
+    arch, _, plain = load_checkpoint(ckpt)
+    folders = save_adapters(add_adapters(plain, arch, DEFAULT_SPECS[:2]), tmp_path / "ad")
+    want = load_adapters(load_checkpoint(ckpt)[2], folders)
+    _, _, model = load_checkpoint(ckpt, device_map=half_on_disk(load_checkpoint(ckpt)[2]),
+                                  offload_folder=tmp_path / "off")
+    got = load_adapters(model, folders)
+    ids = torch.tensor([[2, 5, 6, 7]])
+    for name in folders:
+        want.set_adapter(name)
+        got.set_adapter(name)
+        with torch.no_grad():
+            a = want.base_model.model.model.language_model(input_ids=ids).last_hidden_state
+            b = got.base_model.model.model.language_model(input_ids=ids).last_hidden_state
+        assert torch.equal(a, b), name

@@ -136,7 +136,10 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
             w = getattr(mod, "weight", None)
             offloaded = _offloaded(mod)
             real = reals.get(id(w), w.data if isinstance(w, torch.Tensor) else None)
-            piecewise = (isinstance(mod, torch.nn.Linear | torch.nn.Embedding) and id(mod) not in adapter
+            # a Linear subclass with its own forward (Llama 4's router) keeps it: upcast whole
+            piecewise = ((isinstance(mod, torch.nn.Embedding) or (isinstance(mod, torch.nn.Linear)
+                                                                  and type(mod).forward is torch.nn.Linear.forward))
+                         and id(mod) not in adapter
                          and real is not None and real.is_floating_point() and real.dtype != dtype
                          and real.numel() * size > big)
             if piecewise:

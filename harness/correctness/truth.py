@@ -6,12 +6,13 @@ float64 on CPU, fp32 with IEEE matmuls (no TF32) on CUDA. Its weights are the ru
 those of the adapter files, and its pixel inputs the run-dtype pixels upcast.
 
 No second copy of the model is made: `high_precision` runs the reference's own PeftModel with its tensors
-upcast in place for the length of a `with` block, and the large ones (a Linear or Embedding weight above
-`BIG` bytes at the truth dtype: the LM's projections, the vocabulary) never whole: a large Linear computes
-its output in column chunks from its weight upcast a chunk at a time, a large Embedding looks up the rows
-it is asked for and upcasts only those. Every value the truth computes is the one a fully upcast copy
-computes (the same products and sums at the same precision; a chunked Linear may sum in another blocking,
-a difference at float64 rounding), and memory stays one model plus a chunk.
+upcast in place for the length of a `with` block. Linear and Embedding weights are never upcast whole (above
+`BIG` bytes, 0 by default: all of them but adapters' and Linear subclasses with their own forward): a Linear
+computes its output in column chunks from its weight upcast a chunk at a time, an Embedding looks up the rows
+it is asked for and upcasts only those; meanwhile the weight holds an 8-byte stand-in of the truth dtype.
+Every value the truth computes is the one a fully upcast copy computes (the same products and sums at the
+same precision; a Linear wider than a chunk may sum in another blocking, a difference at float64 rounding),
+and memory stays one model plus a chunk plus the small tensors (norms, biases, buffers) upcast.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def ieee_matmuls():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-BIG = 64 << 20  # bytes at the truth dtype: a Linear / Embedding weight above this is upcast piecewise
+# bytes at the truth dtype: a Linear / Embedding weight above this is upcast piecewise. 0: every one, so the
+# truth's extra memory is one chunk whatever the layer count (a whole-upcast CLIP-L tower layer held 100 MB of
+# float64 for the truth's whole forward)
+BIG = 0
 CHUNK = 16 << 20  # bytes at the truth dtype of one upcast piece of a large Linear weight
 
 

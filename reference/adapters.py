@@ -68,6 +68,29 @@ def lora_config(arch: ArchSpec, spec: AdapterSpec):
                       target_modules=arch.target_regex(groups), bias="none")
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: its accelerate hook's execution device under a device map (its weights may sit
+    on the meta device, offloaded), else where its weights are."""
+    dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device(dev)
+    return next((t.device for t in module.parameters() if t.device.type != "meta"), torch.device("cpu"))
+
+
+def _materialize(peft_model) -> None:
+    """PEFT creates the LoRA weights of a module accelerate offloads on the meta device (no data): they are
+    small, so they live on the module's execution device instead (randomize / load fill them)."""
+    from peft.tuners.lora import LoraLayer
+
+    for mod in peft_model.modules():
+        if isinstance(mod, LoraLayer):
+            dev = execution_device(mod.get_base_layer())
+            for d in (mod.lora_A, mod.lora_B):
+                for sub in d.values():
+                    if any(p.is_meta for p in sub.parameters()):
+                        sub.to_empty(device=dev)
+
+
 @torch.no_grad()
 def randomize(peft_model, name: str, seed: int) -> None:
     """Non-zero A and B: A ~ N(0, 1/in), B ~ N(0, 1/r) / 4, so a LoRA changes a module's output by a
@@ -101,7 +124,7 @@ def calibrate(peft_model, arch: ArchSpec, config, requests, target: float, devic
         ins = [c[key]["in"] for c in caps if key in c and "in" in c[key]]
         if not ins:
             continue  # a module no request reaches (e.g. an unused layer): left as drawn
-        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in ins]).float().to(mod.get_base_layer().weight.device)
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in ins]).float().to(execution_device(mod.get_base_layer()))
         base_rms = mod.get_base_layer()(x.to(mod.get_base_layer().weight.dtype)).float().pow(2).mean().sqrt()
         for adapter in mod.lora_A:
             A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
@@ -123,6 +146,7 @@ def add_adapters(model: torch.nn.Module, arch: ArchSpec, specs: Sequence[Adapter
             peft_model = get_peft_model(model, cfg, adapter_name=spec.name)
         else:
             peft_model.add_adapter(spec.name, cfg)
+        _materialize(peft_model)
         randomize(peft_model, spec.name, spec.seed)
     peft_model.eval()
     return peft_model
@@ -161,20 +185,25 @@ def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
     adapters = {name: read_adapter(folder, model) for name, folder in folders.items()}
     for adapter in adapters.values():
         check_against_model(adapter, model)
+    offloaded = bool(set((getattr(model, "hf_device_map", None) or {}).values()) & {"cpu", "disk"})
     peft_model = None
     with tempfile.TemporaryDirectory(prefix="mmlora-adapter-") as tmp:
-        for name, folder in folders.items():
-            adapter = adapters[name]
-            source = renamed_copy(adapter, Path(tmp) / name) if adapter.renamed else Path(folder)
-            try:
-                if peft_model is None:
-                    peft_model = PeftModel.from_pretrained(model, str(source), adapter_name=name,
-                                                           is_trainable=False)
-                else:
-                    peft_model.load_adapter(str(source), adapter_name=name, is_trainable=False)
-            except (ValueError, RuntimeError, KeyError) as e:
-                first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-                raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
+        sources = {name: renamed_copy(adapters[name], Path(tmp) / name) if adapters[name].renamed else Path(folder)
+                   for name, folder in folders.items()}
+        if offloaded:
+            peft_model = _load_offloaded(model, sources)
+        else:
+            for name, folder in folders.items():
+                try:
+                    if peft_model is None:
+                        peft_model = PeftModel.from_pretrained(model, str(sources[name]), adapter_name=name,
+                                                               is_trainable=False)
+                    else:
+                        peft_model.load_adapter(str(sources[name]), adapter_name=name, is_trainable=False)
+                except (ValueError, RuntimeError, KeyError) as e:
+                    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                    raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: "
+                                     f"{first.strip()}") from None
     peft_model.eval()
     for name, adapter in adapters.items():
         check_loaded(peft_model, name, adapter)
@@ -243,3 +272,33 @@ def check_loaded(peft_model, name: str, adapter: AdapterFile) -> None:
     if extra:
         raise ValueError(f"PEFT adapts module {extra[0]!r} with adapter {name!r} beyond the file "
                          f"{str(adapter.path)!r}, with non-zero weights")
+
+
+def _load_offloaded(model: torch.nn.Module, folders: Mapping[str, str | Path]):
+    """PEFT 0.21's loader re-dispatches a model offloaded to CPU / disk and fails on it (KeyError on a module of
+    the device map): the adapters are added as `get_peft_model` does (weights made on each module's execution
+    device) and their tensors loaded with PEFT's own `set_peft_model_state_dict`."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_model = None
+    for name, folder in folders.items():
+        try:
+            cfg = LoraConfig.from_pretrained(str(folder))
+            cfg.inference_mode = True
+            if peft_model is None:
+                peft_model = get_peft_model(model, cfg, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, cfg)
+            _materialize(peft_model)
+            res = set_peft_model_state_dict(peft_model, load_file(str(Path(folder) / "adapter_model.safetensors")),
+                                            adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, OSError) as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
+        missing = [k for k in res.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+        if res.unexpected_keys or missing:
+            what = (res.unexpected_keys or missing)[0]
+            raise ValueError(f"adapter {name!r} from {str(folder)!r} does not fit the model: tensor {what!r}")
+    peft_model.eval()
+    return peft_model

@@ -95,7 +95,10 @@ class RuntimeModel:
         self.arch, self.config, self.model = arch, config, model.eval()
         self.provider = PROVIDERS[kernel]
         p = next(model.parameters())
-        self.provider.check(p.dtype, p.device)
+        # under an accelerate device map offloaded weights sit on the meta device: the runtime's device (slot
+        # tables, mappings, inputs) is the first one holding weights
+        device = next((t.device for t in model.parameters() if t.device.type != "meta"), torch.device("cpu"))
+        self.provider.check(p.dtype, device)
         self.mapping: SlotMapping | None = None
         # a seeded fault replaces this (harness/correctness/faults.py); the healthy path calls every hook anyway
         self.hooks: RuntimeHooks = NO_FAULT
@@ -106,13 +109,13 @@ class RuntimeModel:
         if not names:
             raise ValueError(f"{arch.model_type}: no Linear matches the LoRA recipes")
         self.tables = SlotTables({n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features)
-                                  for n in names}, max_slots, r_max, p.dtype, p.device)
+                                  for n in names}, max_slots, r_max, p.dtype, device)
         self.lora_names = names
         for n in names:
             parent, _, child = n.rpartition(".")
             holder = model.get_submodule(parent) if parent else model
             setattr(holder, child, LoRALinear(getattr(holder, child), n, arch.group_of(n), self))
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = device, p.dtype
         # vision kernels (the sites the arch file declares) replace HF's code, and the HF glue around them
         # that is wrong on valid inputs is corrected as the arch file states
         self.kernel_sites = install(arch, model, lambda: self.hooks) if substitute else []
@@ -152,6 +155,11 @@ class RuntimeModel:
         if not mapping.is_active(slots):
             return
         apply = hooks.kernel("lora", self.provider.apply, module=name)
+        if x2.device != self.device:  # a module a device map put on another GPU: LoRA on the tables' device
+            x, y = x2.to(self.device), y2.to(self.device)
+            apply(x, y, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
+            y2.copy_(y)
+            return
         apply(x2, y2, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
 
     def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None, sink: Sink | None = None) -> Captures:

@@ -6,7 +6,9 @@ is an error (transformers would otherwise leave it randomly initialised with a w
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,43 @@ def check_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     return dev
+
+
+DEVICE_MAPS = ("auto", "balanced")
+_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+
+
+def parse_device_map(value: str | None) -> str | dict | None:
+    """`--device-map`: `auto` / `balanced` (accelerate places the model over the GPUs, then CPU, then disk) or a
+    JSON file mapping module names to a device (`0`, `"cuda:1"`, `"cpu"`, `"disk"`)."""
+    if value is None or value in DEVICE_MAPS:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--device-map {value!r}: neither {' nor '.join(DEVICE_MAPS)} nor a readable file")
+    try:
+        dm = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--device-map {value!r}: not a JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(dm, dict) or not dm or not all(
+            isinstance(k, str) and (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)))
+            for k, v in dm.items()):
+        raise ValueError(f"--device-map {value!r}: expected a JSON object of module name -> device")
+    return dm
+
+
+def parse_max_memory(value: str | None) -> dict | None:
+    """`--max-memory 0=70GiB,1=70GiB,cpu=100GiB`: the most accelerate may place on each device."""
+    if value is None:
+        return None
+    out: dict = {}
+    for part in value.split(","):
+        dev, sep, size = (s.strip() for s in part.partition("="))
+        if not sep or not _SIZE.fullmatch(size) or not (dev.isdigit() or dev in ("cpu", "disk", "mps")):
+            raise ValueError(f"--max-memory {value!r}: expected DEVICE=SIZE[,DEVICE=SIZE...] with DEVICE a GPU index, "
+                             f"cpu or disk and SIZE like 70GiB, not {part.strip()!r}")
+        out[int(dev) if dev.isdigit() else dev] = size.replace(" ", "")
+    return out
 
 
 def build_tiny(arch: ArchSpec | str, overrides: dict | None = None, seed: int = 0) -> tuple[Any, torch.nn.Module]:
@@ -70,8 +109,17 @@ def read_checkpoint_config(folder: str | Path) -> tuple[ArchSpec, dict]:
 
 
 def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> tuple[ArchSpec, Any, torch.nn.Module]:
+                    device: str | torch.device = "cpu", device_map: str | dict | None = None,
+                    max_memory: dict | None = None,
+                    offload_folder: str | Path | None = None) -> tuple[ArchSpec, Any, torch.nn.Module]:
+    """With `device_map` (or `max_memory`, which implies `auto`) accelerate dispatches the model over the devices
+    of this machine, disk included (`offload_folder`), instead of moving it to `device`."""
     folder = Path(folder)
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    dispatch = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory,
+        "offload_folder": None if offload_folder is None else str(offload_folder)}
     arch, _ = read_checkpoint_config(folder)
     if not any(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.glob("*.bin")]
@@ -83,7 +131,7 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
             output_loading_info=True,
             # let transformers report a mis-shaped tensor by name (we refuse it below) instead of its
             # generic "look at the above report" error
-            ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=True, **dispatch,
         )
     except (RuntimeError, OSError, ValueError) as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -97,4 +145,15 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
         raise ValueError(f"checkpoint {str(folder)!r}: tensor {detail}")
     if missing:
         raise ValueError(f"checkpoint {str(folder)!r} is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
-    return arch, model.config, model.to(device).eval()
+    return arch, model.config, (model if dispatch else model.to(device)).eval()
+
+
+def shared_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree of `model` over the very same parameter and buffer tensors (no copy): the runtime
+    swaps its own modules into the twin while the reference wraps the original, and both read one set of
+    weights. Anything that must change a weight (quantization) replaces that Parameter in its own tree."""
+    import copy
+
+    memo = {id(t): t for _, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                                 model.named_buffers(remove_duplicate=False))}
+    return copy.deepcopy(model, memo)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness.truth import ieee_matmuls, truth_dtype
+from harness.correctness.truth import high_precision, truth_dtype
 from reference.run import BASE_PREFIX, base_output, module_outputs
 from vlm.adapter_files import read_adapter
 from vlm.arch import ImageGeometry
@@ -190,7 +190,7 @@ def captured(stage: Stage, side: str, n_requests: int) -> list[list[str]]:
     return [[n for n in stage.seen.get((side, i), []) if stage.rows((side, i), n)] for i in range(n_requests)]
 
 
-def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, reqs, pm, tpm, device,
+def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, reqs, pm, device,
                     targets: dict[str, set[str]]) -> tuple[BundleWriter, dict[str, dict[str, float]]]:
     """Every module's file, in the reference's order, from the staged reference and truth captures; returns
     the writer (manifest still to finish) and the adapters' measured rms(delta) / rms(base) per group."""
@@ -198,7 +198,7 @@ def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, req
     per_ratio: dict[str, dict[str, list[float]]] = {}
     writer = BundleWriter(tmp, len(reqs))
     for name in order:
-        tensors = _module_tensors(stage, name, arch, config, reqs, pm, tpm, device, tdt, targets, per_ratio)
+        tensors = _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, per_ratio)
         writer.add(name, BOUNDARY_GROUP.get(name) or arch.group_of(name), tensors)
         del tensors
     shutil.rmtree(stage.folder)
@@ -234,12 +234,14 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt()) if t.numel() else 0.0
 
 
-def _module_tensors(stage, name, arch, config, reqs, pm, tpm, device, tdt, targets, per_ratio) -> dict:
+def _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, per_ratio) -> dict:
     """One module's tensors for every request (what the judge reads), computed as the engine judged them:
-    base outputs through the reference's own base Linear, the replay truth through the high-precision PEFT
-    module on the reference's input."""
+    base outputs through the reference's own base Linear at the run dtype, then, with the same model inside
+    `high_precision` (the truth: no second copy), the replay truth through the PEFT module on the
+    reference's input and the truth's base outputs."""
     lora = not name.startswith("@")
     out: dict[str, torch.Tensor] = {}
+    truth_work = []  # (request, the reference's input, the truth's input, the truth's output)
     for i, req in enumerate(reqs):
         n = len(req.prompt_ids)
         one = [req]
@@ -259,21 +261,28 @@ def _module_tensors(stage, name, arch, config, reqs, pm, tpm, device, tdt, targe
         if ref_in is not None:
             out[f"in.{i}"] = ref_in
             out[f"base.{i}"] = base_output(pm, name, ref_in.to(device)).cpu()
-            with ieee_matmuls():
-                t_out, t_base = module_outputs(tpm, name, ref_in.to(device, tdt), req.adapter)
-            out[f"replay.truth_out.{i}"], out[f"replay.truth_base.{i}"] = t_out.cpu(), t_base.cpu()
-        if tru_in is not None:
-            with ieee_matmuls():
-                t_base = base_output(tpm, name, tru_in.to(device)).cpu()
-            out[f"truth.base.{i}"] = t_base
-            if req.adapter is not None and name in targets.get(req.adapter, ()) and tru_out is not None:
-                r = _rms(tru_out - t_base) / max(_rms(t_base), 1e-300)
-                per_ratio.setdefault(req.adapter, {}).setdefault(arch.group_of(name), []).append(r)
+        truth_work.append((i, req, ref_in, tru_in, tru_out))
+    if truth_work:
+        with high_precision(pm, tdt):
+            for i, req, ref_in, tru_in, tru_out in truth_work:
+                if ref_in is not None:
+                    t_out, t_base = module_outputs(pm, name, ref_in.to(device, tdt), req.adapter)
+                    out[f"replay.truth_out.{i}"], out[f"replay.truth_base.{i}"] = t_out.cpu(), t_base.cpu()
+                if tru_in is not None:
+                    t_base = base_output(pm, name, tru_in.to(device)).cpu()
+                    out[f"truth.base.{i}"] = t_base
+                    if req.adapter is not None and name in targets.get(req.adapter, ()) and tru_out is not None:
+                        r = _rms(tru_out - t_base) / max(_rms(t_base), 1e-300)
+                        per_ratio.setdefault(req.adapter, {}).setdefault(arch.group_of(name), []).append(r)
     if lora:
+        from accelerate.utils import align_module_device
+
         base = pm.get_submodule(BASE_PREFIX + name).get_base_layer()
-        out["weight"] = base.weight.detach().cpu()
-        if base.bias is not None:
-            out["bias"] = base.bias.detach().cpu()
+        # a module accelerate offloads (device maps) holds meta tensors until its hook loads them
+        with align_module_device(base, torch.device("cpu")):
+            out["weight"] = base.weight.detach().cpu().clone()
+            if base.bias is not None:
+                out["bias"] = base.bias.detach().cpu().clone()
     return out
 
 

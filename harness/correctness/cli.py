@@ -34,10 +34,17 @@ def _options(args):
     from harness.correctness.faults import get_fault
     from runtime.model import PROVIDERS
     from vlm.arch import REGISTRY, get_arch
-    from vlm.checkpoint import check_device, parse_dtype, read_checkpoint_config
+    from vlm.checkpoint import (
+        check_device,
+        parse_device_map,
+        parse_dtype,
+        parse_max_memory,
+        read_checkpoint_config,
+    )
 
     # the LoRA provider refuses what it cannot run (vLLM missing, its dtypes) before any work
     PROVIDERS[args.kernel].check(parse_dtype(args.dtype), check_device(args.device))
+    device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
     fault = get_fault(args.inject_fault) if args.inject_fault else None
     if args.model == "tiny":
         # a fault alone runs every arch it applies to; with --arch, each named arch must be one of them
@@ -76,14 +83,16 @@ def _options(args):
     return Options(archs=archs, model=args.model, adapters=adapters, n_adapters=args.adapters, dtype=args.dtype,
                    adapter_scale=args.adapter_scale, device=args.device, modes=modes, fault=args.inject_fault,
                    kernel=args.kernel, geometries=tuple(geometries),
-                   quantize=args.quantize, quantize_projector=args.quantize_projector)
+                   quantize=args.quantize, quantize_projector=args.quantize_projector,
+                   device_map=device_map, max_memory=max_memory)
 
 
 def _options_table(opts) -> dict:
     return {"archs": list(opts.archs), "model": opts.model, "dtype": opts.dtype, "device": opts.device,
             "modes": list(opts.modes), "adapters": opts.adapters or opts.n_adapters,
             "adapter_scale": None if opts.adapters else opts.adapter_scale, "fault": opts.fault,
-            "kernel": opts.kernel, "quantize": opts.quantize, "quantize_projector": opts.quantize_projector}
+            "kernel": opts.kernel, "quantize": opts.quantize, "quantize_projector": opts.quantize_projector,
+            "device_map": opts.device_map, "max_memory": opts.max_memory}
 
 
 def _write_report(out: Path, results, opts, ok: bool, exit_code: int, strict: bool) -> dict:
@@ -247,6 +256,11 @@ def register(sub) -> None:
                        help="an image geometry the batch's images take in turn (repeatable), as `mmlora tokens` "
                             "takes it: tiles=2, grid=1,4,6, patches=3x5, image-size=56x84, split=1x2 (default: the "
                             "arch's mix of sizes / tile counts / grids)")
+        c.add_argument("--device-map", metavar="auto|balanced|FILE",
+                       help="place the model with accelerate over this node's GPUs, CPU and disk (reference and "
+                            "runtime share it); FILE: JSON module name -> device (0, 'cuda:1', 'cpu', 'disk')")
+        c.add_argument("--max-memory", metavar="DEV=SIZE[,...]",
+                       help="with --device-map (default auto): the most per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
 
     def runtime_args(c) -> None:
         c.add_argument("--strict", action="store_true",

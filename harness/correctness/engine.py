@@ -23,7 +23,7 @@ from harness.correctness import bundle, modes
 from harness.correctness.compare import Row, first_divergence
 from harness.correctness.faults import Fault, get_fault
 from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
-from harness.correctness.truth import run_truth, trivial_warnings, truth_dtype, truth_model
+from harness.correctness.truth import run_truth, trivial_warnings, truth_dtype
 from harness.output import atomic_dir
 from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
@@ -37,6 +37,7 @@ from vlm.checkpoint import (
     parse_dtype,
     read_checkpoint_config,
     save_checkpoint,
+    shared_twin,
 )
 from vlm.requests import Request, make_request
 
@@ -60,6 +61,8 @@ class Options:
     quantize_projector: bool = False  # also quantize the connector (against the registry's skip list)
     quant_honour_skips: bool = True  # False only in tests: a quantizer that ignores the skip list
     geometries: Sequence[ImageGeometry] = ()  # the batch's image geometries in turn (default: the arch's mix)
+    device_map: str | dict | None = None  # accelerate's placement over this node's devices (vlm.checkpoint)
+    max_memory: dict | None = None  # the most accelerate may place per device (implies device_map "auto")
 
 
 @dataclass
@@ -90,6 +93,10 @@ class Prepared:
     warnings: list[str]  # adapters whose comparison is trivial
     fixes: list[str]  # reference fixes in force (HF code replaced where it is wrong on valid inputs)
     seconds: float = 0.0
+    # in one `correctness` process: the checkpoint's model as loaded, before the reference's fixes and PEFT;
+    # the runtime is a twin of it over the very same weight tensors (vlm.checkpoint.shared_twin). None when a
+    # bundle is compared in another process: the runtime loads the checkpoint itself
+    base: object = field(default=None, repr=False)
 
 
 def _log(msg: str) -> None:
@@ -147,13 +154,17 @@ def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, tor
     return pm, save_adapters(pm, workdir / arch.model_type / "adapters")
 
 
-def record(arch_name: str, opts: Options, workdir: Path, out: Path) -> Path:
+def _record(arch_name: str, opts: Options, workdir: Path, out: Path):
     """The reference and its truth, streamed into a bundle at `out` (bundle.py; written whole or not at all):
-    each capture goes to disk as the hooks see it, then one module at a time into the module's file."""
+    each capture goes to disk as the hooks see it, then one module at a time into the module's file. Returns
+    the bundle folder and the loaded base model (for a runtime that shares its weights)."""
     t0 = time.time()
     torch_dtype, device = parse_dtype(opts.dtype), check_device(opts.device)
     ckpt = _checkpoint(arch_name, opts, workdir)
-    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device)
+    arch, config, ref_model = load_checkpoint(ckpt, dtype=torch_dtype, device=device, device_map=opts.device_map,
+                                              max_memory=opts.max_memory,
+                                              offload_folder=workdir / arch_name / "offload")
+    base = shared_twin(ref_model)  # taken before the fixes and PEFT change the reference's module tree
     fixes = arch.install_fixes(ref_model)
     pm, folders = _adapters(arch, config, ref_model, opts, workdir, device, torch_dtype)
     # under the model's module names (an adapter saved with transformers 4.x names is converted, as PEFT's copy was)
@@ -166,17 +177,22 @@ def record(arch_name: str, opts: Options, workdir: Path, out: Path) -> Path:
     with atomic_dir(out, bundle.MANIFEST) as tmp:
         stage = bundle.Stage(tmp / ".stage")
         run_reference(pm, arch, config, reqs, "single", device, torch_dtype, sink=lambda i: stage.sink(("ref", i)))
-        tpm = truth_model(ckpt, torch_dtype, device, folders)
-        run_truth(tpm, arch, config, reqs, device, torch_dtype, sink=lambda i: stage.sink(("truth", i)))
+        # the truth is the reference model itself run at high precision (truth.high_precision): no second copy
+        run_truth(pm, arch, config, reqs, device, torch_dtype, sink=lambda i: stage.sink(("truth", i)))
         targets = {name: set(a.modules) for name, a in adapters.items()}
         order = _order(bundle.captured(stage, "ref", len(reqs)))
-        writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, tpm, device, targets)
+        writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, device, targets)
         warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
         for w in warnings:
             _log(f"  {arch.model_type}: WARNING: {w}")
         bundle.finish_reference(writer, opts, arch, reqs, ckpt, folders, device, ratios=ratios, warnings=warnings,
                                 notes=notes, fixes=fixes, seconds=round(time.time() - t0, 2))
-    return out
+    return out, base
+
+
+def record(arch_name: str, opts: Options, workdir: Path, out: Path) -> Path:
+    """`mmlora record`: the reference and truth runs of one arch written into the bundle folder `out`."""
+    return _record(arch_name, opts, workdir, out)[0]
 
 
 def load(folder: str | Path) -> Prepared:
@@ -193,16 +209,24 @@ def load(folder: str | Path) -> Prepared:
 
 def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     """The reference and truth runs recorded into a bundle in `workdir`, read back as the judge needs them:
-    `mmlora correctness` is `mmlora record` then `mmlora compare`."""
-    return load(record(arch_name, opts, workdir, workdir / arch_name / "bundle"))
+    `mmlora correctness` is `mmlora record` then `mmlora compare`, except that the runtime shares the
+    reference's loaded weights (one copy in memory) instead of loading the checkpoint again."""
+    out, base = _record(arch_name, opts, workdir, workdir / arch_name / "bundle")
+    p = load(out)
+    p.base = base
+    return p
 
 
 def _runtime(p: Prepared, opts: Options) -> RuntimeModel:
     ranks = [w.rank for a in p.adapters.values() for w in a.modules.values()] or [1]
     targets = {m for a in p.adapters.values() for m in a.modules}  # user adapters may go beyond the recipes
-    rt = RuntimeModel.from_checkpoint(p.ckpt, dtype=p.torch_dtype, device=p.device, kernel=opts.kernel,
-                                      max_slots=max(8, len(p.adapters)), r_max=max(16, *ranks),
-                                      extra_targets=targets)
+    kw = dict(kernel=opts.kernel, max_slots=max(8, len(p.adapters)), r_max=max(16, *ranks), extra_targets=targets)
+    if p.base is not None:
+        # a twin of the reference's base model over the same weight tensors: one copy of the weights in memory
+        rt = RuntimeModel(p.arch, p.config, shared_twin(p.base), **kw)
+    else:
+        # a bundle compared in its own process: the reference is not in memory, the runtime loads the checkpoint
+        rt = RuntimeModel.from_checkpoint(p.ckpt, dtype=p.torch_dtype, device=p.device, **kw)
     for name, adapter in p.adapters.items():
         rt.load_adapter(name, adapter)
     return rt

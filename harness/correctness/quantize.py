@@ -41,13 +41,15 @@ def int8_roundtrip(w: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def quantize_model(model: torch.nn.Module, arch: ArchSpec, scheme: str = "lm-int8",
                    include_projector: bool = False, honour_skips: bool = True) -> list[str]:
-    """Quantize in place; returns the HF names of the quantized Linear layers."""
+    """Quantize `model`'s Linears; returns the HF names of the quantized layers. Each quantized Linear gets a
+    new weight tensor: the one it held may be shared with the reference (vlm.checkpoint.shared_twin), which
+    must keep the checkpoint's weights."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; expected one of {', '.join(SCHEMES)}")
     done = []
     for name, lin in _base_linears(model):
         if should_quantize(arch, name, include_projector) or (not honour_skips and arch.group_or_none(name)):
-            lin.weight.copy_(int8_roundtrip(lin.weight))
+            lin.weight = torch.nn.Parameter(int8_roundtrip(lin.weight), requires_grad=False)
             done.append(name)
     return done
 

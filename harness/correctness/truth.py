@@ -4,6 +4,15 @@ The truth is the reference itself (HF + PEFT, the same adapter folders) with eve
 float64 on CPU, fp32 with IEEE matmuls (no TF32) on CUDA. Its weights are the run-dtype weights upcast
 (so the truth and both sides share the same weights; only the arithmetic differs), its adapter weights
 those of the adapter files, and its pixel inputs the run-dtype pixels upcast.
+
+No second copy of the model is made: `high_precision` runs the reference's own PeftModel with its tensors
+upcast in place for the length of a `with` block. Linear and Embedding weights are never upcast whole (above
+`BIG` bytes, 0 by default: all of them but adapters' and Linear subclasses with their own forward): a Linear
+computes its output in column chunks from its weight upcast a chunk at a time, an Embedding looks up the rows
+it is asked for and upcasts only those; meanwhile the weight holds an 8-byte stand-in of the truth dtype.
+Every value the truth computes is the one a fully upcast copy computes (the same products and sums at the
+same precision; a Linear wider than a chunk may sum in another blocking, a difference at float64 rounding),
+and memory stays one model plus a chunk plus the small tensors (norms, biases, buffers) upcast.
 """
 
 from __future__ import annotations
@@ -33,6 +42,146 @@ def ieee_matmuls():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+# bytes at the truth dtype: a Linear / Embedding weight above this is upcast piecewise. 0: every one, so the
+# truth's extra memory is one chunk whatever the layer count (a whole-upcast CLIP-L tower layer held 100 MB of
+# float64 for the truth's whole forward)
+BIG = 0
+CHUNK = 16 << 20  # bytes at the truth dtype of one upcast piece of a large Linear weight
+
+
+def _linear_in_chunks(mod: torch.nn.Linear, dtype: torch.dtype, chunk: int, weight=None):
+    """`mod`'s forward at `dtype` from its weight (`weight()`, default `mod.weight`) upcast `chunk` bytes at a
+    time (output columns)."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w, b = mod.weight if weight is None else weight(), mod.bias
+        n = max(1, chunk // (w.shape[1] * torch.empty((), dtype=dtype).element_size()))
+        if n >= w.shape[0]:
+            return torch.nn.functional.linear(x, w.to(dtype), None if b is None else b.to(dtype))
+        return torch.cat([torch.nn.functional.linear(x, w[i:i + n].to(dtype), None if b is None else b[i:i + n].to(dtype))
+                          for i in range(0, w.shape[0], n)], dim=-1)
+    return forward
+
+
+def _embedding_rows(mod: torch.nn.Embedding, dtype: torch.dtype, forward, weight):
+    """`forward` (the Embedding's) looking up its rows in a table of only the rows asked for of `weight()`,
+    upcast (a lookup is exact: the same values as a lookup in the whole table upcast)."""
+    def call(*args, **kwargs):
+        key = None if args else next(iter(kwargs))
+        ids = args[0] if args else kwargs[key]
+        rows, where = torch.unique(ids, return_inverse=True)
+        where = where.reshape(ids.shape)
+        saved = mod.weight.data, mod.padding_idx
+        mod.weight.data = weight()[rows].to(dtype)
+        mod.padding_idx = None  # only gradients and a range check read it; the table is renumbered
+        try:
+            return forward(where, *args[1:], **kwargs) if key is None else forward(*args, **{**kwargs, key: where})
+        finally:
+            mod.weight.data, mod.padding_idx = saved
+    return call
+
+
+def _upcast_on_call(mod: torch.nn.Module, dtype: torch.dtype, skip: str | None, forward):
+    """`forward` with `mod`'s own floating tensors upcast for the call: for a module accelerate offloads, whose
+    tensors exist only while its hook has loaded them (at the run dtype), around the forward it wraps."""
+    def call(*args, **kwargs):
+        saved = []
+        for t in _direct(mod):
+            if t[1] != skip and t[2].is_floating_point() and t[2].dtype != dtype:
+                saved.append((t[2], t[2].data))
+                t[2].data = t[2].data.to(dtype)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for t, data in saved:
+                t.data = data
+    return call
+
+
+def _direct(mod: torch.nn.Module):
+    return [("p", n, t) for n, t in mod._parameters.items() if t is not None] + \
+        [("b", n, t) for n, t in mod._buffers.items() if t is not None]
+
+
+def _offloaded(mod: torch.nn.Module) -> bool:
+    """accelerate loads this module's tensors for each call (disk / CPU offload) and puts them back after."""
+    hook = getattr(mod, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
+
+
+def _set_forward(mod: torch.nn.Module, make) -> tuple:
+    """Replace the forward `mod` runs (under accelerate's hooks: the one they wrap) by `make(current)`; returns
+    how to undo it."""
+    attr = "_old_forward" if hasattr(mod, "_hf_hook") else "forward"
+    had = mod.__dict__.get(attr)
+    object.__setattr__(mod, attr, make(getattr(mod, attr)))
+    return mod, attr, had
+
+
+@contextlib.contextmanager
+def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, chunk: int = CHUNK):
+    """Run `model` (the reference PeftModel) as the truth inside the block: every floating parameter and buffer
+    at `dtype` (float64 on CPU), IEEE fp32 matmuls on CUDA. Tensors are upcast in place and given back
+    their very storage afterwards; Linear / Embedding weights above `big` bytes are never upcast whole (see
+    the module docstring), so no second copy of the model exists. Modules accelerate offloads (device maps)
+    are upcast for each call, once its hook has loaded them. `big=0` puts every Linear and Embedding on the
+    piecewise path (tests hold it to a fully upcast copy)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forwards: list[tuple] = []
+    seen: set[int] = set()
+    # adapter Linears are small (rank r) and PEFT casts their input to their weight's dtype: always upcast whole
+    adapter = {id(m) for m in model.modules() if type(m).__module__.startswith("peft.")
+               for d in (getattr(m, "lora_A", None), getattr(m, "lora_B", None)) if isinstance(d, torch.nn.ModuleDict)
+               for m in d.values()}
+    reals: dict[int, torch.Tensor] = {}  # piecewise weights: their run-dtype data, while they hold a stand-in
+    try:
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            offloaded = _offloaded(mod)
+            real = reals.get(id(w), w.data if isinstance(w, torch.Tensor) else None)
+            # a Linear subclass with its own forward (Llama 4's router) keeps it: upcast whole
+            piecewise = ((isinstance(mod, torch.nn.Embedding) or (isinstance(mod, torch.nn.Linear)
+                                                                  and type(mod).forward is torch.nn.Linear.forward))
+                         and id(mod) not in adapter
+                         and real is not None and real.is_floating_point() and real.dtype != dtype
+                         and real.numel() * size > big)
+            if piecewise:
+                seen.add(id(w))
+                if not offloaded and id(w) not in reals:
+                    # a stand-in of the truth dtype (code that reads its dtype / device / shape sees what a full
+                    # upcast shows; one that read its values outside the module would get NaN, loudly), 8 bytes
+                    reals[id(w)] = real
+                    saved.append((w, real))
+                    w.data = torch.full((), float("nan"), dtype=dtype, device=real.device).expand(real.shape)
+                weight = (lambda mod=mod: mod.weight) if offloaded else (lambda real=real: real)
+                if isinstance(mod, torch.nn.Linear):
+                    forwards.append(_set_forward(mod, lambda _f, mod=mod, weight=weight:
+                                                 _linear_in_chunks(mod, dtype, chunk, weight)))
+                else:
+                    forwards.append(_set_forward(mod, lambda f, mod=mod, weight=weight:
+                                                 _embedding_rows(mod, dtype, f, weight)))
+            if offloaded:
+                forwards.append(_set_forward(mod, lambda f, mod=mod, skip="weight" if piecewise else None:
+                                             _upcast_on_call(mod, dtype, skip, f)))
+                continue
+            for _, _, t in _direct(mod):
+                if id(t) in seen or not t.is_floating_point():
+                    continue
+                seen.add(id(t))
+                saved.append((t, t.data))
+                t.data = t.data.to(dtype)
+        with ieee_matmuls():
+            yield model
+    finally:
+        for mod, attr, had in reversed(forwards):
+            if had is None:
+                del mod.__dict__[attr]
+            else:
+                object.__setattr__(mod, attr, had)
+        for t, data in saved:
+            t.data = data
+
+
 def _upcast(module: torch.nn.Module, dtype: torch.dtype) -> None:
     # floating tensors only: Module.to(dtype) would also cast complex buffers (Llama 4's RoPE table) to real
     for t in list(module.parameters()) + list(module.buffers()):
@@ -41,8 +190,9 @@ def _upcast(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def truth_model(ckpt: Path, run_dtype: torch.dtype, device: torch.device, folders: dict[str, Path]):
-    """The reference PeftModel at high precision: checkpoint loaded at the run dtype, adapters from the very
-    folders the reference loads, then every floating tensor upcast."""
+    """A separate reference PeftModel at high precision (checkpoint loaded at the run dtype, adapters from the
+    very folders the reference loads, then every floating tensor upcast): the truth as it was computed before
+    `high_precision`, which tests hold the in-place truth to. Costs a second, upcast copy of the model."""
     arch, config, model = load_checkpoint(ckpt, dtype=run_dtype, device=device)
     arch.install_fixes(model)
     pm = load_adapters(model, folders) if folders else add_adapters(model, arch, default_specs(1))
@@ -51,7 +201,9 @@ def truth_model(ckpt: Path, run_dtype: torch.dtype, device: torch.device, folder
 
 
 def run_truth(pm, arch, config, reqs, device: torch.device, run_dtype: torch.dtype, sink=None):
-    with ieee_matmuls():
+    """The truth's captures per request: the reference PeftModel `pm` run inside `high_precision` (`sink`:
+    streamed to disk as they are made, see reference.run)."""
+    with high_precision(pm, truth_dtype(device)):
         return run_reference(pm, arch, config, reqs, "single", device, run_dtype,
                              compute_dtype=truth_dtype(device), sink=sink).captures
 

@@ -1,0 +1,72 @@
+"""Device maps: the model placed by accelerate with half of each layer stack offloaded to disk gives the same
+verdict and the very same figures as the plain run (reference, truth and runtime all run under accelerate's
+hooks; captures, the truth's upcast and the runtime's LoRA modules keep working)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from harness.correctness.engine import Options, judge, prepare
+from vlm.checkpoint import build_tiny, load_checkpoint, save_checkpoint
+
+
+def half_on_disk(model: torch.nn.Module) -> dict[str, str]:
+    """Every layer stack's second half on disk, everything else on the CPU, at the coarsest names."""
+    stacks = sorted({m.group(1) for n, _ in model.named_modules() if (m := re.fullmatch(r"(.*\.layers)\.\d+", n))})
+    dm = {f"{s}.{i}": "disk" if i >= len(model.get_submodule(s)) // 2 else "cpu"
+          for s in stacks for i in range(len(model.get_submodule(s)))}
+
+    def cover(prefix: str, mod: torch.nn.Module) -> None:
+        for name, child in mod.named_children():
+            full = prefix + name
+            if full in dm:
+                continue
+            if any(k.startswith(full + ".") for k in dm):
+                cover(full + ".", child)
+            else:
+                dm[full] = "cpu"
+    cover("", model)
+    return dm
+
+
+def test_half_the_layers_on_disk_gives_the_plain_run(tmp_path):
+    ckpt = save_checkpoint(build_tiny("llava")[1], tmp_path / "ckpt")
+    dm = half_on_disk(load_checkpoint(ckpt)[2])
+    assert sorted(v for v in dm.values() if v == "disk") == ["disk"] * 2  # one of two layers, tower and LM
+    opts = Options(archs=["llava"], model=str(ckpt), n_adapters=1, kernel="torch")
+    plain = judge(prepare("llava", opts, tmp_path / "plain"), opts)
+    mapped_opts = Options(archs=["llava"], model=str(ckpt), n_adapters=1, kernel="torch", device_map=dm)
+    p = prepare("llava", mapped_opts, tmp_path / "mapped")
+    offloaded = [n for n, t in p.ref_pm.named_parameters() if t.is_meta]
+    assert any(".layers.1." in n for n in offloaded), "nothing was offloaded: the test would prove nothing"
+    mapped = judge(p, mapped_opts)
+    assert plain.summary["ok"] and mapped.summary["ok"]
+    assert mapped.summary["first_divergence"] == plain.summary["first_divergence"]
+    a, b = [r.as_dict() for r in plain.rows], [r.as_dict() for r in mapped.rows]
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        diff = {k: (x[k], y[k]) for k in x if x[k] != y[k] and not (x[k] != x[k] and y[k] != y[k])}  # NaN == NaN
+        assert not diff, (x["module"], x["request"], diff)
+
+
+def test_adapter_folders_load_onto_an_offloaded_model(tmp_path):
+    """PEFT's own loader fails on a model offloaded to disk; reference.adapters loads them as it adds them."""
+    from reference.adapters import DEFAULT_SPECS, add_adapters, load_adapters, save_adapters
+
+    ckpt = save_checkpoint(build_tiny("llava")[1], tmp_path / "ckpt")
+    arch, _, plain = load_checkpoint(ckpt)
+    folders = save_adapters(add_adapters(plain, arch, DEFAULT_SPECS[:2]), tmp_path / "ad")
+    want = load_adapters(load_checkpoint(ckpt)[2], folders)
+    _, _, model = load_checkpoint(ckpt, device_map=half_on_disk(load_checkpoint(ckpt)[2]),
+                                  offload_folder=tmp_path / "off")
+    got = load_adapters(model, folders)
+    ids = torch.tensor([[2, 5, 6, 7]])
+    for name in folders:
+        want.set_adapter(name)
+        got.set_adapter(name)
+        with torch.no_grad():
+            a = want.base_model.model.model.language_model(input_ids=ids).last_hidden_state
+            b = got.base_model.model.model.language_model(input_ids=ids).last_hidden_state
+        assert torch.equal(a, b), name

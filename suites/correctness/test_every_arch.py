@@ -7,18 +7,35 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from harness.cli import build_parser, main
+from harness.correctness.compare import CSV_COLUMNS
 from vlm.arch import REGISTRY
 
 
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
-def test_default_correctness_run_passes(arch, tmp_path):
+def test_default_correctness_run_passes_with_a_complete_report(arch, tmp_path):
     out = tmp_path / "rep"
     assert main(["correctness", "--arch", arch, "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())["archs"]
-    assert list(s) == [arch] and s[arch]["ok"], s
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "layers.csv", "summary.json"]
+    assert not list(tmp_path.glob(".rep.partial-*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True and summary["exit_code"] == 0
+    assert list(summary["archs"]) == [arch] and summary["archs"][arch]["ok"], summary["archs"]
+    df = pd.read_csv(out / "layers.csv")
+    assert list(df.columns) == CSV_COLUMNS
+    assert set(df["mode"]) == {"e2e", "replay"}
+    assert not df.duplicated(["arch", "request", "module", "mode"]).any()  # one row per request, module, mode
+    assert df["ok"].all()
+    # every group the arch's adapters can target is compared, and every boundary
+    from vlm.arch import get_arch
+
+    assert set(get_arch(arch).targetable_groups()) <= set(df["group"])
+    assert {"@tower_out", "@lm_image_embeds", "@logits"} <= set(df["module"])
+    html = (out / "index.html").read_text()
+    assert "data:image/png;base64," in html and arch in html
 
 
 def test_default_run_covers_every_registered_arch():

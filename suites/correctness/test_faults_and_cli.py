@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
-from harness.correctness.compare import CSV_COLUMNS
 
 
 def test_a_fault_exits_1_and_names_its_module_through_the_cli(tmp_path):
@@ -32,26 +31,6 @@ def test_fault_for_another_arch_is_bad_input(capsys, tmp_path):
     assert main(["correctness", "--arch", "llama4", "--inject-fault", "rope-axes-swapped",
                  "--out", str(tmp_path / "o")]) == 2
     assert "gemma4" in capsys.readouterr().err
-
-
-def test_clean_run_exits_0_and_writes_a_complete_report(tmp_path):
-    out = tmp_path / "rep"
-    assert main(["correctness", "--arch", "llama4", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "layers.csv", "summary.json"]
-    df = pd.read_csv(out / "layers.csv")
-    assert list(df.columns) == CSV_COLUMNS
-    assert set(df["mode"]) == {"e2e", "replay"}
-    # one row per (arch, request, module, mode)
-    assert not df.duplicated(["arch", "request", "module", "mode"]).any()
-    assert df["ok"].all()
-    # every group is covered, boundaries included
-    assert {"tower", "connector", "language_model"} <= set(df["group"])
-    assert {"@tower_out", "@lm_image_embeds", "@logits"} <= set(df["module"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["ok"] is True and summary["exit_code"] == 0
-    html = (out / "index.html").read_text()
-    assert "data:image/png;base64," in html and "llama4" in html
-    assert not list(tmp_path.glob(".rep.partial-*"))
 
 
 @pytest.mark.parametrize("argv,needle", [

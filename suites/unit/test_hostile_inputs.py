@@ -253,7 +253,7 @@ def c_nan_in_weights(saved, tmp):
         return sd
     _edit_weights(ck, edit)
     out = tmp / "out"
-    assert main(["correctness", "--model", str(ck), "--out", str(out)]) == 1
+    assert main(["correctness", "--model", str(ck), "--mode", "e2e", "--out", str(out)]) == 1
     import pandas as pd
 
     df = pd.read_csv(out / "layers.csv")
@@ -281,7 +281,7 @@ def c_nan_in_pixels(saved, tmp):
 
     cls.build_pixel_inputs = poisoned
     try:
-        res = run_arch("llama4", Options(archs=["llama4"]), tmp)
+        res = run_arch("llama4", Options(archs=["llama4"], modes=("e2e",)), tmp)
     finally:
         cls.build_pixel_inputs = original
     statuses = {r.metrics.status for r in res.rows if r.group == "tower"}
@@ -375,7 +375,7 @@ def c_output_not_writable(saved, tmp):
 def c_html_in_strings(saved, tmp):
     out = tmp / "out"
     evil = "<script>alert(1)</script>"
-    assert main(["correctness", "--arch", "llama4", "--adapter", f"{evil}={saved[1]['all']}",
+    assert main(["correctness", "--arch", "llama4", "--adapter", f"{evil}={saved[1]['all']}", "--mode", "e2e",
                  "--out", str(out)]) == 0
     page = (out / "index.html").read_text()
     assert evil not in page and "&lt;script&gt;" in page

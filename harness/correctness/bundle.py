@@ -280,9 +280,10 @@ def _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, p
         base = pm.get_submodule(BASE_PREFIX + name).get_base_layer()
         # a module accelerate offloads (device maps) holds meta tensors until its hook loads them
         with align_module_device(base, torch.device("cpu")):
-            out["weight"] = base.weight.detach().cpu().clone()
+            # no copy: on the CPU this is the model's own tensor, which safetensors reads as it writes the file
+            out["weight"] = base.weight.detach().cpu()
             if base.bias is not None:
-                out["bias"] = base.bias.detach().cpu().clone()
+                out["bias"] = base.bias.detach().cpu()
     return out
 
 

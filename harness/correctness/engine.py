@@ -195,10 +195,10 @@ def record(arch_name: str, opts: Options, workdir: Path, out: Path) -> Path:
     return _record(arch_name, opts, workdir, out)[0]
 
 
-def load(folder: str | Path) -> Prepared:
+def load(folder: str | Path, verify: bool = True) -> Prepared:
     """A reference bundle as what the judge needs; the requests are rebuilt from the recorded options and
-    must be the recorded ones (bundle.BundleError otherwise)."""
-    b, ckpt, arch, config, adapters, geoms = bundle.open_reference(folder)
+    must be the recorded ones (bundle.BundleError otherwise). `verify`: see bundle.open_reference."""
+    b, ckpt, arch, config, adapters, geoms = bundle.open_reference(folder, verify)
     m = b.manifest
     reqs = default_requests(arch, config, list(m["adapters"]), geoms)
     bundle.check_requests(b, reqs)
@@ -212,7 +212,7 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     `mmlora correctness` is `mmlora record` then `mmlora compare`, except that the runtime shares the
     reference's loaded weights (one copy in memory) instead of loading the checkpoint again."""
     out, base = _record(arch_name, opts, workdir, workdir / arch_name / "bundle")
-    p = load(out)
+    p = load(out, verify=False)  # recorded a moment ago from the files it would hash again
     p.base = base
     return p
 

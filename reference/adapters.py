@@ -191,7 +191,7 @@ def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
         sources = {name: renamed_copy(adapters[name], Path(tmp) / name) if adapters[name].renamed else Path(folder)
                    for name, folder in folders.items()}
         if offloaded:
-            peft_model = _load_offloaded(model, sources)
+            peft_model = _load_offloaded(model, sources, folders)
         else:
             for name, folder in folders.items():
                 try:
@@ -201,9 +201,7 @@ def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
                     else:
                         peft_model.load_adapter(str(sources[name]), adapter_name=name, is_trainable=False)
                 except (ValueError, RuntimeError, KeyError) as e:
-                    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-                    raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: "
-                                     f"{first.strip()}") from None
+                    raise _could_not_load(name, folder, e) from None
     peft_model.eval()
     for name, adapter in adapters.items():
         check_loaded(peft_model, name, adapter)
@@ -274,10 +272,17 @@ def check_loaded(peft_model, name: str, adapter: AdapterFile) -> None:
                          f"{str(adapter.path)!r}, with non-zero weights")
 
 
-def _load_offloaded(model: torch.nn.Module, folders: Mapping[str, str | Path]):
+def _could_not_load(name: str, folder, e: Exception) -> ValueError:
+    """PEFT's exception as one line naming the adapter and the folder the user gave."""
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}")
+
+
+def _load_offloaded(model: torch.nn.Module, folders: Mapping[str, str | Path], shown: Mapping[str, str | Path]):
     """PEFT 0.21's loader re-dispatches a model offloaded to CPU / disk and fails on it (KeyError on a module of
     the device map): the adapters are added as `get_peft_model` does (weights made on each module's execution
-    device) and their tensors loaded with PEFT's own `set_peft_model_state_dict`."""
+    device) and their tensors loaded with PEFT's own `set_peft_model_state_dict`. `shown`: the folders the user
+    gave, named in errors (`folders` may be renamed copies in a temporary folder)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -294,11 +299,10 @@ def _load_offloaded(model: torch.nn.Module, folders: Mapping[str, str | Path]):
             res = set_peft_model_state_dict(peft_model, load_file(str(Path(folder) / "adapter_model.safetensors")),
                                             adapter_name=name)
         except (ValueError, RuntimeError, KeyError, OSError) as e:
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            raise ValueError(f"PEFT could not load adapter {name!r} from {str(folder)!r}: {first.strip()}") from None
+            raise _could_not_load(name, shown[name], e) from None
         missing = [k for k in res.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
         if res.unexpected_keys or missing:
             what = (res.unexpected_keys or missing)[0]
-            raise ValueError(f"adapter {name!r} from {str(folder)!r} does not fit the model: tensor {what!r}")
+            raise ValueError(f"adapter {name!r} from {str(shown[name])!r} does not fit the model: tensor {what!r}")
     peft_model.eval()
     return peft_model

@@ -198,6 +198,11 @@ def forced(shrink: ShrinkConfig | None = None, expand: ExpandConfig | None = Non
         _FORCED.update(old)
 
 
+def is_forced() -> bool:
+    """A `forced` block is in effect (the kernels then launch as on a GPU, see lora._tile_grid)."""
+    return bool(_FORCED)
+
+
 def select(table: Table | None, op: str, T: int, W: int, rank: int, slices: int, dtype: str
            ) -> ShrinkConfig | ExpandConfig | None:
     """The first rule of `table` for `op` that matches the call, or None."""

@@ -31,8 +31,10 @@ from runtime.kernels.lora import (
     _expand_launch,
     _group_blocks,
     _shrink_launch,
+    _tile_bound,
     _tile_grid,
     _tile_rows,
+    launch_as_on_gpu,
     token_grouping_torch,
 )
 from suites.helpers import DEV, assert_close_scaled, rel_tol
@@ -124,7 +126,7 @@ def test_tile_schedule_covers_every_tile_once(counts, block_m):
     slots = torch.tensor(ids, dtype=torch.int32)[torch.randperm(len(ids), generator=gen)].to(DEV)
     g = token_grouping(slots, S, validate=False)
     T = len(ids)
-    grid = _tile_grid(T, block_m, S)
+    grid = _tile_bound(T, block_m, S)  # the GPU's grid: programs past the last tile must find none
     out = torch.full((grid * 4,), -7, dtype=torch.int32, device=DEV)
     _probe_kernel[(grid,)](*g, out, S, BLOCK_M=block_m, BLOCK_S=_block_s(S))
     got = out.view(grid, 4).tolist()
@@ -133,6 +135,8 @@ def test_tile_schedule_covers_every_tile_once(counts, block_m):
     assert all(n == 0 for _, valid, _, n in got if not valid)  # past the last tile: no rows
     if counts == [3, 17, 17, 17, 0]:
         assert grid == len(tiles) == 6
+    if interpreted():  # the interpreter launches the exact tile count (no program that exits)
+        assert _tile_grid(T, block_m, S, g) == max(1, len(tiles))
 
 
 # ----------------------------------------------------------------------------- forced small blocks
@@ -297,7 +301,7 @@ def test_runtime_path_never_reads_the_device():
     x = torch.randn(20, 32, generator=gen).to(DEV, torch.bfloat16)
     y = torch.randn(20, 24, generator=gen).to(DEV, torch.bfloat16)
     slots = torch.randint(-1, 4, (20,), generator=gen).to(DEV)
-    with no_host_reads():
+    with no_host_reads(), launch_as_on_gpu():  # (the interpreter's exact grid reads the counts: no device there)
         g = token_grouping(slots, 4, validate=False)
         got = lora_apply(x, y.clone(), A, B, slots, grouping=g)
         lora_shrink(x, A, slots, grouping=g)

@@ -1,7 +1,9 @@
 """`mmlora faults --power`: what the verdict can see, measured. Every fault and negative control of the
 catalog x dtype x adapter scale x each arch it applies to: caught (the run fails), the right module named
 (the fault's own mode), and the margin (error over bound at that module: > 1 caught, how close otherwise).
-One prepared reference (reference + truth runs) serves every fault of an (arch, dtype, scale).
+One prepared reference (reference + truth runs) serves every fault of an (arch, dtype, scale). Each row is
+printed as it is measured; a run on which the harness itself raises becomes a `HARNESS ERROR` row (exit 1,
+every other figure kept), and Ctrl-C writes the rows measured so far, marked partial (exit 130).
 
 Writes OUT/power.csv (one row per fault x arch x dtype x scale) and OUT/power.md (the table README shows).
 """
@@ -56,43 +58,85 @@ def _plan(args):
     return faults, dtypes, scales, archs
 
 
-def cmd_power(args) -> int:
+def _row(f, arch: str, dtype: str, scale: float, v: dict | None, seconds: float, error: str = "") -> dict:
+    if v is None:  # the harness itself failed on this run: a row saying so, not a lost table
+        return {"fault": f.name, "kind": "control" if f.control else "fault", "arch": arch, "dtype": dtype,
+                "adapter_scale": scale, "mode": f.mode, "caught": "", "named": "", "passed": "",
+                "margin": float("nan"), "expected": "", "first": "", "request": "", "row": "", "image": "",
+                "seconds": round(seconds, 1), "reason": f"HARNESS ERROR: {error}"}
+    return {"fault": f.name, "kind": "control" if f.control else "fault", "arch": arch,
+            "dtype": dtype, "adapter_scale": scale, "mode": f.mode, "caught": v.get("caught", ""),
+            "named": v.get("named", ""), "passed": v.get("passed", ""), "margin": v["margin"],
+            "expected": v["expected_first"] or "", "first": v["first"] or "",
+            "request": v["request"], "row": v["row"], "image": v["image"],
+            "seconds": round(seconds, 1), "reason": _reason(v, dtype)}
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
+def _measure(faults, jobs, args, tmp: Path, t0: float):
+    """Yields each row as it is measured. A harness exception on one run becomes that run's row (the
+    table keeps every other figure); the caller keeps what was yielded if the user interrupts."""
     from harness.correctness.engine import Options, judge, prepare
 
+    for k, (arch, dtype, scale) in enumerate(jobs, 1):
+        print(f"[{k}/{len(jobs)}] {arch} {dtype} adapter scale {scale} ({time.time() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+        opts = Options(archs=[arch], dtype=dtype, adapter_scale=scale, device=args.device, kernel=args.kernel)
+        mine = [f for f in faults if f.applies_to(arch)]
+        t1 = time.time()
+        try:
+            prepared = prepare(arch, opts, tmp / f"{arch}-{dtype}-{scale}")
+        except Exception as e:  # noqa: BLE001 - reported in the table, every other job still runs
+            for f in mine:
+                yield _row(f, arch, dtype, scale, None, time.time() - t1, f"preparing the reference: {_one_line(e)}")
+            continue
+        for f in mine:
+            t1 = time.time()
+            try:
+                # a fault is judged in the mode it is localised in; a control in both (no false alarm anywhere)
+                res = judge(prepared, dataclasses.replace(opts, modes=(f.mode,) if not f.control else
+                                                          ("e2e", "replay"), fault=f.name), f)
+                row = _row(f, arch, dtype, scale, res.summary["fault"], time.time() - t1)
+            except Exception as e:  # noqa: BLE001 - reported in the table, every other run still runs
+                row = _row(f, arch, dtype, scale, None, time.time() - t1, _one_line(e))
+            verdict = row["reason"] or ("passed" if row["kind"] == "control" else "caught and named")
+            print(f"  {f.name} {arch} {dtype} scale {scale}: margin {row['margin']:.3g}, {verdict} "
+                  f"({row['seconds']} s)", file=sys.stderr, flush=True)
+            yield row
+
+
+def cmd_power(args) -> int:
     faults, dtypes, scales, archs = _plan(args)
     out = Path(args.out) if args.out else default_run_dir("power")
     check_replaceable(out, "power.csv")
     rows: list[dict] = []
     jobs = [(a, d, s) for d in dtypes for s in scales for a in archs]
+    planned = sum(f.applies_to(a) for a, _, _ in jobs for f in faults)
     t0 = time.time()
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="mmlora-power-") as tmp:
-        for k, (arch, dtype, scale) in enumerate(jobs, 1):
-            print(f"[{k}/{len(jobs)}] {arch} {dtype} adapter scale {scale} ({time.time() - t0:.0f} s)",
-                  file=sys.stderr, flush=True)
-            opts = Options(archs=[arch], dtype=dtype, adapter_scale=scale, device=args.device, kernel=args.kernel)
-            prepared = prepare(arch, opts, Path(tmp) / f"{arch}-{dtype}-{scale}")
-            for f in faults:
-                if not f.applies_to(arch):
-                    continue
-                t1 = time.time()
-                # a fault is judged in the mode it is localised in; a control in both (no false alarm anywhere)
-                res = judge(prepared, dataclasses.replace(opts, modes=(f.mode,) if not f.control else
-                                                          ("e2e", "replay"), fault=f.name), f)
-                v = res.summary["fault"]
-                rows.append({"fault": f.name, "kind": "control" if f.control else "fault", "arch": arch,
-                             "dtype": dtype, "adapter_scale": scale, "mode": f.mode, "caught": v.get("caught", ""),
-                             "named": v.get("named", ""), "passed": v.get("passed", ""), "margin": v["margin"],
-                             "expected": v["expected_first"] or "", "first": v["first"] or "",
-                             "request": v["request"], "row": v["row"], "image": v["image"],
-                             "seconds": round(time.time() - t1, 1), "reason": _reason(v, dtype)})
+        try:
+            for row in _measure(faults, jobs, args, Path(tmp), t0):
+                rows.append(row)
+        except KeyboardInterrupt:
+            interrupted = True  # the rows measured so far are written, marked partial
+    head = f"Partial: interrupted after {len(rows)} of {planned} runs.\n\n" if interrupted else ""
     with atomic_dir(out, marker="power.csv") as tmp_out:
         write_csv(tmp_out / "power.csv", rows, COLUMNS)
-        (tmp_out / "power.md").write_text(table(rows, dtypes, scales))
-    print(table(rows, dtypes, scales))
-    bad = [r for r in rows if (r["kind"] == "control" and not r["passed"])]
-    print(f"mmlora faults --power: {len(rows)} runs in {time.time() - t0:.0f} s; table in {out / 'power.md'}",
-          file=sys.stderr)
-    return 1 if bad else 0
+        (tmp_out / "power.md").write_text(head + table(rows, dtypes, scales))
+    print(head + table(rows, dtypes, scales))
+    alarms = [r for r in rows if r["kind"] == "control" and r["passed"] is False]
+    errors = [r for r in rows if r["reason"].startswith("HARNESS ERROR")]
+    print(f"mmlora faults --power: {len(rows)} of {planned} runs in {time.time() - t0:.0f} s; table in "
+          f"{out / 'power.md'}", file=sys.stderr)
+    for r in errors:
+        print(f"  {r['fault']} {r['arch']} {r['dtype']}: {r['reason']}", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if alarms or errors else 0
 
 
 def table(rows: list[dict], dtypes: list[str], scales: list[float]) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from harness.correctness.engine import Options, judge, prepare
 from harness.correctness.faults import FAULTS
-from harness.correctness.power import _reason
+from harness.correctness.power import _reason, _row
 
 # LoRA and mapping faults and the controls on Llama 4 (tiled tower, connector inside the tower prefix); each
 # vision-kernel fault on every arch that substitutes its kernel (test_faults_and_cli runs a control on
@@ -48,6 +48,8 @@ def test_catalog_row(fault, arch, dtype, prepared):
     res = judge(p, dataclasses.replace(opts, modes=("e2e", "replay") if f.control else (f.mode,)), f)
     v = res.summary["fault"]
     print(f"{fault} {arch} {dtype}: {v}")
+    row = _row(f, arch, dtype, opts.adapter_scale, v, 0.0)  # the power table's row, from this very verdict
+    assert row["reason"] == _reason(v, dtype) and row["margin"] == v["margin"], row
     if f.control:
         assert v["passed"], f"negative control failed: {res.summary['first_divergence']}"
         return

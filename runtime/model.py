@@ -122,10 +122,13 @@ class RuntimeModel:
         self.fixes = arch.install_fixes(model, runtime=True)
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu", **kw):
+    def from_checkpoint(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *,
+                        device_map=None, max_memory=None, offload_folder=None, **kw):
+        """`device_map` / `max_memory` / `offload_folder`: accelerate's placement (vlm.checkpoint.load_checkpoint)."""
         from vlm.checkpoint import load_checkpoint
 
-        arch, config, model = load_checkpoint(folder, dtype=dtype, device=device)
+        arch, config, model = load_checkpoint(folder, dtype=dtype, device=device, device_map=device_map,
+                                              max_memory=max_memory, offload_folder=offload_folder)
         return cls(arch, config, model, **kw)
 
     # ------------------------------------------------------------------ adapters

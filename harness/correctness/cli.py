@@ -191,6 +191,7 @@ def cmd_compare(args) -> int:
     from harness.correctness.engine import check_fault, judge, judge_outputs, load
     from harness.correctness.faults import get_fault
     from runtime.model import PROVIDERS
+    from vlm.checkpoint import parse_device_map, parse_max_memory
 
     p = load(args.bundle)
     modes = MODES if args.mode == "both" else (args.mode,)
@@ -211,12 +212,16 @@ def cmd_compare(args) -> int:
                          f"{args.mode} does not run")
     if args.quantize_projector and not args.quantize:
         raise ValueError("--quantize-projector needs --quantize lm-int8")
+    device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
+    if got is not None and (device_map is not None or max_memory is not None):
+        raise ValueError("mmlora compare REF GOT loads no model: --device-map / --max-memory do not apply")
     if got is None:
         PROVIDERS[args.kernel].check(p.torch_dtype, p.device)
     opts = Options(archs=[p.arch.model_type], model=str(p.ckpt),
                    adapters={n: str(e["path"]) for n, e in p.bundle.manifest["adapters"].items()},
                    dtype=p.dtype, device=str(p.device), modes=modes, fault=args.inject_fault, kernel=args.kernel,
-                   quantize=args.quantize, quantize_projector=args.quantize_projector)
+                   quantize=args.quantize, quantize_projector=args.quantize_projector, device_map=device_map,
+                   max_memory=max_memory)
     out = Path(args.out) if args.out else default_run_dir("correctness")
     check_replaceable(out, "summary.json")
     result = judge_outputs(p, got, opts) if got is not None else judge(p, opts, fault)
@@ -256,9 +261,12 @@ def register(sub) -> None:
                        help="an image geometry the batch's images take in turn (repeatable), as `mmlora tokens` "
                             "takes it: tiles=2, grid=1,4,6, patches=3x5, image-size=56x84, split=1x2 (default: the "
                             "arch's mix of sizes / tile counts / grids)")
+        placement_args(c, "reference and runtime share it")
+
+    def placement_args(c, who: str) -> None:
         c.add_argument("--device-map", metavar="auto|balanced|FILE",
-                       help="place the model with accelerate over this node's GPUs, CPU and disk (reference and "
-                            "runtime share it); FILE: JSON module name -> device (0, 'cuda:1', 'cpu', 'disk')")
+                       help=f"place the model with accelerate over this node's GPUs, CPU and disk ({who}); FILE: "
+                            "JSON module name -> device (0, 'cuda:1', 'cpu', 'disk')")
         c.add_argument("--max-memory", metavar="DEV=SIZE[,...]",
                        help="with --device-map (default auto): the most per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
 
@@ -289,6 +297,7 @@ def register(sub) -> None:
     m.add_argument("bundle", help="a reference bundle (mmlora record)")
     m.add_argument("got", nargs="?", help="an output bundle of an engine (README, Bundles): compared e2e")
     runtime_args(m)
+    placement_args(m, "the runtime's checkpoint; not with GOT")
     m.set_defaults(func=cmd_compare)
     f = sub.add_parser("faults", help="list the seeded-fault catalog; --power measures what the verdict catches")
     f.add_argument("--power", action="store_true",

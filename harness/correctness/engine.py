@@ -177,10 +177,12 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path):
     with atomic_dir(out, bundle.MANIFEST) as tmp:
         stage = bundle.Stage(tmp / ".stage")
         run_reference(pm, arch, config, reqs, "single", device, torch_dtype, sink=lambda i: stage.sink(("ref", i)))
+        _log(f"  {arch.model_type}: truth at {str(truth_dtype(device)).removeprefix('torch.')}")
         # the truth is the reference model itself run at high precision (truth.high_precision): no second copy
         run_truth(pm, arch, config, reqs, device, torch_dtype, sink=lambda i: stage.sink(("truth", i)))
         targets = {name: set(a.modules) for name, a in adapters.items()}
         order = _order(bundle.captured(stage, "ref", len(reqs)))
+        _log(f"  {arch.model_type}: writing the reference bundle ({len(order)} modules)")
         writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, device, targets)
         warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
         for w in warnings:
@@ -217,7 +219,7 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     return p
 
 
-def _runtime(p: Prepared, opts: Options) -> RuntimeModel:
+def _runtime(p: Prepared, opts: Options, offload: Path | None = None) -> RuntimeModel:
     ranks = [w.rank for a in p.adapters.values() for w in a.modules.values()] or [1]
     targets = {m for a in p.adapters.values() for m in a.modules}  # user adapters may go beyond the recipes
     kw = dict(kernel=opts.kernel, max_slots=max(8, len(p.adapters)), r_max=max(16, *ranks), extra_targets=targets)
@@ -226,7 +228,9 @@ def _runtime(p: Prepared, opts: Options) -> RuntimeModel:
         rt = RuntimeModel(p.arch, p.config, shared_twin(p.base), **kw)
     else:
         # a bundle compared in its own process: the reference is not in memory, the runtime loads the checkpoint
-        rt = RuntimeModel.from_checkpoint(p.ckpt, dtype=p.torch_dtype, device=p.device, **kw)
+        # (placed by accelerate when a device map is given, disk offload into `offload`)
+        rt = RuntimeModel.from_checkpoint(p.ckpt, dtype=p.torch_dtype, device=p.device, device_map=opts.device_map,
+                                          max_memory=opts.max_memory, offload_folder=offload, **kw)
     for name, adapter in p.adapters.items():
         rt.load_adapter(name, adapter)
     return rt
@@ -293,7 +297,11 @@ def _judge_quantized(summary: dict, rows: list[Row], quant: dict, opts: Options)
 def judge(p: Prepared, opts: Options, fault: Fault | None = None) -> ArchResult:
     """Build the runtime, break it if asked, compare in every mode of `opts`."""
     t0 = time.time()
-    rt = _runtime(p, opts)
+    with tempfile.TemporaryDirectory(prefix="mmlora-offload-") as offload:
+        return _judge(p, opts, fault, _runtime(p, opts, Path(offload)), t0)
+
+
+def _judge(p: Prepared, opts: Options, fault: Fault | None, rt: RuntimeModel, t0: float) -> ArchResult:
     if fault is not None:
         fault.apply(rt)
     quant = _quantize(rt, p.arch, opts) if opts.quantize else None

@@ -70,3 +70,37 @@ def test_adapter_folders_load_onto_an_offloaded_model(tmp_path):
             a = want.base_model.model.model.language_model(input_ids=ids).last_hidden_state
             b = got.base_model.model.model.language_model(input_ids=ids).last_hidden_state
         assert torch.equal(a, b), name
+
+
+def test_compare_of_a_bundle_with_half_the_layers_on_disk_gives_the_plain_compare(tmp_path, capsys):
+    """`mmlora compare BUNDLE --device-map FILE`: the runtime loads the checkpoint itself under the map (the
+    reference is not in memory) and gives the very layers.csv of the plain compare."""
+    import json
+
+    import pandas as pd
+
+    from harness.cli import main
+    from harness.correctness.engine import _runtime, load
+
+    ckpt = save_checkpoint(build_tiny("llava")[1], tmp_path / "ckpt")
+    dm_file = tmp_path / "map.json"
+    dm_file.write_text(json.dumps(half_on_disk(load_checkpoint(ckpt)[2])))
+    bundle = tmp_path / "bundle"
+    assert main(["record", "--arch", "llava", "--model", str(ckpt), "--adapters", "1", "--out", str(bundle)]) == 0
+    opts = Options(archs=["llava"], kernel="torch", device_map=json.loads(dm_file.read_text()))
+    rt = _runtime(load(bundle), opts, tmp_path / "off")
+    assert any(".layers.1." in n for n, t in rt.model.named_parameters() if t.is_meta), "nothing was offloaded"
+    del rt
+    common = ["compare", str(bundle), "--kernel", "torch", "--out"]
+    assert main([*common, str(tmp_path / "plain")]) == 0
+    assert main([*common, str(tmp_path / "mapped"), "--device-map", str(dm_file)]) == 0
+    plain, mapped = (pd.read_csv(tmp_path / d / "layers.csv") for d in ("plain", "mapped"))
+    assert len(plain) > 0
+    pd.testing.assert_frame_equal(plain, mapped)
+    summary = json.loads((tmp_path / "mapped" / "summary.json").read_text())
+    assert summary["options"]["device_map"] == json.loads(dm_file.read_text())
+    # an output bundle loads no model: a map there is refused as the user's error
+    capsys.readouterr()
+    assert main(["compare", str(bundle), str(bundle), "--device-map", str(dm_file), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "--device-map / --max-memory do not apply" in capsys.readouterr().err

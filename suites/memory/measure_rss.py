@@ -8,7 +8,10 @@ with `os.wait4` (ru_maxrss). Not a test (minutes and GBs): run it by hand,
     python -m suites.memory.measure_rss --lm-layers 2 --tower-layers 2 --work /tmp/rss
     python -m suites.memory.measure_rss --lm-layers 8 --tower-layers 8 --work /tmp/rss
 
-and it prints one JSON line: checkpoint bytes, peak RSS bytes, their ratio, the run's exit code and time.
+and it prints one JSON line: checkpoint bytes, peak RSS bytes, their ratio, the run's exit code and time, and
+per phase of the run (the progress line it last printed) the peak RSS sampled from /proc every 50 ms, split
+into anonymous memory and mapped file pages (a checkpoint or bundle file mapped by safetensors counts in RSS
+while it is mapped).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,12 +48,43 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def peak_rss(cmd: list[str], env: dict) -> tuple[int, int, float]:
-    """(exit code, the child's peak RSS in bytes, seconds)."""
+def _rss(pid: int) -> tuple[int, int] | None:
+    """(anonymous, file-backed) resident bytes of a live process, from /proc (Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in text.splitlines() if ln.startswith("Rss"))}
+    return kb.get("RssAnon", 0) * 1024, (kb.get("RssFile", 0) + kb.get("RssShmem", 0)) * 1024
+
+
+def peak_rss(cmd: list[str], env: dict) -> tuple[int, int, float, dict]:
+    """(exit code, the child's peak RSS in bytes, seconds, per phase {peak, anon, file} in bytes)."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-    _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, time.time() - t0  # Linux: KiB
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    phase = ["start"]
+
+    def follow() -> None:  # the run's progress lines (stderr) name the phase; passed through
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                phase[0] = line.strip()[:80]
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    phases: dict[str, dict] = {}
+    while True:
+        done, status, usage = os.wait4(proc.pid, os.WNOHANG)  # not proc.poll(): it would reap the child's usage
+        if done:
+            break
+        got = _rss(proc.pid)
+        if got is not None:
+            p = phases.setdefault(phase[0], {"peak": 0, "anon": 0, "file": 0})
+            if sum(got) > p["peak"]:
+                p.update(peak=sum(got), anon=got[0], file=got[1])
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(timeout=5)
+    return proc.returncode, usage.ru_maxrss * 1024, time.time() - t0, phases  # Linux: KiB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     out = work / f"report-{ckpt.name}-{args.dtype}-{int(time.time())}"
     cmd = [sys.executable, "-m", "harness.cli", "correctness", "--model", str(ckpt), "--dtype", args.dtype,
            "--adapters", "1", "--kernel", "torch", "--out", str(out), *args.extra.split()]
-    code, rss, seconds = peak_rss(cmd, env)
     size = checkpoint_bytes(ckpt)
+    if not size:
+        print(f"measure_rss: {str(ckpt)!r} holds no *.safetensors file (the build failed?)", file=sys.stderr)
+        return 2
+    code, rss, seconds, phases = peak_rss(cmd, env)
     print(json.dumps({"checkpoint": ckpt.name, "checkpoint_bytes": size, "peak_rss_bytes": rss,
                       "ratio": round(rss / size, 3), "exit": code, "seconds": round(seconds, 1),
-                      "options": cmd[3:]}), flush=True)
-    return 0
+                      "options": cmd[3:], "phases": phases}), flush=True)
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":

@@ -222,7 +222,11 @@ def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
 def _runtime(p: Prepared, opts: Options, offload: Path | None = None) -> RuntimeModel:
     ranks = [w.rank for a in p.adapters.values() for w in a.modules.values()] or [1]
     targets = {m for a in p.adapters.values() for m in a.modules}  # user adapters may go beyond the recipes
-    kw = dict(kernel=opts.kernel, max_slots=max(8, len(p.adapters)), r_max=max(16, *ranks), extra_targets=targets)
+    # one slot per adapter plus one left empty: a mapping that shifts the last adapter's rows into the next
+    # slot reads zeros and fails (the slot-shift fault); more empty slots would only cost memory, the slot
+    # tables being per module [slots, r_max, in] + [slots, out, r_max] (at LLaVA-7B widths, 5 MB per slot
+    # and LM layer)
+    kw = dict(kernel=opts.kernel, max_slots=len(p.adapters) + 1, r_max=max(16, *ranks), extra_targets=targets)
     if p.base is not None:
         # a twin of the reference's base model over the same weight tensors: one copy of the weights in memory
         rt = RuntimeModel(p.arch, p.config, shared_twin(p.base), **kw)

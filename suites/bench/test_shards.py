@@ -233,3 +233,59 @@ def test_resuming_a_folder_of_another_shard_is_refused(runs, capsys, tmp_path, s
     line = _one_line(capsys)
     assert rc == 2 and "--shard 1/3" in line and str(out) in line
     assert (out / "results.csv").read_bytes() == before and not (out / ".incomplete").exists()
+
+
+def _workflow_step(job: str, step: str) -> str:
+    """The `run:` script of a step of the nightly workflow, as GitHub would hand it to bash."""
+    from pathlib import Path
+
+    import yaml
+
+    wf = yaml.safe_load((Path(__file__).parents[2] / ".github" / "workflows" / "nightly-gpu.yml").read_text())
+    return next(s["run"] for s in wf["jobs"][job]["steps"] if s.get("name") == step)
+
+
+def test_the_nightly_merge_job_runs_its_own_script(runs, tmp_path):
+    """The workflow's merge and verdict steps, their very bash taken from the YAML, on the shards' folders
+    laid out as actions/download-artifact lays them out (one folder per artifact): all three merge into the
+    unsharded run's rows and the verdict passes; an unfinished shard is left out with a warning and the
+    verdict then fails, naming the missing shard. (The matrix jobs run `mmlora bench --shard I/3`, which the
+    fixture runs too.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # the runner's python3 holds the stack
+    (shim / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).parents[2])}
+    merge_sh = _workflow_step("bench-merge", "Merge")
+    verdict_sh = (_workflow_step("bench-merge", "Verdict").replace("${{ needs.bench.result }}", "success")
+                  .replace("${{ steps.merge.outcome }}", "success"))
+
+    def run(work: Path, script: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    whole = Counter(keys(read_rows(runs / "all" / "results.csv")))
+    for case, unfinished in (("all", None), ("one-unfinished", "s2")):
+        work = tmp_path / case
+        for s in ("s1", "s2", "s3"):
+            shutil.copytree(runs / s, work / "reports" / "bench" / "shards" / f"nightly-bench-shard-{s[1]}-7")
+        if unfinished:
+            (work / "reports" / "bench" / "shards" / f"nightly-bench-shard-{unfinished[1]}-7" / ".incomplete").touch()
+        merged = run(work, merge_sh)
+        assert merged.returncode == 0, merged.stdout + merged.stderr
+        assert "the regression check is skipped" in merged.stdout  # no baseline for this machine
+        rows = Counter(keys(read_rows(work / "reports" / "bench" / "nightly" / "results.csv")))
+        verdict = run(work, verdict_sh)
+        if unfinished is None:
+            assert rows == whole
+            assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+        else:
+            assert "is an unfinished shard: left out of the merge" in merged.stdout
+            assert rows < whole
+            assert verdict.returncode != 0 and "missing shards: ['2/3']" in verdict.stderr

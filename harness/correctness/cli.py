@@ -193,37 +193,39 @@ def cmd_compare(args) -> int:
     from runtime.model import PROVIDERS
     from vlm.checkpoint import parse_device_map, parse_max_memory
 
-    p = load(args.bundle)
+    # the flags first: reading a bundle of a real checkpoint hashes its files (minutes)
     modes = MODES if args.mode == "both" else (args.mode,)
-    got = None
     if args.got is not None:
         if args.mode == "replay":
             raise ValueError("mmlora compare REF GOT: an output bundle holds outputs only, compared e2e; "
                              "--mode replay needs the runtime (mmlora compare REF)")
         if args.inject_fault or args.quantize:
             raise ValueError("mmlora compare REF GOT runs no runtime: --inject-fault / --quantize do not apply")
+        if args.device_map is not None or args.max_memory is not None:
+            raise ValueError("mmlora compare REF GOT loads no model: --device-map / --max-memory do not apply")
         modes = ("e2e",)
-        got = Bundle.open(args.got)
-        check_outputs(p.bundle, got)
     fault = get_fault(args.inject_fault) if args.inject_fault else None
-    check_fault(fault, p.arch.model_type)
     if fault is not None and fault.mode not in modes:
         raise ValueError(f"--inject-fault {fault.name} is localised in {fault.mode} mode, which --mode "
                          f"{args.mode} does not run")
     if args.quantize_projector and not args.quantize:
         raise ValueError("--quantize-projector needs --quantize lm-int8")
     device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
-    if got is not None and (device_map is not None or max_memory is not None):
-        raise ValueError("mmlora compare REF GOT loads no model: --device-map / --max-memory do not apply")
-    if got is None:
+    out = Path(args.out) if args.out else default_run_dir("correctness")
+    check_replaceable(out, "summary.json")
+    p = load(args.bundle)
+    check_fault(fault, p.arch.model_type)
+    got = None
+    if args.got is not None:
+        got = Bundle.open(args.got)
+        check_outputs(p.bundle, got)
+    else:
         PROVIDERS[args.kernel].check(p.torch_dtype, p.device)
     opts = Options(archs=[p.arch.model_type], model=str(p.ckpt),
                    adapters={n: str(e["path"]) for n, e in p.bundle.manifest["adapters"].items()},
                    dtype=p.dtype, device=str(p.device), modes=modes, fault=args.inject_fault, kernel=args.kernel,
                    quantize=args.quantize, quantize_projector=args.quantize_projector, device_map=device_map,
                    max_memory=max_memory)
-    out = Path(args.out) if args.out else default_run_dir("correctness")
-    check_replaceable(out, "summary.json")
     result = judge_outputs(p, got, opts) if got is not None else judge(p, opts, fault)
     return _finish(out, [result], opts, args.strict)
 

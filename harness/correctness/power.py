@@ -36,20 +36,22 @@ def _reason(v: dict, dtype: str) -> str:
 
 def _plan(args):
     from harness.correctness.faults import FAULTS, get_fault
+    from runtime.model import PROVIDERS
     from vlm.arch import get_arch
     from vlm.checkpoint import check_device, parse_dtype
 
     faults = [get_fault(f) for f in args.fault] if args.fault else list(FAULTS.values())
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    device = check_device(args.device)
     for d in dtypes:
-        parse_dtype(d)
+        # the provider refuses what it cannot run (vLLM missing, its dtypes) now, not as an error row per run
+        PROVIDERS[args.kernel].check(parse_dtype(d), device)
     try:
         scales = [float(x) for x in args.adapter_scale.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--adapter-scale {args.adapter_scale!r}: expected numbers separated by ','") from None
     if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"--adapter-scale {args.adapter_scale!r}: every scale must be > 0")
-    check_device(args.device)
     for a in args.arch or ():
         get_arch(a)
     archs = sorted({a for f in faults for a in f.archs() if not args.arch or a in args.arch})
@@ -149,16 +151,18 @@ def table(rows: list[dict], dtypes: list[str], scales: list[float]) -> str:
         mine = [r for r in rows if r["fault"] == name]
         cells = []
         for d, s in cols:
-            sel = [r for r in mine if r["dtype"] == d and r["adapter_scale"] == s]
+            every = [r for r in mine if r["dtype"] == d and r["adapter_scale"] == s]
+            sel = [r for r in every if not r["reason"].startswith("HARNESS ERROR")]
+            errors = f", HARNESS ERROR {len(every) - len(sel)}/{len(every)}" if len(sel) < len(every) else ""
             if not sel:
-                cells.append("-")
+                cells.append(errors.removeprefix(", ") or "-")
             elif sel[0]["kind"] == "control":
                 ok = sum(bool(r["passed"]) for r in sel)
-                cells.append(f"passed {ok}/{len(sel)}, max margin {max(r['margin'] for r in sel):.2g}")
+                cells.append(f"passed {ok}/{len(sel)}, max margin {max(r['margin'] for r in sel):.2g}{errors}")
             else:
                 caught = sum(bool(r["caught"]) for r in sel)
                 named = sum(bool(r["named"]) for r in sel)
                 cells.append(f"caught {caught}/{len(sel)}, named {named}/{len(sel)}, "
-                             f"min margin {min(r['margin'] for r in sel):.2g}")
+                             f"min margin {min(r['margin'] for r in sel):.2g}{errors}")
         lines.append(f"| `{name}` | {mine[0]['kind']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

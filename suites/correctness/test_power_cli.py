@@ -43,9 +43,10 @@ def test_a_harness_error_on_one_run_keeps_the_table(tmp_path, monkeypatch, capsy
     df = pd.read_csv(tmp_path / "p" / "power.csv", keep_default_na=False)
     assert list(df["fault"]) == [FAULT, CONTROL]
     assert df.iloc[0]["reason"] == "HARNESS ERROR: KeyError: 'expected'"
-    assert df.iloc[1]["passed"] and df.iloc[1]["reason"] == ""
+    assert df.iloc[1]["passed"] == "True" and df.iloc[1]["reason"] == ""
     md = (tmp_path / "p" / "power.md").read_text()
-    assert f"`{CONTROL}` | control | passed 1/1, max margin 0.1" in md
+    assert f"`{CONTROL}` | control | passed 1/1, max margin 0.1 |" in md
+    assert f"`{FAULT}` | fault | HARNESS ERROR 1/1 |" in md  # not "caught 0/1": an error is no miss
     err = capsys.readouterr().err
     assert f"{CONTROL} llava fp32 scale 0.1: margin 0.1, passed" in err  # each row printed as it is measured
     assert "HARNESS ERROR: KeyError" in err
@@ -60,3 +61,16 @@ def test_ctrl_c_writes_the_rows_measured_so_far(tmp_path, monkeypatch):
     df = pd.read_csv(tmp_path / "p" / "power.csv", keep_default_na=False)
     assert list(df["fault"]) == [FAULT]
     assert (tmp_path / "p" / "power.md").read_text().startswith("Partial: interrupted after 1 of 2 runs.")
+
+
+def test_a_kernel_that_cannot_run_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """Bad input is exit 2 at once (one line), not one HARNESS ERROR row per run after hours of references."""
+    import harness.correctness.engine as engine
+
+    def never(*a, **k):
+        raise AssertionError("a reference was prepared")
+    monkeypatch.setattr(engine, "prepare", never)
+    capsys.readouterr()
+    assert _power(tmp_path / "p", "--kernel", "vllm") == 2  # vLLM's kernels take fp16 / bf16 only
+    assert "--kernel vllm: dtype float32 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -27,6 +27,14 @@ def _checkpoint_config(folder: str):
     return arch.model_class().config_class.from_dict(raw)
 
 
+def _check_quantize_placement(args) -> None:
+    if args.quantize and (args.device_map is not None or args.max_memory is not None):
+        # accelerate's hooks reload an offloaded module's weight from its offload map before each forward: the
+        # quantized weight would be silently replaced by the original one
+        raise ValueError("--quantize cannot be combined with --device-map / --max-memory (an offloaded layer "
+                         "would run its original weight, not the quantized one)")
+
+
 def _options(args):
     """Validate every flag before any work (exit 2 on bad input) and build the engine's Options."""
     from harness.correctness import MODES, Options
@@ -80,6 +88,7 @@ def _options(args):
                 arch.validate_geometry(config, g)
     if args.quantize_projector and not args.quantize:
         raise ValueError("--quantize-projector needs --quantize lm-int8")
+    _check_quantize_placement(args)
     return Options(archs=archs, model=args.model, adapters=adapters, n_adapters=args.adapters, dtype=args.dtype,
                    adapter_scale=args.adapter_scale, device=args.device, modes=modes, fault=args.inject_fault,
                    kernel=args.kernel, geometries=tuple(geometries),
@@ -210,6 +219,7 @@ def cmd_compare(args) -> int:
                          f"{args.mode} does not run")
     if args.quantize_projector and not args.quantize:
         raise ValueError("--quantize-projector needs --quantize lm-int8")
+    _check_quantize_placement(args)
     device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
     out = Path(args.out) if args.out else default_run_dir("correctness")
     check_replaceable(out, "summary.json")

@@ -104,3 +104,15 @@ def test_compare_of_a_bundle_with_half_the_layers_on_disk_gives_the_plain_compar
     assert main(["compare", str(bundle), str(bundle), "--device-map", str(dm_file), "--out",
                  str(tmp_path / "x")]) == 2
     assert "--device-map / --max-memory do not apply" in capsys.readouterr().err
+
+
+def test_quantize_under_a_device_map_is_refused(tmp_path, capsys):
+    """accelerate reloads an offloaded layer's original weight before each forward: a quantized run there would
+    silently judge unquantized layers. Refused as the user's error (exit 2) before any work, for both commands."""
+    from harness.cli import main
+
+    for argv in (["correctness", "--arch", "llava"], ["compare", str(tmp_path / "no-bundle")]):
+        capsys.readouterr()
+        assert main([*argv, "--quantize", "lm-int8", "--device-map", "auto", "--out", str(tmp_path / "r")]) == 2
+        assert "--quantize cannot be combined with --device-map" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -85,12 +85,14 @@ def _read_tensor(path: Path, key: str) -> torch.Tensor:
         n = int.from_bytes(f.read(8), "little")
         entry = json.loads(f.read(n))[key]
         begin, end = entry["data_offsets"]
+        if entry["dtype"] not in _ST_DTYPES:
+            raise BundleError(f"{str(path)!r}: tensor {key!r} has dtype {entry['dtype']}; a bundle holds "
+                              f"{', '.join(_ST_DTYPES)}")
         t = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
-        if end > begin:
-            f.seek(8 + n + begin)
-            buf = t.view(-1).view(torch.uint8).numpy()
-            if f.readinto(buf) != end - begin or buf.nbytes != end - begin:
-                raise BundleError(f"{str(path)!r}: tensor {key!r} is cut short")
+        buf = t.view(-1).view(torch.uint8).numpy()
+        f.seek(8 + n + begin)
+        if buf.nbytes != end - begin or (buf.nbytes and f.readinto(buf) != buf.nbytes):
+            raise BundleError(f"{str(path)!r}: tensor {key!r} is cut short")
     return HELD.add(t)
 
 

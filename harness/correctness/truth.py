@@ -61,14 +61,14 @@ class ChunkBuffer:
 
     def rows(self, w: torch.Tensor) -> int:
         """How many rows of `w` one piece holds."""
-        return max(1, self.chunk // (w.shape[1] * torch.empty((), dtype=self.dtype).element_size()))
+        return max(1, self.chunk // (max(1, w.shape[1]) * torch.empty((), dtype=self.dtype).element_size()))
 
     def upcast(self, w: torch.Tensor) -> torch.Tensor:
-        """`w` (at most `rows(w)` rows) upcast into the buffer (valid until the next call)."""
+        """`w` (at most `rows(w)` rows) upcast into the buffer (valid until the next call). The buffer grows to
+        the largest piece asked for (at most a chunk, or one row wider than a chunk): a few sizes, once each."""
         flat = self._flat.get(w.device)
-        if flat is None or flat.numel() < w.numel():  # a single row wider than a chunk grows it
-            flat = self._flat[w.device] = torch.empty(max(w.numel(), self.rows(w) * w.shape[1]), dtype=self.dtype,
-                                                      device=w.device)
+        if flat is None or flat.numel() < w.numel():
+            flat = self._flat[w.device] = torch.empty(w.numel(), dtype=self.dtype, device=w.device)
         return flat[: w.numel()].view(w.shape).copy_(w)
 
 
@@ -81,8 +81,9 @@ def _linear_in_chunks(mod: torch.nn.Linear, dtype: torch.dtype, chunk: int, weig
     def forward(x: torch.Tensor) -> torch.Tensor:
         w, b = mod.weight if weight is None else weight(), mod.bias
         n = buf.rows(w)
-        return torch.cat([torch.nn.functional.linear(x, buf.upcast(w[i:i + n]), None if b is None else b[i:i + n].to(dtype))
-                          for i in range(0, w.shape[0], n)], dim=-1)
+        outs = [torch.nn.functional.linear(x, buf.upcast(w[i:i + n]), None if b is None else b[i:i + n].to(dtype))
+                for i in range(0, max(w.shape[0], 1), n)]  # (a Linear with no output column: one empty piece)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     return forward
 
 

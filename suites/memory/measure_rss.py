@@ -61,13 +61,17 @@ def _rss(pid: int) -> tuple[int, int] | None:
 def peak_rss(cmd: list[str], env: dict) -> tuple[int, int, float, dict]:
     """(exit code, the child's peak RSS in bytes, seconds, per phase {peak, anon, file} in bytes)."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
     phase = ["start"]
 
     def follow() -> None:  # the run's progress lines (stderr) name the phase; passed through
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            if line.strip():
+        for line in proc.stderr:  # drained to the end whatever happens, or the child would block on a full pipe
+            try:
+                sys.stderr.write(line)
+            except (OSError, ValueError):
+                pass
+            if line.startswith(("[", "  ")) and line.strip():
                 phase[0] = line.strip()[:80]
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()

@@ -100,3 +100,17 @@ def test_linear_in_chunks_equals_one_float64_linear():
     want = torch.nn.functional.linear(x, lin.weight.double(), lin.bias.double())
     got = _linear_in_chunks(lin, torch.float64, chunk=64 * 8 * 7)(x)  # 7 output columns a piece
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+
+def test_chunk_buffer_holds_the_largest_piece_only_and_empty_linears_run():
+    from harness.correctness.truth import ChunkBuffer
+
+    buf = ChunkBuffer(torch.float64, 1 << 30)  # a chunk far above any weight here: the buffer is the weight's size
+    lin = torch.nn.Linear(64, 300)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    got = _linear_in_chunks(lin, torch.float64, 1 << 30, buffer=buf)(x)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight.double(), lin.bias.double()),
+                               rtol=0, atol=0)
+    assert [t.numel() for t in buf._flat.values()] == [300 * 64]
+    empty = _linear_in_chunks(torch.nn.Linear(64, 0), torch.float64, 64 * 8 * 7)(x)
+    assert empty.shape == (5, 0)

@@ -16,6 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a report cell or an error row: its type, its message's words."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:limit]
+
+
 def default_run_dir(kind: str) -> Path:
     import datetime
 

@@ -25,6 +25,7 @@ from harness.bench.cases import all_cases
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
 from harness.bench.timing import Timing, measure
+from harness.output import one_line
 
 
 @dataclass(frozen=True)
@@ -191,10 +192,6 @@ def _row(point: Point, ctx: Context, metric: str, vals, status: str, note: str =
     return row
 
 
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
-
-
 def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
     if point.unavailable:
         return [_row(point, ctx, "latency_ms", None, "unavailable", point.unavailable)]
@@ -209,10 +206,10 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
         return [_row(point, ctx, "latency_ms", None, "unavailable", str(e))]
     except torch.OutOfMemoryError as e:
         _free(case)
-        return [_row(point, ctx, "latency_ms", None, "oom", _one_line(e))]
+        return [_row(point, ctx, "latency_ms", None, "oom", one_line(e))]
     except Exception as e:  # noqa: BLE001 - recorded as a row; the sweep goes on
         _free(case)
-        return [_row(point, ctx, "latency_ms", None, "error", _one_line(e))]
+        return [_row(point, ctx, "latency_ms", None, "error", one_line(e))]
     notes = [n for n in (note, t.note) if n]
     if t.spread > schema.NOISY_RATIO:
         notes.append(f"noisy: p80/p20 {t.spread:.2f} > {schema.NOISY_RATIO}")

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.output import atomic_dir, check_replaceable, default_run_dir, write_csv
+from harness.output import atomic_dir, check_replaceable, default_run_dir, one_line, write_csv
 
 COLUMNS = ["fault", "kind", "arch", "dtype", "adapter_scale", "mode", "caught", "named", "passed", "margin",
            "expected", "first", "request", "row", "image", "seconds", "reason"]
@@ -61,21 +61,14 @@ def _plan(args):
 
 
 def _row(f, arch: str, dtype: str, scale: float, v: dict | None, seconds: float, error: str = "") -> dict:
+    row = {"fault": f.name, "kind": "control" if f.control else "fault", "arch": arch, "dtype": dtype,
+           "adapter_scale": scale, "mode": f.mode, "seconds": round(seconds, 1)}
     if v is None:  # the harness itself failed on this run: a row saying so, not a lost table
-        return {"fault": f.name, "kind": "control" if f.control else "fault", "arch": arch, "dtype": dtype,
-                "adapter_scale": scale, "mode": f.mode, "caught": "", "named": "", "passed": "",
-                "margin": float("nan"), "expected": "", "first": "", "request": "", "row": "", "image": "",
-                "seconds": round(seconds, 1), "reason": f"HARNESS ERROR: {error}"}
-    return {"fault": f.name, "kind": "control" if f.control else "fault", "arch": arch,
-            "dtype": dtype, "adapter_scale": scale, "mode": f.mode, "caught": v.get("caught", ""),
-            "named": v.get("named", ""), "passed": v.get("passed", ""), "margin": v["margin"],
-            "expected": v["expected_first"] or "", "first": v["first"] or "",
-            "request": v["request"], "row": v["row"], "image": v["image"],
-            "seconds": round(seconds, 1), "reason": _reason(v, dtype)}
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+        return {**row, "caught": "", "named": "", "passed": "", "margin": float("nan"), "expected": "",
+                "first": "", "request": "", "row": "", "image": "", "reason": f"HARNESS ERROR: {error}"}
+    return {**row, "caught": v.get("caught", ""), "named": v.get("named", ""), "passed": v.get("passed", ""),
+            "margin": v["margin"], "expected": v["expected_first"] or "", "first": v["first"] or "",
+            "request": v["request"], "row": v["row"], "image": v["image"], "reason": _reason(v, dtype)}
 
 
 def _measure(faults, jobs, args, tmp: Path, t0: float):
@@ -93,7 +86,7 @@ def _measure(faults, jobs, args, tmp: Path, t0: float):
             prepared = prepare(arch, opts, tmp / f"{arch}-{dtype}-{scale}")
         except Exception as e:  # noqa: BLE001 - reported in the table, every other job still runs
             for f in mine:
-                yield _row(f, arch, dtype, scale, None, time.time() - t1, f"preparing the reference: {_one_line(e)}")
+                yield _row(f, arch, dtype, scale, None, time.time() - t1, f"preparing the reference: {one_line(e)}")
             continue
         for f in mine:
             t1 = time.time()
@@ -103,7 +96,7 @@ def _measure(faults, jobs, args, tmp: Path, t0: float):
                                                           ("e2e", "replay"), fault=f.name), f)
                 row = _row(f, arch, dtype, scale, res.summary["fault"], time.time() - t1)
             except Exception as e:  # noqa: BLE001 - reported in the table, every other run still runs
-                row = _row(f, arch, dtype, scale, None, time.time() - t1, _one_line(e))
+                row = _row(f, arch, dtype, scale, None, time.time() - t1, one_line(e))
             verdict = row["reason"] or ("passed" if row["kind"] == "control" else "caught and named")
             print(f"  {f.name} {arch} {dtype} scale {scale}: margin {row['margin']:.3g}, {verdict} "
                   f"({row['seconds']} s)", file=sys.stderr, flush=True)

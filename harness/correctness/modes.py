@@ -28,11 +28,8 @@ import torch.nn.functional as F  # noqa: N812
 from harness.correctness.bundle import stream_outputs
 from harness.correctness.compare import Metrics, Row, error_metrics, judge
 from harness.correctness.rules import rule
+from harness.output import one_line
 from vlm.rows import BOUNDARY_GROUP, LM_IMAGE_EMBEDS, group_row_counts, rows_per_request
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
 
 
 def _image_counts(p, req, name: str, group: str) -> list[int] | None:
@@ -62,23 +59,24 @@ def _error_rows(p, mode: str, name: str, err: BaseException, requests=None) -> l
     where = re.search(r"module '([^']+)'", str(err))
     name = where.group(1) if where and where.group(1) in p.order else name
     idx = [i for i in (requests if requests is not None else range(len(p.reqs))) if p.bundle.has(i, name)] or [0]
-    return [make_row(p, mode, i, name, error_metrics(), f"runtime raised {_one_line(err)}") for i in idx]
+    return [make_row(p, mode, i, name, error_metrics(), f"runtime raised {one_line(err, 500)}") for i in idx]
 
 
-def _got_base(p, name: str, got_in: torch.Tensor) -> torch.Tensor:
-    """The reference's base Linear (its weights, as recorded) on the runtime's input."""
-    w, b = p.bundle.get(None, name, "weight"), p.bundle.get(None, name, "bias")
-    with torch.no_grad():
-        return F.linear(got_in.to(p.device), w.to(p.device), None if b is None else b.to(p.device)).cpu()
+def _base_weight(p, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's base Linear of `name` as recorded (weight, bias), on the reference's device."""
+    b = p.bundle.get(None, name, "bias")
+    return p.bundle.get(None, name, "weight").to(p.device), None if b is None else b.to(p.device)
 
 
 def compare_outputs(p, got) -> list[Row]:
     """Each module's output of a full runtime (or engine) forward, an output bundle, against the reference
-    and the truth of each request run alone; read one module and request at a time."""
+    and the truth of each request run alone; read one module and request at a time. Rows come request by
+    request, modules in the reference's order."""
     rows = []
     r = rule(p.dtype, "e2e")
-    for i in range(len(p.reqs)):
-        for name in p.order:
+    for name in p.order:
+        base = None  # its base Linear, read once for all requests (at real widths a weight is hundreds of MB)
+        for i in range(len(p.reqs)):
             if not p.bundle.has(i, name):
                 continue
             if not got.has(i, name):
@@ -88,11 +86,16 @@ def compare_outputs(p, got) -> list[Row]:
             bases = None
             if not name.startswith("@") and g_in is not None and p.bundle.has(None, name, "weight") \
                     and p.bundle.has(i, name, "base") and p.bundle.has(i, name, "truth.base"):
-                bases = (_got_base(p, name, g_in), p.bundle.get(i, name, "base"), p.bundle.get(i, name, "truth.base"))
+                base = base or _base_weight(p, name)
+                with torch.no_grad():  # the reference's base Linear on the runtime's input
+                    got_base = F.linear(g_in.to(p.device), *base).cpu()
+                bases = (got_base, p.bundle.get(i, name, "base"), p.bundle.get(i, name, "truth.base"))
             m = judge(got.get(i, name, "out"), p.bundle.get(i, name, "out"), p.bundle.get(i, name, "truth.out"), r,
                       bases)
             rows.append(make_row(p, "e2e", i, name, m))
             del g_in, bases
+        del base
+    rows.sort(key=lambda row: row.request)  # stable: each request's rows keep the modules' order
     return rows
 
 

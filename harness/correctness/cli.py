@@ -27,7 +27,9 @@ def _checkpoint_config(folder: str):
     return arch.model_class().config_class.from_dict(raw)
 
 
-def _check_quantize_placement(args) -> None:
+def _check_quantize(args) -> None:
+    if args.quantize_projector and not args.quantize:
+        raise ValueError("--quantize-projector needs --quantize lm-int8")
     if args.quantize and (args.device_map is not None or args.max_memory is not None):
         # accelerate's hooks reload an offloaded module's weight from its offload map before each forward: the
         # quantized weight would be silently replaced by the original one
@@ -86,9 +88,7 @@ def _options(args):
             config = arch.tiny_config() if args.model == "tiny" else _checkpoint_config(args.model)
             for g in geometries:
                 arch.validate_geometry(config, g)
-    if args.quantize_projector and not args.quantize:
-        raise ValueError("--quantize-projector needs --quantize lm-int8")
-    _check_quantize_placement(args)
+    _check_quantize(args)
     return Options(archs=archs, model=args.model, adapters=adapters, n_adapters=args.adapters, dtype=args.dtype,
                    adapter_scale=args.adapter_scale, device=args.device, modes=modes, fault=args.inject_fault,
                    kernel=args.kernel, geometries=tuple(geometries),
@@ -217,9 +217,7 @@ def cmd_compare(args) -> int:
     if fault is not None and fault.mode not in modes:
         raise ValueError(f"--inject-fault {fault.name} is localised in {fault.mode} mode, which --mode "
                          f"{args.mode} does not run")
-    if args.quantize_projector and not args.quantize:
-        raise ValueError("--quantize-projector needs --quantize lm-int8")
-    _check_quantize_placement(args)
+    _check_quantize(args)
     device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
     out = Path(args.out) if args.out else default_run_dir("correctness")
     check_replaceable(out, "summary.json")

@@ -50,8 +50,8 @@ CHUNK = 16 << 20  # bytes at the truth dtype of one upcast piece of a large Line
 
 
 class ChunkBuffer:
-    """One `chunk`-byte buffer per device that every piece of every Linear weight is upcast into, instead of a
-    new tensor per piece: a fresh 16 MiB tensor per piece, freed a moment later between the forward's smaller
+    """One buffer per device (at most a chunk) that every piece of every Linear weight is upcast into, instead
+    of a new tensor per piece: a fresh 16 MiB tensor per piece, freed a moment later between the forward's smaller
     tensors, fragments the C heap (glibc raises its mmap threshold to the size of a freed block, so later
     pieces land on the heap, between live activations), and a 4-layer LLaVA-7B truth held 1.1 GB more than
     its 1-layer twin that way. A piece always starts at the buffer's start (the same alignment every time)."""
@@ -61,7 +61,7 @@ class ChunkBuffer:
 
     def rows(self, w: torch.Tensor) -> int:
         """How many rows of `w` one piece holds."""
-        return max(1, self.chunk // (max(1, w.shape[1]) * torch.empty((), dtype=self.dtype).element_size()))
+        return max(1, self.chunk // (max(1, w.shape[1]) * self.dtype.itemsize))
 
     def upcast(self, w: torch.Tensor) -> torch.Tensor:
         """`w` (at most `rows(w)` rows) upcast into the buffer (valid until the next call). The buffer grows to

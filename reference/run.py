@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm.arch import ArchSpec
-from vlm.capture import Captures, Recorder, Sink, captures_per_request
+from vlm.capture import Captures, Recorder, Sink
 from vlm.requests import Batch, Request, build_batch
 from vlm.rows import LOGITS
 
@@ -75,10 +75,7 @@ def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str],
             logits = arch.forward_logits(peft_model, **batch.model_inputs(), **extra)
     finally:
         rec.close()
-    if sink is not None:  # everything went to the sink as it was made
-        sink(LOGITS, "out", logits.detach())
-        return [{} for _ in batch.requests]
-    return captures_per_request(rec.records, arch, config, batch, logits)
+    return rec.captures(config, batch, logits)
 
 
 def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request], mode: str = "single",

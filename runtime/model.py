@@ -17,9 +17,8 @@ from runtime.slot_tables import SlotTables
 from runtime.substitutions import active, install
 from vlm.adapter_files import AdapterFile, read_adapter
 from vlm.arch import ArchSpec
-from vlm.capture import Captures, Recorder, Sink, captures_per_request
+from vlm.capture import Captures, Recorder, Sink
 from vlm.requests import Request, build_batch
-from vlm.rows import LOGITS
 
 
 @dataclass(frozen=True)
@@ -158,12 +157,11 @@ class RuntimeModel:
         if not mapping.is_active(slots):
             return
         apply = hooks.kernel("lora", self.provider.apply, module=name)
-        if x2.device != self.device:  # a module a device map put on another GPU: LoRA on the tables' device
-            x, y = x2.to(self.device), y2.to(self.device)
-            apply(x, y, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
+        # a module a device map put on another GPU: LoRA on the tables' device (`.to` is a no-op otherwise)
+        x, y = x2.to(self.device), y2.to(self.device)
+        apply(x, y, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
+        if y is not y2:
             y2.copy_(y)
-            return
-        apply(x2, y2, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
 
     def run(self, requests: Sequence[Request], dtype: torch.dtype | None = None, sink: Sink | None = None) -> Captures:
         """One batched forward of a mixed batch; per-request captures of every LoRA module + boundaries.
@@ -180,7 +178,4 @@ class RuntimeModel:
         finally:
             rec.close()
             self.mapping = None
-        if sink is not None:
-            sink(LOGITS, "out", logits.detach())
-            return [{} for _ in requests]
-        return captures_per_request(rec.records, self.arch, self.config, batch, logits)
+        return rec.captures(self.config, batch, logits)

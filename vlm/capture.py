@@ -44,7 +44,7 @@ class Recorder:
     def __init__(self, root: torch.nn.Module, names: Iterable[str], arch: ArchSpec, prefix: str = "",
                  sink: Sink | None = None):
         self.records: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self._sink = sink
+        self.arch, self._sink = arch, sink
         self._handles = []
         modules = dict(root.named_modules())
         for name in names:
@@ -88,6 +88,14 @@ class Recorder:
         emb = kwargs.get("inputs_embeds")
         if isinstance(emb, torch.Tensor) and self._image_token is not None:
             self._put(LM_IMAGE_EMBEDS, "out", emb[self._image_token.to(emb.device)])
+
+    def captures(self, config, batch, logits: torch.Tensor) -> Captures:
+        """After the forward: per-request captures with the logits; with a sink, the logits go there too
+        (everything else already did) and the captures are empty."""
+        if self._sink is not None:
+            self._sink(LOGITS, "out", logits.detach())
+            return [{} for _ in batch.requests]
+        return captures_per_request(self.records, self.arch, config, batch, logits)
 
     def close(self):
         for h in self._handles:

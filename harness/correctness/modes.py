@@ -126,14 +126,14 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Ten
     group = p.arch.group_of(name)
     lengths = [len(r.prompt_ids) for r in p.reqs]
     l_max = max(lengths)
+    ins = {i: p.bundle.get(i, name, "in") for i in have}
     if group == "language_model":
-        d = p.bundle.get(have[0], name, "in").shape[-1]
-        x = torch.zeros(len(p.reqs), l_max, d, dtype=p.torch_dtype)
+        x = torch.zeros(len(p.reqs), l_max, ins[have[0]].shape[-1], dtype=p.torch_dtype)
         for i in have:
-            x[i, : lengths[i]] = p.bundle.get(i, name, "in")
+            x[i, : lengths[i]] = ins[i]
         counts = None
     else:
-        x = torch.cat([p.bundle.get(i, name, "in") for i in have])
+        x = torch.cat([ins[i] for i in have])
         counts = group_row_counts(p.arch, p.config, p.reqs, group)
     rt.mapping = mapping
     try:

@@ -60,16 +60,31 @@ def cmd_tokens(args) -> int:
     return 0
 
 
+def version_line() -> str:
+    """`mmlora --version`: the installed package's version and, when run from a git checkout, its commit."""
+    from importlib import metadata
+
+    from harness.bench.env import git_sha
+
+    try:
+        version = metadata.version("mmlora-harness")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = "unknown (not installed)"
+    return f"mmlora {version} (git {git_sha() or 'unknown'})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mmlora", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p.add_argument("--version", action="version", version=version_line(),
+                   help="print the package version and the git commit it runs from, then exit")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     a = sub.add_parser("archs", help="list registered architectures and their module groups")
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--json", action="store_true", help="print the table as JSON (one object per arch)")
     a.set_defaults(func=cmd_archs)
 
     t = sub.add_parser("tokens", help="rows per group for one image: encoder_rows, connector_rows, lm_tokens")
-    t.add_argument("--arch", required=True)
+    t.add_argument("--arch", required=True, help="registered architecture (model_type), see `mmlora archs`")
     t.add_argument("--set", action="append", metavar="dotted.key=value",
                    help="override a key of the arch's tiny config (repeatable), e.g. vision_config.image_size=504")
     add_geometry_flags(t)
@@ -102,12 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.cmd is None:  # bare `mmlora`: show what it can do instead of an error about a missing word
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except (UsageError, ValueError) as e:
         msg = " ".join(str(e).split())  # one line, whatever the message held
         prefix = "" if msg.startswith("mmlora") else "mmlora: error: "
         print(f"{prefix}{msg}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help / --version from argparse: its exit code, not an exception
+        return int(e.code or 0)
     except KeyboardInterrupt:
         print("mmlora: interrupted", file=sys.stderr)
         return 130

@@ -159,7 +159,7 @@ def cmd_bench(args) -> int:
 
 
 def register(sub) -> None:
-    b = sub.add_parser("bench", help="kernel and end-to-end timings, GB/s, % of roofline; results.csv + index.html")
+    b = sub.add_parser("bench", help="kernel and end-to-end timings, GB/s, %% of roofline; results.csv + index.html")
     b.add_argument("--gpu", default="auto", help="roofline profile: h100 | h200 | a100 | auto (detect; none on CPU)")
     b.add_argument("--preset", default="auto",
                    help="smoke (CPU-sized) | nightly | full (GPU only) | auto (nightly with CUDA, else smoke)")

@@ -283,7 +283,9 @@ def register(sub) -> None:
     def runtime_args(c) -> None:
         c.add_argument("--strict", action="store_true",
                        help="exit 1 when an adapter changes (almost) nothing on a group it targets")
-        c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"])
+        c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"],
+                       help="e2e: each side feeds itself (shows drift); replay: every runtime module is fed the "
+                            "reference's recorded input (localises the faulty module); both (default)")
         c.add_argument("--inject-fault", help="a seeded fault from `mmlora faults`")
         c.add_argument("--kernel", default="triton", choices=sorted(PROVIDERS),
                        help="the runtime's LoRA provider: " + ", ".join(sorted(PROVIDERS)))

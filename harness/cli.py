@@ -48,11 +48,38 @@ def cmd_archs(args) -> int:
     return 0
 
 
+def _config_from_file(path_text: str, arch_name: str | None):
+    """(arch, config) from a real config.json (or a checkpoint folder holding one): its model_type picks the arch."""
+    from pathlib import Path
+
+    from vlm.checkpoint import read_checkpoint_config
+
+    path = Path(path_text)
+    if path.is_file():
+        if path.name != "config.json":
+            raise UsageError(f"--config {path_text!r}: expected a config.json or a folder holding one")
+        path = path.parent
+    arch, raw = read_checkpoint_config(path)
+    if arch_name is not None and arch_name != arch.model_type:
+        raise UsageError(f"--arch {arch_name!r} disagrees with --config {path_text!r}, whose model_type is "
+                         f"{arch.model_type!r}: drop --arch")
+    try:
+        return arch, arch.model_class().config_class.from_dict(raw)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"--config {path_text!r}: transformers cannot build a {arch.model_type} config from it "
+                         f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
 def cmd_tokens(args) -> int:
     from vlm.arch import ImageGeometry, apply_overrides, get_arch
 
-    arch = get_arch(args.arch)
-    cfg = apply_overrides(arch.tiny_config(), parse_sets(args.set))
+    if args.config is not None:
+        arch, cfg = _config_from_file(args.config, args.arch)
+    elif args.arch is None:
+        raise UsageError("mmlora tokens: give --arch A (its tiny config) or --config PATH (a real config.json)")
+    else:
+        arch, cfg = get_arch(args.arch), None
+    cfg = apply_overrides(cfg if cfg is not None else arch.tiny_config(), parse_sets(args.set))
     geom_kw = geometry_from_args(args)
     geom = ImageGeometry(**geom_kw) if geom_kw else arch.default_geometry(cfg)
     counts = arch.counts(cfg, geom)
@@ -84,9 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_archs)
 
     t = sub.add_parser("tokens", help="rows per group for one image: encoder_rows, connector_rows, lm_tokens")
-    t.add_argument("--arch", required=True, help="registered architecture (model_type), see `mmlora archs`")
+    t.add_argument("--arch", help="registered architecture (model_type), see `mmlora archs`; counts for its tiny "
+                                   "config unless --config is given")
+    t.add_argument("--config", metavar="PATH",
+                   help="a real model's config.json (or the checkpoint folder holding it): its model_type picks "
+                        "the arch and its sizes replace the tiny config's")
     t.add_argument("--set", action="append", metavar="dotted.key=value",
-                   help="override a key of the arch's tiny config (repeatable), e.g. vision_config.image_size=504")
+                   help="override a key of the config (repeatable), e.g. vision_config.image_size=504")
     add_geometry_flags(t)
     t.set_defaults(func=cmd_tokens)
 

@@ -59,7 +59,12 @@ def parse_geometry(item: str):
 
 def add_geometry_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("image geometry (after preprocessing); each arch takes the flags `mmlora archs` lists")
-    g.add_argument("--tiles", type=int, help="tiled towers (llama4, internvl, llava_next): tiles of S x S")
+    # what N counts differs by processor; the arch files' docstrings hold the measured rows behind each
+    g.add_argument("--tiles", type=int, metavar="N",
+                   help="tiled towers, N as each processor counts it: llama4 N local S x S tiles (with N > 1 the "
+                        "processor adds one global tile, so N + 1 tiles run through the tower); internvl every "
+                        "tile fed to the tower, the thumbnail included; gemma3 the images through the tower "
+                        "(pan-and-scan crops plus the whole image; 1 without pan-and-scan)")
     g.add_argument("--grid", help="qwen-style T,H,W in patches (image_grid_thw)")
     g.add_argument("--patches", help="gemma4 real patch grid HpxWp")
     g.add_argument("--image-size", help="pixel size HxW for any-resolution towers (mistral3)")

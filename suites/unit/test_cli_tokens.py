@@ -35,3 +35,35 @@ def test_llama4_504_matches_facts_formula(capsys):
     side = S // p
     assert got == {"encoder_rows": side * side + 1, "connector_rows": int(side * side * r * r),
                    "lm_tokens": int(side * side * r * r)}
+
+
+def test_tokens_reads_a_real_config_json(tmp_path, capsys):
+    """`--config` reads a config.json saved by transformers itself (sizes unlike the tiny config's) and answers
+    the rows that hooks measure on a model built from that very file."""
+    from suites.properties.measure import measure
+    from vlm.arch import ImageGeometry, apply_overrides, get_arch
+
+    arch = get_arch("llama4")
+    cfg = apply_overrides(arch.tiny_config(), {"vision_config.image_size": 48, "vision_config.patch_size": 8})
+    cfg.save_pretrained(tmp_path)  # the real writer of config.json
+    assert main(["tokens", "--config", str(tmp_path / "config.json"), "--tiles", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model = arch.model_class()(cfg).eval()
+    rows = measure(arch, cfg, model, [ImageGeometry(tiles=2)])
+    assert got["encoder_rows"] == rows["encoder"] and got["connector_rows"] == rows["connector"], (got, rows)
+    # the folder works the same, and an --arch that contradicts the file's model_type is refused
+    assert main(["tokens", "--config", str(tmp_path), "--tiles", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == got
+    assert main(["tokens", "--config", str(tmp_path), "--arch", "llava"]) == 2
+    assert "model_type is 'llama4'" in capsys.readouterr().err
+
+
+def test_tiles_help_says_what_each_tiled_arch_counts(capsys):
+    """Every arch that takes `tiles` is named in --tiles' help (its count differs per processor)."""
+    with pytest.raises(SystemExit):
+        from harness.cli import build_parser
+
+        build_parser().parse_args(["tokens", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    tiled = [a for a, spec in REGISTRY.items() if "tiles" in spec.geometry_fields]
+    assert tiled and all(a in text for a in tiled), (tiled, text)

@@ -169,6 +169,16 @@ def save_adapters(peft_model, folder: str | Path) -> dict[str, Path]:
     return out
 
 
+# "-" stands for "no adapter" in the layer table (layers.csv); an empty name cannot be told from none either
+RESERVED_NAMES = ("", "-")
+
+
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or name in RESERVED_NAMES or name.strip() != name:
+        raise ValueError(f"adapter name {name!r} is reserved or blank ('-' and '' mean no adapter in layers.csv; "
+                         f"no surrounding spaces): choose another")
+
+
 def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
     """Load PEFT-saved adapters (any PEFT, not only ours) onto `model` after a clear-error pre-check.
 
@@ -182,6 +192,8 @@ def load_adapters(model: torch.nn.Module, folders: Mapping[str, str | Path]):
 
     if not folders:
         raise ValueError("no adapter folders given")
+    for name in folders:
+        check_adapter_name(name)
     adapters = {name: read_adapter(folder, model) for name, folder in folders.items()}
     for adapter in adapters.values():
         check_against_model(adapter, model)

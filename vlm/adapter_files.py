@@ -11,7 +11,6 @@ reads under the model's names on both sides.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from vlm.files import check_safetensors, read_json
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -66,17 +67,33 @@ def _files(folder: Path) -> tuple[Path, Path]:
 
 
 def _config(folder: Path, cfg_path: Path) -> dict:
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"adapter config {str(cfg_path)!r} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    config = read_json(cfg_path, "adapter config")  # NaN / Infinity anywhere refused, the key named
     if not isinstance(config, dict):
         raise ValueError(f"adapter config {str(cfg_path)!r} is not a JSON object")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"adapter {str(folder)!r} has peft_type={config.get('peft_type')!r}; only LORA is supported")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), int | float) or config[key] <= 0:
-            raise ValueError(f"adapter config {str(cfg_path)!r}: {key}={config.get(key)!r} must be a positive number")
+    where = f"adapter config {str(cfg_path)!r}"
+    if not _positive_int(config.get("r")):
+        raise ValueError(f"{where}: r={config.get('r')!r} must be a positive integer")
+    if not _positive_number(config.get("lora_alpha")):
+        raise ValueError(f"{where}: lora_alpha={config.get('lora_alpha')!r} must be a positive number")
+    for key, ok, what in (("rank_pattern", _positive_int, "a positive integer"),
+                          ("alpha_pattern", _positive_number, "a positive number")):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{where}: {key} must be an object of module pattern -> value, not "
+                             f"{type(patterns).__name__}")
+        for pat, value in patterns.items():
+            _check_regex(where, f"{key} key", pat)
+            if not ok(value):
+                raise ValueError(f"{where}: {key}[{pat!r}]={value!r} must be {what}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _check_regex(where, "target_modules", targets)
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{where}: target_modules={targets!r} must be a regex string or a list of module names")
     # what plain LoRA slots cannot express is refused, not silently dropped: the run would otherwise blame
     # the runtime for a difference that lies in the adapter's format
     for key in ("use_dora", "lora_bias", "use_qalora"):
@@ -88,6 +105,21 @@ def _config(folder: Path, cfg_path: Path) -> dict:
             raise ValueError(f"adapter {str(folder)!r} sets {key}={config[key]!r}, which the runtime's LoRA slots "
                              f"do not implement")
     return config
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_regex(where: str, what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: {what} {pattern!r} is not a valid regex ({e})") from None
 
 
 def _pairs(st_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -193,10 +225,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":  # pickle protocol marker / torch.save zip
-        raise ValueError(f"{str(path)!r} is a pickle / zip archive, not safetensors: refused, never unpickled")
+    check_safetensors(path)  # by the file's structure: a pickle / zip is named and never loaded
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

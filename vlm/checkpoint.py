@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vlm.arch import ArchSpec, apply_overrides, get_arch
+from vlm.files import check_safetensors, read_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -95,13 +96,14 @@ def read_checkpoint_config(folder: str | Path) -> tuple[ArchSpec, dict]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"checkpoint folder {str(folder)!r} has no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(cfg_path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    raw = read_json(cfg_path, "checkpoint config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{str(cfg_path)!r} is a JSON {type(raw).__name__}, not an object of config keys")
     model_type = raw.get("model_type")
     if model_type is None:
         raise ValueError(f"{str(cfg_path)!r} has no model_type")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{str(cfg_path)!r}: model_type={model_type!r} is not a string")
     arch = get_arch(model_type)
     if not isinstance(raw.get("vision_config"), dict):
         raise ValueError(f"{str(cfg_path)!r} (model_type {model_type!r}) has no vision_config: not a vision-language model")
@@ -125,6 +127,9 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
         pickled = [p.name for p in folder.glob("*.bin")]
         what = f"only {pickled[0]} (a pickle, refused)" if pickled else "no *.safetensors file"
         raise ValueError(f"checkpoint folder {str(folder)!r} has {what}")
+    for f in sorted(folder.glob("*.safetensors")):
+        # transformers' error for an empty or cut-short file names neither the file nor the folder
+        check_safetensors(f, "checkpoint file")
     try:
         model, info = arch.model_class().from_pretrained(
             folder, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False,

@@ -68,7 +68,11 @@ def _options(args):
             raise ValueError(f"--arch {args.arch} disagrees with the checkpoint's model_type {arch.model_type!r}")
         archs = [arch.model_type]
         check_fault(fault, arch.model_type)
-    adapters = dict(_parse_adapter(a) for a in args.adapter or [])
+    pairs = [_parse_adapter(a) for a in args.adapter or []]
+    adapters = dict(pairs)
+    if len(adapters) != len(pairs):  # a dict keeps the last: `x=A x=B` would silently run B alone
+        twice = next(n for i, (n, _) in enumerate(pairs) if n in (m for m, _ in pairs[:i]))
+        raise ValueError(f"--adapter {twice!r} is given twice; each adapter needs its own name")
     for name, folder in adapters.items():
         if not Path(folder).is_dir():
             raise ValueError(f"--adapter {name}={folder}: folder does not exist")

@@ -308,6 +308,72 @@ def c_adapter_extra_tensor(saved, tmp):
     cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapter", f"x={ad}"], "lora_magnitude_vector")
 
 
+def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text())), allow_nan=True))
+
+
+def _adapter_config_edit(saved, tmp, edit, needle: str) -> None:
+    tmp.mkdir(exist_ok=True)
+    ad = _copy_adapter(saved, tmp)
+    _edit_json(ad / "adapter_config.json", edit)
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapter", f"x={ad}"], needle)
+
+
+def c_adapter_alpha_infinite(saved, tmp):
+    # json writes Infinity, Python's json reads it back: once judged as a runtime divergence (exit 1)
+    _adapter_config_edit(saved, tmp, lambda c: {**c, "lora_alpha": float("inf")}, "adapter_config.json': lora_alpha")
+
+
+def c_adapter_bad_patterns(saved, tmp):
+    bad = [({"alpha_pattern": {"q_proj": "big"}}, "alpha_pattern['q_proj']='big'"),
+           ({"rank_pattern": {"(": 4}}, "rank_pattern key '('"),
+           ({"rank_pattern": [4]}, "rank_pattern must be an object"),
+           ({"target_modules": 7}, "target_modules=7")]
+    for k, (change, needle) in enumerate(bad):
+        _adapter_config_edit(saved, tmp / str(k), lambda c, change=change: {**c, **change}, needle)
+
+
+def c_adapter_config_deep(saved, tmp):
+    ad = _copy_adapter(saved, tmp)
+    (ad / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapter", f"x={ad}"], "nested too deeply")
+
+
+def c_checkpoint_config_nonfinite(saved, tmp):
+    ck = _copy_ckpt(saved, tmp)
+    _edit_json(ck / "config.json", lambda c: {**c, "text_config": {**c["text_config"], "rms_norm_eps": float("nan")}})
+    cli_refuses(tmp, ["correctness", "--model", str(ck)], "text_config.rms_norm_eps is not a finite number")
+
+
+def c_checkpoint_config_array(saved, tmp):
+    ck = _copy_ckpt(saved, tmp)
+    (ck / "config.json").write_text("[1, 2]")
+    cli_refuses(tmp, ["correctness", "--model", str(ck)], "not an object of config keys")
+
+
+def c_checkpoint_weights_empty(saved, tmp):
+    ck = _copy_ckpt(saved, tmp)
+    (ck / "model.safetensors").write_bytes(b"")
+    cli_refuses(tmp, ["correctness", "--model", str(ck)], "model.safetensors")
+
+
+def c_checkpoint_weights_truncated(saved, tmp):
+    ck = _copy_ckpt(saved, tmp)
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    cli_refuses(tmp, ["correctness", "--model", str(ck)], "model.safetensors' is not a valid safetensors")
+
+
+def c_adapter_name_twice(saved, tmp):
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapter", f"x={saved[1]['lm']}",
+                      "--adapter", f"x={saved[1]['all']}"], "'x'")
+
+
+def c_adapter_name_reserved(saved, tmp):
+    # (`--adapter=-=DIR`: argparse reads a lone `-=DIR` as an option)
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", f"--adapter=-={saved[1]['lm']}"], "'-'")
+
+
 def c_out_holds_other_files(saved, tmp):
     mine = tmp / "mine"
     (mine / "sub").mkdir(parents=True)
@@ -436,6 +502,19 @@ CATALOG = [
     Case("nan-in-pixels", "reference", "NaN in pixel values: reported as nonfinite", c_nan_in_pixels),
     Case("adapter-dora", "reference", "a DoRA adapter (use_dora): refused, not run as plain LoRA", c_adapter_dora),
     Case("adapter-extra-tensor", "reference", "an adapter tensor that is no lora_A/lora_B weight", c_adapter_extra_tensor),
+    Case("adapter-alpha-infinite", "reference", "lora_alpha Infinity in adapter_config.json: refused before work",
+         c_adapter_alpha_infinite),
+    Case("adapter-bad-patterns", "reference", "alpha_pattern / rank_pattern / target_modules of a wrong type or bad regex",
+         c_adapter_bad_patterns),
+    Case("adapter-config-deep", "reference", "adapter_config.json a 100,000-deep JSON array", c_adapter_config_deep),
+    Case("checkpoint-config-nonfinite", "reference", "NaN in a float field of config.json", c_checkpoint_config_nonfinite),
+    Case("checkpoint-config-array", "reference", "config.json a JSON array", c_checkpoint_config_array),
+    Case("checkpoint-weights-empty", "reference", "0-byte model.safetensors", c_checkpoint_weights_empty),
+    Case("checkpoint-weights-truncated", "reference", "model.safetensors cut in half", c_checkpoint_weights_truncated),
+    Case("set-zero-size", "cli", "--set a size to 0 (vision_config.patch_size=0)",
+         refused(["tokens", "--arch", "llama4", "--set", "vision_config.patch_size=0"], "patch_size=0")),
+    Case("adapter-name-twice", "cli", "--adapter x=A --adapter x=B: refused, not B alone", c_adapter_name_twice),
+    Case("adapter-name-reserved", "cli", "--adapter -=A ('-' means no adapter in layers.csv)", c_adapter_name_reserved),
     Case("out-holds-other-files", "cli", "--out a folder holding other files: refused, files kept",
          c_out_holds_other_files),
     Case("fault-mode-not-run", "cli", "--inject-fault localised in a mode --mode leaves out", c_fault_mode_not_run),

@@ -455,6 +455,9 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
+_MUST_STAY_POSITIVE = re.compile(r"(size|dim|ratio|factor|^num_|_len$|length|_tokens?$)")
+
+
 def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
     """Set dotted keys on a (nested) HF config in place; unknown keys and wrong types raise ValueError."""
     for key, value in overrides.items():
@@ -468,7 +471,12 @@ def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
         if not hasattr(obj, last):
             raise ValueError(f"--set {key}: config has no key {last!r}")
         old = getattr(obj, last)
-        setattr(obj, last, _coerce(key, old, value))
+        new = _coerce(key, old, value)
+        if _MUST_STAY_POSITIVE.search(last) and isinstance(old, int | float) and not isinstance(old, bool) \
+                and old > 0 and not new > 0:
+            # a size, count or ratio of 0 reaches the geometry formulas as a division by zero
+            raise ValueError(f"--set {key}={value!r}: must be > 0 (a size, count or ratio; it is {old!r})")
+        setattr(obj, last, new)
     return config
 
 

@@ -96,3 +96,9 @@ def repro_command(argv: Sequence[str], arch: str | None, mode: str) -> str:
         kept.append(a)
     extra = (["--arch", arch] if arch else []) + ["--mode", mode]
     return command_line([*kept, *extra])
+
+
+def writer() -> dict:
+    """What wrote a bundle: {"git_commit", "versions"} ("" where unknown), recorded in its manifest."""
+    return {"git_commit": git_sha(),
+            "versions": {lib: version(lib) for lib in ("mmlora-harness", *LIBRARIES, "safetensors", "accelerate")}}

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from harness.correctness.truth import high_precision, truth_dtype
+from harness import provenance
 from reference.run import BASE_PREFIX, base_output, module_outputs
 from vlm.adapter_files import read_adapter
 from vlm.arch import ImageGeometry
@@ -33,7 +34,11 @@ from vlm.capture import Sink
 from vlm.checkpoint import read_checkpoint_config
 from vlm.rows import BOUNDARY_GROUP, module_rows_per_request
 
-FORMAT, VERSION = "mmlora-bundle", 1
+# 2: every module file's sha256 in the manifest, the non-finite tensors the writer saw, and provenance. A
+# reference bundle must be version 2 (its checksums are what `compare` trusts); an output bundle an engine
+# writes may stay at 1 (its own sha256 fields, if any, are verified too)
+FORMAT, VERSION = "mmlora-bundle", 2
+READS = (1, 2)
 MANIFEST = "manifest.json"
 # tensor keys of a reference bundle's module file (suffixed ".<request>"); an output bundle has out / in only
 REF_KEYS = ("out", "in", "base", "truth.out", "truth.base", "replay.truth_out", "replay.truth_base")
@@ -172,25 +177,18 @@ class BundleWriter:
                 rows[i], features, dtype = t.shape[0], t.shape[-1], str(t.dtype).removeprefix("torch.")
         file = f"modules/{len(self.modules):04d}.safetensors"
         _save(tensors, self.folder / file)
+        # what the forward really gave as NaN / Inf (a NaN weight): judged as non-finite; any other non-finite
+        # value a reader meets was not written so (a flipped bit) and is a bad bundle
+        nonfinite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
         self.modules.append({"name": name, "file": file, "group": group,
                              "kind": "boundary" if name.startswith("@") else "lora", "rows": rows,
-                             "features": features, "dtype": dtype})
+                             "features": features, "dtype": dtype, "sha256": _sha256(self.folder / file),
+                             "nonfinite": nonfinite})
 
     def finish(self, manifest: dict) -> None:
-        manifest = {"format": FORMAT, "version": VERSION, **manifest, "modules": self.modules}
+        manifest = {"format": FORMAT, "version": VERSION, **manifest, "provenance": provenance.writer(),
+                    "modules": self.modules}
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("mmlora-harness", "torch", "transformers", "peft", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def request_entry(r) -> dict:
@@ -246,7 +244,7 @@ def finish_reference(writer: BundleWriter, opts, arch, reqs, ckpt: Path, folders
         "options": {"model": opts.model, "n_adapters": opts.n_adapters, "adapter_scale": opts.adapter_scale},
         "checkpoint": {"path": ckpt_path, "files": _checkpoint_files(Path(ckpt))}, "adapters": entries,
         "geometries": [dataclasses.asdict(g) for g in opts.geometries],
-        "requests": [request_entry(r) for r in reqs], **fields, "versions": _versions()})
+        "requests": [request_entry(r) for r in reqs], **fields})
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -324,7 +322,7 @@ def stream_outputs(rt, reqs, folder: Path) -> Bundle:
         del tensors
     shutil.rmtree(stage.folder)
     writer.finish({"kind": "outputs", "requests": [request_entry(r) for r in reqs]})
-    return Bundle.open(folder)
+    return Bundle.open(folder, verify=False)  # written by this very process a moment ago
 
 
 # ---------------------------------------------------------------------------- reading
@@ -334,22 +332,28 @@ class Bundle:
     def __init__(self, folder: Path, manifest: dict, keys: dict[str, set[str]]):
         self.folder, self.manifest, self._keys = folder, manifest, keys
         self.modules = {m["name"]: m for m in manifest["modules"]}
+        self._reference = manifest.get("kind") == "reference"
 
     @classmethod
-    def open(cls, folder: str | Path) -> Bundle:
+    def open(cls, folder: str | Path, verify: bool = True) -> Bundle:
+        """`verify=False` skips the sha256 of each module file (a bundle this process has just written)."""
         folder = Path(folder)
         where = f"bundle {str(folder)!r}"
         path = folder / MANIFEST
         if not path.is_file():
             raise BundleError(f"{where}: no {MANIFEST} (not a bundle, or written incompletely)")
         try:
-            m = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({e})") from None
+            m = json.loads(path.read_text(), parse_constant=_no_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+            raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({' '.join(str(e).split())})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise BundleError(f"{where}: {MANIFEST} has no \"format\": \"{FORMAT}\"")
-        if m.get("version") != VERSION:
-            raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads {VERSION}")
+        if m.get("version") not in READS:
+            raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads "
+                              f"{', '.join(map(str, READS))}")
+        if m.get("kind") == "reference" and m["version"] != VERSION:
+            raise BundleError(f"{where}: a version {m['version']} reference bundle has no checksums of its "
+                              f"module files: re-record it with this harness (mmlora record)")
         for key, kind in (("requests", list), ("modules", list)):
             if not isinstance(m.get(key), kind):
                 raise BundleError(f"{where}: {MANIFEST} lacks the list {key!r}")
@@ -364,7 +368,9 @@ class Bundle:
             if not isinstance(mod["rows"], list) or len(mod["rows"]) != n:
                 raise BundleError(f"{where}: module {name!r} gives rows for {len(mod['rows'])} requests, the "
                                   f"manifest lists {n}")
-            keys[name] = _check_file(where, folder, mod)
+            if m.get("kind") == "reference" and not isinstance(mod.get("sha256"), str):
+                raise BundleError(f"{where}: module {name!r} has no sha256 in {MANIFEST}")
+            keys[name] = _check_file(where, folder, mod, verify, m.get("kind") == "reference")
         return cls(folder, m, keys)
 
     @property
@@ -375,27 +381,69 @@ class Bundle:
         return (key if i is None else f"{key}.{i}") in self._keys.get(name, ())
 
     def get(self, i: int | None, name: str, key: str) -> torch.Tensor | None:
-        """One tensor (`key.i`, or `key` for per-module tensors with i None), read from its file alone."""
+        """One tensor (`key.i`, or `key` for per-module tensors with i None), read from its file alone. In a
+        reference bundle a NaN / Inf the writer did not see is refused: a reference, truth or bound from it
+        would be judged as if it were real."""
         full = key if i is None else f"{key}.{i}"
         if full not in self._keys.get(name, ()):
             return None
-        return _read_tensor(self.folder / self.modules[name]["file"], full)
+        mod = self.modules[name]
+        t = _read_tensor(self.folder / mod["file"], full)
+        if self._reference and t.is_floating_point() and full not in (mod.get("nonfinite") or ()) \
+                and not torch.isfinite(t).all():
+            raise _not_recorded(f"bundle {str(self.folder)!r}", name, full)
+        return t
 
 
-def _check_file(where: str, folder: Path, mod: dict) -> set[str]:
-    """The module file exists, is safetensors (header and length), and its out.<i> match the manifest's rows."""
+def _check_finite(where: str, name: str, mod: dict, data: bytes) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except SafetensorError:
+        return  # named by the header check that follows
+    for key, t in sorted(tensors.items()):
+        if t.is_floating_point() and key not in (mod.get("nonfinite") or ()) and not torch.isfinite(t).all():
+            raise _not_recorded(where, name, key)
+
+
+def _not_recorded(where: str, name: str, key: str) -> BundleError:
+    return BundleError(f"{where}: module {name!r}: {key} holds NaN or Inf that the recording did not produce: "
+                       f"a corrupt bundle, re-record it")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"holds {name}, which JSON does not allow")
+
+
+def _check_file(where: str, folder: Path, mod: dict, verify: bool = True, reference: bool = False) -> set[str]:
+    """The module file exists, has the manifest's sha256 (where given), is safetensors (header and length),
+    and its out.<i> are floating, of the manifest's rows and dtype. With `verify`, a reference bundle's file
+    is also read whole (once, for its checksum too) and any NaN / Inf the recording did not see is refused
+    here, before any work."""
     from safetensors import SafetensorError, safe_open
 
     name, file = mod["name"], mod["file"]
     path = folder / str(file)
     if not path.is_file():
         raise BundleError(f"{where}: module {name!r}: file {file!r} is missing")
+    sha = mod.get("sha256")
+    data = path.read_bytes() if verify and (sha is not None or reference) else None
+    if data is not None and sha is not None and hashlib.sha256(data).hexdigest() != sha:
+        raise BundleError(f"{where}: module {name!r}: {file!r} is another file (sha256 differs from the one in "
+                          f"{MANIFEST}): corrupt or edited")
+    if data is not None and reference:
+        _check_finite(where, name, mod, data)
+        del data
     try:
         with safe_open(str(path), "pt") as f:
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise BundleError(f"{where}: module {name!r}: {file!r} is not a readable safetensors file "
                           f"({' '.join(str(e).split())})") from None
+    want_dtype = mod.get("dtype")
     for i, rows in enumerate(mod["rows"]):
         got = shapes.get(f"out.{i}")
         want = [rows, mod["features"]] if rows else None
@@ -406,6 +454,15 @@ def _check_file(where: str, folder: Path, mod: dict) -> set[str]:
         if f"in.{i}" in shapes and shapes[f"in.{i}"][0] != rows:
             raise BundleError(f"{where}: module {name!r} request {i}: in.{i} has {shapes[f'in.{i}'][0]} rows, "
                               f"out.{i} {rows}")
+        if got is None:
+            continue
+        dt = _ST_DTYPES.get(dtypes[f"out.{i}"])
+        if dt is None or not dt.is_floating_point:
+            raise BundleError(f"{where}: module {name!r}: out.{i} has dtype {dtypes[f'out.{i}']}; a module's "
+                              f"output must be a floating tensor")
+        if want_dtype is not None and str(dt).removeprefix("torch.") != want_dtype:
+            raise BundleError(f"{where}: module {name!r}: the manifest's dtype {want_dtype!r} is not out.{i}'s "
+                              f"{str(dt).removeprefix('torch.')}")
     return set(shapes)
 
 
@@ -443,7 +500,7 @@ def open_reference(folder: str | Path, verify: bool = True):
     adapter file is a BundleError): (bundle, checkpoint folder, arch, config, adapters, geometries).
     `verify=False` skips the sha256 of each file (a bundle this process has just recorded from those very
     files: hashing a real checkpoint again costs minutes); missing files are still refused."""
-    b = Bundle.open(folder)
+    b = Bundle.open(folder, verify)
     m, where = b.manifest, f"bundle {str(folder)!r}"
     if m.get("kind") != "reference":
         raise BundleError(f"{where} holds outputs only (kind {m.get('kind')!r}): compare it as GOT against a "

@@ -1,6 +1,7 @@
 """`mmlora` command line: archs, tokens, correctness, record, compare, faults, bench.
 
-Exit codes: 0 success, 1 a divergence or regression was found, 2 bad input (one line on stderr).
+Exit codes: 0 success, 1 a divergence or regression was found, 2 bad input (one line on stderr), 130 Ctrl-C,
+143 SIGTERM (cleaned up as for Ctrl-C: no partial report, no temporary folder).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def version_line() -> str:
     """`mmlora --version`: the installed package's version and, when run from a git checkout, its commit."""
     from importlib import metadata
 
-    from harness.bench.env import git_sha
+    from harness.provenance import git_sha
 
     try:
         version = metadata.version("mmlora-harness")
@@ -144,10 +145,21 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
-    parser = build_parser()
+    from harness import signals
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with signals.sigterm_raises():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    from harness import signals
+
     try:
+        _quiet_libraries()
+        parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = argv  # the exact command line, for the reports' provenance and repro commands
         if args.cmd is None:  # bare `mmlora`: show what it can do instead of an error about a missing word
             parser.print_help()
             return 2
@@ -159,9 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help / --version from argparse: its exit code, not an exception
         return int(e.code or 0)
-    except KeyboardInterrupt:
-        print("mmlora: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Terminated): cleaned up on the way here
+        code = signals.exit_code(e)
+        print(f"mmlora: {'terminated (SIGTERM)' if code == signals.EXIT_TERMINATED else 'interrupted'}",
+              file=sys.stderr)
+        return code
     except Exception as e:  # noqa: BLE001 - an upstream crash must not read as "divergence" (exit 1)
         import os
         import traceback

@@ -41,35 +41,71 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"output path {str(out)!r} exists and is not a folder")
 
 
-def check_replaceable(out: Path, marker: str) -> None:
-    """A run replaces its output folder whole: refuse a folder that holds anything but an earlier report
-    (recognised by `marker`), so `--out .` or `--out reports` can never delete a user's files."""
+# every report folder this tool writes holds this file, naming the kind of report: a folder without it is the
+# user's, and is never written into or replaced
+MARKER = ".mmlora-report"
+KINDS = ("correctness", "bundle", "compare", "bench", "bench-merge", "power")
+
+
+def report_kind(out: Path) -> str | None:
+    """The kind of report of this tool `out` holds, or None (not a report of this tool)."""
+    try:
+        kind = (out / MARKER).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return kind if kind in KINDS else None
+
+
+def check_out(out: Path, kind: str, overwrite: bool = False, resume: bool = False) -> None:
+    """`--out` may be written when it is absent, empty, or an earlier report of this `kind` and the user said
+    --overwrite (or, `resume`, a run that appends to its own folder: bench). A folder holding anything else
+    (user files, a summary.json of unknown origin, a report of another kind) is refused whatever the flag:
+    nothing there is ever deleted."""
+    assert kind in KINDS, kind
     check_writable(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise ValueError(f"output folder {str(out)!r} exists and is not an earlier report (no {marker}): "
-                         f"refusing to replace it; choose a new or empty folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    found = report_kind(out)
+    if found is None:
+        raise ValueError(f"--out {str(out)!r} holds files that are not a report of mmlora (no {MARKER}): "
+                         f"refusing to write into it; choose a new or empty folder")
+    if found != kind:
+        raise ValueError(f"--out {str(out)!r} holds a {found} report, which a {kind} report never replaces "
+                         f"(even with --overwrite); choose another folder")
+    if not (overwrite or resume):
+        raise ValueError(f"--out {str(out)!r} holds an earlier {kind} report: pass --overwrite to replace it, "
+                         f"or choose another folder")
+
+
+def mark(folder: Path, kind: str) -> None:
+    (folder / MARKER).write_text(kind + "\n")
 
 
 @contextmanager
-def atomic_dir(out: Path, marker: str = "summary.json"):
-    """Yield a temporary folder; on success it replaces `out`, on any exception it is removed."""
+def atomic_dir(out: Path, kind: str, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces `out` (check_out's rule, checked again now: the
+    folder may have changed during the run), on any exception or interrupt it is removed."""
+    from harness.signals import deferred
+
     out = out.resolve()
-    check_replaceable(out, marker)
+    check_out(out, kind, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700: CI artifact uploaders and other users must read reports
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700: CI artifact uploaders and other users must read reports
         yield tmp
+        mark(tmp, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with deferred():  # no interrupt between the renames: the path holds the old report or the new one
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:

@@ -103,7 +103,7 @@ def cmd_bench(args) -> int:
     from harness.bench import roofline, sweep
     from harness.bench.env import collect
     from harness.bench.store import Store
-    from harness.output import check_writable, default_run_dir
+    from harness.output import MARKER, check_out, default_run_dir, mark
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -117,7 +117,10 @@ def cmd_bench(args) -> int:
         return _list(the_plan)
 
     out = Path(args.out) if args.out else default_run_dir("bench")
-    check_writable(out)
+    check_out(out, "bench", resume=True)  # a bench run folder is resumed; anything else is never written into
+    if not (out / MARKER).exists():  # marked before its first row: a run killed at any moment can be resumed
+        out.mkdir(parents=True, exist_ok=True)
+        mark(out, "bench")
     store = Store(out)
     done = store.open()
     if done:  # resuming: the folder must hold this shard's rows only, or its summary and the merge would lie
@@ -159,6 +162,8 @@ def cmd_bench(args) -> int:
 
 
 def register(sub) -> None:
+    from harness.flags import finite_float
+
     b = sub.add_parser("bench", help="kernel and end-to-end timings, GB/s, %% of roofline; results.csv + index.html")
     b.add_argument("--gpu", default="auto", help="roofline profile: h100 | h200 | a100 | auto (detect; none on CPU)")
     b.add_argument("--preset", default="auto",
@@ -169,9 +174,11 @@ def register(sub) -> None:
     b.add_argument("--filter", action="append", metavar="PARAM=VALUE",
                    help="keep points whose parameter equals VALUE (repeatable; the repro column uses it)")
     b.add_argument("--baseline", help="results.csv to compare against: exit 1 when a p50 latency is > 5%% slower")
-    b.add_argument("--out", help="run folder (default reports/bench/<timestamp>); an existing one is resumed")
-    b.add_argument("--rep-ms", type=float, help="timing budget per point in ms (default: the preset's)")
-    b.add_argument("--warmup-ms", type=float, help="warmup per point in ms (default: the preset's)")
+    b.add_argument("--out", help="run folder (default reports/bench/<timestamp>); an earlier bench run folder is "
+                                 "resumed; a folder holding anything else (user files, another command's report) "
+                                 "is refused and left as it is")
+    b.add_argument("--rep-ms", type=finite_float, help="timing budget per point in ms (default: the preset's)")
+    b.add_argument("--warmup-ms", type=finite_float, help="warmup per point in ms (default: the preset's)")
     b.add_argument("--shard", metavar="I/N",
                    help="run shard I of N, counted from 1: the points whose key hashes to I (copy runs in every "
                         "shard); "

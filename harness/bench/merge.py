@@ -22,7 +22,8 @@ always come from one run:
   one it shows.
 Rows are copied as they are: environment columns (GPU, driver, versions, git sha, timestamp) and repro.
 
-The output folder is written atomically (harness.output.atomic_dir). Exit codes: 0 merged, 1 a regression
+The output folder is written atomically (harness.output.atomic_dir), and only where nothing but an earlier
+bench-merge report is replaced, with --overwrite (harness.output.check_out). Exit codes: 0 merged, 1 a regression
 against --baseline, 2 bad input.
 """
 
@@ -240,14 +241,14 @@ def cmd_merge(args) -> int:
     from harness.bench.cases import all_cases
     from harness.bench.report import render_html
     from harness.bench.store import Store
-    from harness.output import atomic_dir, check_replaceable, write_json
+    from harness.output import atomic_dir, check_out, write_json
 
     out = Path(args.out)
     paths = [Path(p) for p in args.runs]
     for p in paths:  # atomic_dir replaces OUT whole: a run inside it would be deleted
         if p.resolve() == out.resolve() or out.resolve() in p.resolve().parents:
             raise ValueError(f"bench-merge: --out {str(out)!r} holds the run {str(p)!r}; choose another --out")
-    check_replaceable(out, "summary.json")
+    check_out(out, "bench-merge", args.overwrite)
     base_rows = bl.load(args.baseline) if args.baseline else None
     sources = [load(p, i) for i, p in enumerate(paths)]
     check(sources, args.allow_mixed)
@@ -282,7 +283,7 @@ def cmd_merge(args) -> int:
         "conflicts": merged.conflicts, "baseline": args.baseline,
         "regressions": sum(c.regression for c in comps) if comps is not None else None,
     }
-    with atomic_dir(out, marker="summary.json") as tmp:
+    with atomic_dir(out, "bench-merge", args.overwrite) as tmp:
         (tmp / "results.csv").write_bytes(Store._encode(merged.rows, header=True))
         (tmp / "index.html").write_text(html)
         write_json(tmp / "summary.json", summary)
@@ -298,7 +299,10 @@ def register(sub) -> None:
     m = sub.add_parser("bench-merge", help="join the run folders of one sweep (e.g. its --shard runs) into one "
                                            "results.csv + index.html + summary.json")
     m.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished bench run folders (e.g. --shard 1/3 .. 3/3)")
-    m.add_argument("--out", required=True, help="merged report folder (replaced whole, atomically)")
+    m.add_argument("--out", required=True, help="merged report folder, written atomically: only when absent, "
+                   "empty, or an earlier bench-merge report (with --overwrite); anything else is refused and left "
+                   "as it is")
+    m.add_argument("--overwrite", action="store_true", help="replace an earlier bench-merge report at --out")
     m.add_argument("--partial", action="store_true", help="merge even when a shard I/N is missing (listed)")
     m.add_argument("--allow-mixed", action="store_true",
                    help="merge runs of different git commits or GPUs (each row keeps its own environment columns)")

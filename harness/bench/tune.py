@@ -189,13 +189,14 @@ def _rule(p: dict, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.flags import finite_float
     from runtime.kernels import lora_config as lc
 
     ap = argparse.ArgumentParser(prog="python -m harness.bench.tune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="config file to write (FILE.csv gets every candidate)")
     ap.add_argument("--base", help="config file whose rules follow the tuned ones (default: this GPU's stored file)")
-    ap.add_argument("--budget-s", type=float, default=200.0, help="no new bucket starts after this many seconds")
-    ap.add_argument("--rep-ms", type=float, default=25.0, help="do_bench rep per candidate")
+    ap.add_argument("--budget-s", type=finite_float, default=200.0, help="no new bucket starts after this many seconds")
+    ap.add_argument("--rep-ms", type=finite_float, default=25.0, help="do_bench rep per candidate")
     ap.add_argument("--buckets", type=int, help="at most this many buckets (headline first)")
     ap.add_argument("--workers", type=int, default=8, help="processes compiling candidates in parallel")
     ap.add_argument("--stages", type=int, default=2, choices=(1, 2), help="1: block shape and split only")

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness.truth import high_precision, truth_dtype
 from harness import provenance
+from harness.correctness.truth import high_precision, truth_dtype
+from harness.output import write_json
 from reference.run import BASE_PREFIX, base_output, module_outputs
 from vlm.adapter_files import read_adapter
 from vlm.arch import ImageGeometry
@@ -188,7 +189,9 @@ class BundleWriter:
     def finish(self, manifest: dict) -> None:
         manifest = {"format": FORMAT, "version": VERSION, **manifest, "provenance": provenance.writer(),
                     "modules": self.modules}
-        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        # NaN / Inf (the ratios of a model with NaN weights) as null: JSON has no such constants, and a reader
+        # refuses them (they would stand for an edited manifest)
+        write_json(self.folder / MANIFEST, manifest)
 
 
 def request_entry(r) -> dict:

@@ -6,8 +6,16 @@ import sys
 from pathlib import Path
 
 from harness.correctness.compare import CSV_COLUMNS
+from harness.flags import finite_float
 from harness.geometry_flags import parse_geometry
-from harness.output import atomic_dir, check_replaceable, default_run_dir, write_csv, write_json
+from harness.output import atomic_dir, check_out, default_run_dir, write_csv, write_json
+
+# generated adapters: each adds a slot to every LoRA module's tables ([slots, r_max, in] + [slots, out, r_max]:
+# at LLaVA-7B widths 5 MB per slot and LM layer, 160 MB per adapter) and a single-image request that the
+# reference runs alone, the truth again and replay module by module (a tiny model: about a second per adapter
+# on a CPU). 32 covers every mix a test of slot mapping needs (the kernels' own tests go to 130 slots) and
+# keeps a tiny run to a minute or so; more is a mistyped number, not a test.
+MAX_ADAPTERS = 32
 
 
 def _parse_adapter(item: str) -> tuple[str, str]:
@@ -37,6 +45,53 @@ def _check_quantize(args) -> None:
                          "would run its original weight, not the quantized one)")
 
 
+def _device_index(device) -> int | None:
+    """The GPU index a device-map value names (0, "cuda:1"), None for cpu / disk / "cuda"."""
+    if isinstance(device, int):
+        return device
+    head, sep, tail = device.partition(":")
+    if head == "cuda" and sep:
+        return int(tail) if tail.isdigit() else -1
+    return None
+
+
+def check_map_devices(dm, value: str) -> None:
+    """A --device-map FILE's devices against this machine (`value`: the flag's text, named in the message)."""
+    if not isinstance(dm, dict):
+        return  # auto / balanced: accelerate places the model over what there is
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for key, device in dm.items():
+        index = _device_index(device)
+        if index is None and device not in ("cpu", "disk", "cuda"):
+            raise ValueError(f"--device-map {value!r}: {key!r} -> {device!r}: expected a GPU index, 'cuda:N', "
+                             f"'cpu' or 'disk'")
+        if (device == "cuda" and not count) or (index is not None and not 0 <= index < count):
+            raise ValueError(f"--device-map {value!r}: {key!r} -> {device!r}: this machine has "
+                             f"{count or 'no'} GPU{'s' if count != 1 else ''}"
+                             + (f" (0 to {count - 1})" if count > 1 else ""))
+
+
+def check_map_keys(dm, value: str, arch, config) -> None:
+    """A --device-map FILE's keys against the model's own module names, the nearest one suggested: accelerate
+    would refuse an unknown name only after the checkpoint is read, in words of its own."""
+    if not isinstance(dm, dict):
+        return
+    import difflib
+
+    import torch
+
+    with torch.device("meta"):  # module names only: no memory, no weights
+        model = arch.model_class()(config)
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    for key in dm:
+        if key not in names:
+            near = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else " ('' places the whole model)"
+            raise ValueError(f"--device-map {value!r}: {key!r} is no module of {arch.model_type}{hint}")
+
+
 def _options(args):
     """Validate every flag before any work (exit 2 on bad input) and build the engine's Options."""
     from harness.correctness import MODES, Options
@@ -55,6 +110,7 @@ def _options(args):
     # the LoRA provider refuses what it cannot run (vLLM missing, its dtypes) before any work
     PROVIDERS[args.kernel].check(parse_dtype(args.dtype), check_device(args.device))
     device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
+    check_map_devices(device_map, args.device_map)
     fault = get_fault(args.inject_fault) if args.inject_fault else None
     if args.model == "tiny":
         # a fault alone runs every arch it applies to; with --arch, each named arch must be one of them
@@ -76,8 +132,8 @@ def _options(args):
     for name, folder in adapters.items():
         if not Path(folder).is_dir():
             raise ValueError(f"--adapter {name}={folder}: folder does not exist")
-    if args.adapters < 0:
-        raise ValueError(f"--adapters {args.adapters}: must be >= 0")
+    if not 0 <= args.adapters <= MAX_ADAPTERS:
+        raise ValueError(f"--adapters {args.adapters}: must be between 0 and {MAX_ADAPTERS}")
     if not args.adapter_scale > 0:
         raise ValueError(f"--adapter-scale {args.adapter_scale}: must be > 0")
     modes = MODES if args.mode == "both" else (args.mode,)
@@ -86,12 +142,14 @@ def _options(args):
         raise ValueError(f"--inject-fault {fault.name} is localised in {fault.mode} mode, which --mode "
                          f"{args.mode} does not run")
     geometries = [parse_geometry(g) for g in args.geometry or ()]
-    if geometries:
-        for a in archs:
-            arch = get_arch(a)
-            config = arch.tiny_config() if args.model == "tiny" else _checkpoint_config(args.model)
-            for g in geometries:
-                arch.validate_geometry(config, g)
+    for a in archs:
+        arch = get_arch(a)
+        if not geometries and not isinstance(device_map, dict):
+            break
+        config = arch.tiny_config() if args.model == "tiny" else _checkpoint_config(args.model)
+        for g in geometries:
+            arch.validate_geometry(config, g)
+        check_map_keys(device_map, args.device_map, arch, config)
     _check_quantize(args)
     return Options(archs=archs, model=args.model, adapters=adapters, n_adapters=args.adapters, dtype=args.dtype,
                    adapter_scale=args.adapter_scale, device=args.device, modes=modes, fault=args.inject_fault,
@@ -108,13 +166,26 @@ def _options_table(opts) -> dict:
             "device_map": opts.device_map, "max_memory": opts.max_memory}
 
 
-def _write_report(out: Path, results, opts, ok: bool, exit_code: int, strict: bool) -> dict:
+def _repro(args, results) -> None:
+    """Per arch, per failing mode: the command that reproduces its failing rows (summary `repro`)."""
+    from harness.provenance import repro_command
+
+    one_arch = args.cmd == "compare"  # a bundle holds one arch: compare takes no --arch
+    for r in results:
+        failing = sorted({row.mode for row in r.rows if not row.metrics.ok})
+        r.summary["repro"] = {m: repro_command(args.argv, None if one_arch else r.arch, m) for m in failing}
+
+
+def _write_report(args, out: Path, results, opts, ok: bool, exit_code: int) -> dict:
     from harness.correctness.report import render_html
     from harness.correctness.rules import RULES
+    from harness.provenance import provenance
 
-    with atomic_dir(out) as tmp:
+    _repro(args, results)
+    with atomic_dir(out, args.cmd, args.overwrite) as tmp:
         write_csv(tmp / "layers.csv", [row.as_dict() for r in results for row in r.rows], CSV_COLUMNS)
-        summary = {"ok": ok, "exit_code": exit_code, "strict": strict, "options": _options_table(opts),
+        summary = {"ok": ok, "exit_code": exit_code, "strict": args.strict,
+                   "provenance": provenance(opts.device, args.argv), "options": _options_table(opts),
                    "rules": {f"{d}/{m}": vars(r) for (d, m), r in RULES.items() if d == opts.dtype},
                    "warnings": [f"{r.arch}: {w}" for r in results for w in r.summary.get("warnings", [])],
                    "archs": {r.arch: r.summary for r in results}}
@@ -159,19 +230,19 @@ def cmd_correctness(args) -> int:
 
     opts = _options(args)
     out = Path(args.out) if args.out else default_run_dir("correctness")
-    check_replaceable(out, "summary.json")
+    check_out(out, "correctness", args.overwrite)
     if opts.modes == ("replay",):
         print("mmlora correctness: replay checks the LoRA modules only; group boundaries and the substituted "
               "vision kernels need --mode e2e or both", file=sys.stderr)
-    return _finish(out, run(opts), opts, args.strict)
+    return _finish(args, out, run(opts), opts)
 
 
-def _finish(out: Path, results, opts, strict: bool) -> int:
+def _finish(args, out: Path, results, opts) -> int:
     """Exit code, report, verdict lines: the same for `correctness` and `compare`."""
     ok = all(r.summary["ok"] for r in results)
     warnings = [f"{r.arch}: {w}" for r in results for w in r.summary.get("warnings", [])]
-    exit_code = 0 if ok and not (strict and warnings) else 1
-    _write_report(out, results, opts, ok, exit_code, strict)
+    exit_code = 0 if ok and not (args.strict and warnings) else 1
+    _write_report(args, out, results, opts, ok, exit_code)
     _print_verdict(out, results, opts, ok, warnings)
     if ok and exit_code:
         print("mmlora correctness: --strict: a trivial comparison is a failure (warnings above)", file=sys.stderr)
@@ -182,16 +253,15 @@ def cmd_record(args) -> int:
     """`mmlora record`: the reference and its truth for one arch, streamed into a bundle."""
     import tempfile
 
-    from harness.correctness.bundle import MANIFEST
     from harness.correctness.engine import record
 
     opts = _options(args)
     if len(opts.archs) != 1:
         raise ValueError(f"mmlora record: a bundle holds one arch; pass --arch (one of {len(opts.archs)})")
     out = Path(args.out)
-    check_replaceable(out, MANIFEST)
+    check_out(out, "bundle", args.overwrite)
     with tempfile.TemporaryDirectory(prefix="mmlora-work-") as tmp:
-        record(opts.archs[0], opts, Path(tmp), out)
+        record(opts.archs[0], opts, Path(tmp), out, overwrite=args.overwrite)
     print(f"mmlora record: {opts.archs[0]} reference bundle in {out}", file=sys.stderr)
     return 0
 
@@ -223,9 +293,11 @@ def cmd_compare(args) -> int:
                          f"{args.mode} does not run")
     _check_quantize(args)
     device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
+    check_map_devices(device_map, args.device_map)
     out = Path(args.out) if args.out else default_run_dir("correctness")
-    check_replaceable(out, "summary.json")
+    check_out(out, "compare", args.overwrite)
     p = load(args.bundle)
+    check_map_keys(device_map, args.device_map, p.arch, p.config)
     check_fault(fault, p.arch.model_type)
     got = None
     if args.got is not None:
@@ -239,7 +311,7 @@ def cmd_compare(args) -> int:
                    quantize=args.quantize, quantize_projector=args.quantize_projector, device_map=device_map,
                    max_memory=max_memory)
     result = judge_outputs(p, got, opts) if got is not None else judge(p, opts, fault)
-    return _finish(out, [result], opts, args.strict)
+    return _finish(args, out, [result], opts)
 
 
 def cmd_faults(args) -> int:
@@ -255,6 +327,17 @@ def cmd_faults(args) -> int:
     return 0
 
 
+# what --out may be (harness.output.check_out), said in every writing command's help
+OUT_RULE = ("written only when absent, empty, or an earlier report of the same command (with --overwrite); "
+            "a folder holding anything else, or another command's report, is refused and left as it is")
+
+
+def overwrite_arg(c) -> None:
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier report of this command at --out (never user files, never another "
+                        "command's report)")
+
+
 def register(sub) -> None:
     from harness.correctness.rules import DEFAULT_ADAPTER_SCALE
     from runtime.model import PROVIDERS
@@ -265,8 +348,9 @@ def register(sub) -> None:
         c.add_argument("--model", default="tiny", help="'tiny' (built-in random models) or a checkpoint folder")
         c.add_argument("--adapter", action="append", metavar="NAME=ADAPTER_DIR",
                        help="a PEFT-saved adapter (repeatable)")
-        c.add_argument("--adapters", type=int, default=3, help="random adapters to make when no --adapter is given")
-        c.add_argument("--adapter-scale", type=float, default=DEFAULT_ADAPTER_SCALE,
+        c.add_argument("--adapters", type=int, default=3,
+                       help=f"random adapters to make when no --adapter is given (0 to {MAX_ADAPTERS})")
+        c.add_argument("--adapter-scale", type=finite_float, default=DEFAULT_ADAPTER_SCALE,
                        help="generated adapters: rms(LoRA delta) / rms(base output) per module (default "
                             f"{DEFAULT_ADAPTER_SCALE}; trained adapters show a few percent to a few tens of percent)")
         c.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
@@ -297,7 +381,8 @@ def register(sub) -> None:
                        "(registry skip list honoured); reports drift per group, fails only on a skip violation")
         c.add_argument("--quantize-projector", action="store_true",
                        help="with --quantize: quantize the connector too")
-        c.add_argument("--out", help="report folder (default reports/correctness/<timestamp>)")
+        c.add_argument("--out", help="report folder (default reports/correctness/<timestamp>); " + OUT_RULE)
+        overwrite_arg(c)
 
     c = sub.add_parser("correctness", help="compare every module of runtime vs HF + PEFT; exit 0 ok, 1 divergence")
     reference_args(c)
@@ -305,7 +390,8 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_correctness)
     r = sub.add_parser("record", help="record the reference and its truth for one arch into a bundle folder")
     reference_args(r, one_arch=True)
-    r.add_argument("--out", required=True, help="the bundle folder to write (README, Bundles)")
+    r.add_argument("--out", required=True, help="the bundle folder to write (README, Bundles); " + OUT_RULE)
+    overwrite_arg(r)
     r.set_defaults(func=cmd_record, kernel="triton", inject_fault=None, mode="both", quantize=None,
                    quantize_projector=False)
     m = sub.add_parser("compare", help="the runtime (or an output bundle GOT) against a recorded reference bundle; "
@@ -325,5 +411,7 @@ def register(sub) -> None:
                    help="with --power: generated adapters' delta / base ratios, comma-separated (realistic, large)")
     f.add_argument("--device", default="cpu", help="with --power: cpu | cuda")
     f.add_argument("--kernel", default="triton", choices=sorted(PROVIDERS), help="with --power: LoRA provider")
-    f.add_argument("--out", help="with --power: folder for power.csv and power.md (default reports/power/<timestamp>)")
+    f.add_argument("--out", help="with --power: folder for power.csv and power.md (default reports/power/<timestamp>); "
+                   + OUT_RULE)
+    overwrite_arg(f)
     f.set_defaults(func=cmd_faults)

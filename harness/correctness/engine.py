@@ -154,7 +154,7 @@ def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, tor
     return pm, save_adapters(pm, workdir / arch.model_type / "adapters")
 
 
-def _record(arch_name: str, opts: Options, workdir: Path, out: Path):
+def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: bool = False):
     """The reference and its truth, streamed into a bundle at `out` (bundle.py; written whole or not at all):
     each capture goes to disk as the hooks see it, then one module at a time into the module's file. Returns
     the bundle folder and the loaded base model (for a runtime that shares its weights)."""
@@ -174,7 +174,7 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path):
         _log(f"  {arch.model_type}: note: {n}")
     reqs = default_requests(arch, config, list(folders), opts.geometries)
     _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
-    with atomic_dir(out, bundle.MANIFEST) as tmp:
+    with atomic_dir(out, "bundle", overwrite) as tmp:
         stage = bundle.Stage(tmp / ".stage")
         run_reference(pm, arch, config, reqs, "single", device, torch_dtype, sink=lambda i: stage.sink(("ref", i)))
         _log(f"  {arch.model_type}: truth at {str(truth_dtype(device)).removeprefix('torch.')}")
@@ -192,9 +192,10 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path):
     return out, base
 
 
-def record(arch_name: str, opts: Options, workdir: Path, out: Path) -> Path:
-    """`mmlora record`: the reference and truth runs of one arch written into the bundle folder `out`."""
-    return _record(arch_name, opts, workdir, out)[0]
+def record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: bool = False) -> Path:
+    """`mmlora record`: the reference and truth runs of one arch written into the bundle folder `out` (an earlier
+    bundle there is replaced only with `overwrite`: harness.output.check_out)."""
+    return _record(arch_name, opts, workdir, out, overwrite)[0]
 
 
 def load(folder: str | Path, verify: bool = True) -> Prepared:

@@ -3,7 +3,7 @@ catalog x dtype x adapter scale x each arch it applies to: caught (the run fails
 (the fault's own mode), and the margin (error over bound at that module: > 1 caught, how close otherwise).
 One prepared reference (reference + truth runs) serves every fault of an (arch, dtype, scale). Each row is
 printed as it is measured; a run on which the harness itself raises becomes a `HARNESS ERROR` row (exit 1,
-every other figure kept), and Ctrl-C writes the rows measured so far, marked partial (exit 130).
+every other figure kept), and Ctrl-C (SIGTERM) writes the rows measured so far, marked partial (exit 130, 143).
 
 Writes OUT/power.csv (one row per fault x arch x dtype x scale) and OUT/power.md (the table README shows).
 """
@@ -16,7 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.output import atomic_dir, check_replaceable, default_run_dir, one_line, write_csv
+from harness.flags import check_finite
+from harness.output import atomic_dir, check_out, default_run_dir, one_line, write_csv
+from harness.signals import exit_code
 
 COLUMNS = ["fault", "kind", "arch", "dtype", "adapter_scale", "mode", "caught", "named", "passed", "margin",
            "expected", "first", "request", "row", "image", "seconds", "reason"]
@@ -50,6 +52,8 @@ def _plan(args):
         scales = [float(x) for x in args.adapter_scale.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--adapter-scale {args.adapter_scale!r}: expected numbers separated by ','") from None
+    for s in scales:
+        check_finite("--adapter-scale", s)
     if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"--adapter-scale {args.adapter_scale!r}: every scale must be > 0")
     for a in args.arch or ():
@@ -106,20 +110,20 @@ def _measure(faults, jobs, args, tmp: Path, t0: float):
 def cmd_power(args) -> int:
     faults, dtypes, scales, archs = _plan(args)
     out = Path(args.out) if args.out else default_run_dir("power")
-    check_replaceable(out, "power.csv")
+    check_out(out, "power", args.overwrite)
     rows: list[dict] = []
     jobs = [(a, d, s) for d in dtypes for s in scales for a in archs]
     planned = sum(f.applies_to(a) for a, _, _ in jobs for f in faults)
     t0 = time.time()
-    interrupted = False
+    interrupted = None
     with tempfile.TemporaryDirectory(prefix="mmlora-power-") as tmp:
         try:
             for row in _measure(faults, jobs, args, Path(tmp), t0):
                 rows.append(row)
-        except KeyboardInterrupt:
-            interrupted = True  # the rows measured so far are written, marked partial
-    head = f"Partial: interrupted after {len(rows)} of {planned} runs.\n\n" if interrupted else ""
-    with atomic_dir(out, marker="power.csv") as tmp_out:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the rows measured so far are written, marked partial
+            interrupted = e
+    head = f"Partial: interrupted after {len(rows)} of {planned} runs.\n\n" if interrupted is not None else ""
+    with atomic_dir(out, "power", args.overwrite) as tmp_out:
         write_csv(tmp_out / "power.csv", rows, COLUMNS)
         (tmp_out / "power.md").write_text(head + table(rows, dtypes, scales))
     print(head + table(rows, dtypes, scales))
@@ -129,8 +133,8 @@ def cmd_power(args) -> int:
           f"{out / 'power.md'}", file=sys.stderr)
     for r in errors:
         print(f"  {r['fault']} {r['arch']} {r['dtype']}: {r['reason']}", file=sys.stderr)
-    if interrupted:
-        return 130
+    if interrupted is not None:
+        return exit_code(interrupted)
     return 1 if alarms or errors else 0
 
 

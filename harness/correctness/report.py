@@ -57,9 +57,31 @@ def _ratios(s: dict) -> str:
             + f"</tr>{rows}</table>")
 
 
+def provenance_html(summary: dict, results) -> str:
+    """The report's head: what produced it (code, libraries, device, date, command line), and for each failing
+    (arch, mode) the command that reproduces its failing rows."""
+    p = summary.get("provenance") or {}
+    if not p:
+        return ""
+    versions = ", ".join(f"{k} {v or '(not installed)'}" for k, v in p["versions"].items())
+    head = _kv_table({"command": p["command"], "git": p["git_sha"] + (" (uncommitted changes)" if p["git_dirty"]
+                                                                       else ""),
+                      "libraries": versions, "device": p["device"], "date": p["date"]})
+    rows = []
+    for r in results:
+        for mode, cmd in (r.summary.get("repro") or {}).items():
+            bad = [x for x in r.rows if x.mode == mode and not x.metrics.ok]
+            rows.append(f"<tr><td class='l'>{esc(r.arch)}</td><td class='l'>{esc(mode)}</td><td>{len(bad)}</td>"
+                        f"<td class='l'><code>{esc(cmd)}</code></td></tr>")
+    repro = ("<h2 class='fail'>Reproduce the failing rows</h2><table><tr><th class='l'>arch</th><th class='l'>mode"
+             "</th><th>failing rows</th><th class='l'>command</th></tr>" + "".join(rows) + "</table>") if rows else ""
+    return "<h2>Provenance</h2>" + head + repro
+
+
 def render_html(results, summary) -> str:
     modes = summary["options"]["modes"]
     parts = [f"<h1>mmlora correctness: {_verdict(summary['ok'])} (exit {summary['exit_code']})</h1>",
+             provenance_html(summary, results),
              "<h2>Options</h2>", _kv_table(summary["options"]),
              "<h2>Rules</h2><p>a compared tensor passes when err(runtime, truth) &lt;= k &times; err(reference, truth) "
              "+ floor &times; size(truth), on its max and its rms; a LoRA module's delta too</p>",

@@ -378,7 +378,7 @@ def c_out_holds_other_files(saved, tmp):
     mine = tmp / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "notes.txt").write_text("keep me")
-    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--out", str(mine)], "not an earlier report")
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--out", str(mine)], "not a report of mmlora")
     assert (mine / "notes.txt").read_text() == "keep me" and (mine / "sub").is_dir()
 
 
@@ -458,6 +458,95 @@ def c_baseline_with_other_columns(saved, tmp):
     base = tmp / "base.csv"
     base.write_text("foo,bar\n1,2\n")
     cli_refuses(tmp, ["bench", "--preset", "smoke", "--baseline", str(base)], "base.csv")
+
+
+def _user_folder(tmp: Path) -> tuple[Path, dict[str, str]]:
+    """A folder of the user's own files, one of them a summary.json of their own; returns the files' texts."""
+    mine = tmp / "mine"
+    (mine / "data").mkdir(parents=True)
+    files = {"summary.json": '{"mine": true}', "notes.txt": "keep me", "data/table.csv": "a,b\n1,2\n"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    return mine, files
+
+
+def _intact(folder: Path, files: dict[str, str]) -> None:
+    assert {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} == set(files)
+    for name, text in files.items():
+        assert (folder / name).read_text() == text, name
+
+
+def c_out_holds_user_summary(saved, tmp):
+    # a summary.json was taken for an earlier report: the run went ahead and deleted notes.txt and data/
+    mine, files = _user_folder(tmp)
+    for argv in (["correctness", "--arch", "llama4", "--mode", "e2e", "--overwrite"],
+                 ["faults", "--power", "--arch", "llama4", "--fault", "slot-shift", "--dtype", "fp32"],
+                 ["bench", "--preset", "smoke"], ["bench-merge", str(tmp / "run")]):
+        cli_refuses(tmp, argv + ["--out", str(mine)], "not a report of mmlora")
+        _intact(mine, files)
+
+
+def _earlier_report(tmp: Path, kind: str) -> Path:
+    from harness.output import MARKER
+
+    rep = tmp / f"earlier-{kind}"
+    rep.mkdir()
+    (rep / MARKER).write_text(kind + "\n")
+    (rep / "summary.json").write_text('{"ok": true}')
+    return rep
+
+
+def c_out_earlier_report_needs_overwrite(saved, tmp):
+    rep = _earlier_report(tmp, "correctness")
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--out", str(rep)], "pass --overwrite")
+    assert (rep / "summary.json").read_text() == '{"ok": true}'
+
+
+def c_out_report_of_another_kind(saved, tmp):
+    # bench-merge and bench replaced (or wrote into) a correctness report; --overwrite does not change that
+    rep = _earlier_report(tmp, "correctness")
+    for argv in (["bench-merge", str(tmp / "run"), "--overwrite"], ["bench", "--preset", "smoke"],
+                 ["record", "--arch", "llama4", "--overwrite"], ["compare", str(tmp / "bundle"), "--overwrite"]):
+        cli_refuses(tmp, argv + ["--out", str(rep)], "holds a correctness report")
+    assert sorted(p.name for p in rep.iterdir()) == [".mmlora-report", "summary.json"]
+
+
+def c_float_flag_not_finite(saved, tmp):
+    # --adapter-scale inf failed after the work naming a temporary file; --warmup-ms inf never ended;
+    # --rep-ms nan exited 0; faults --power --adapter-scale inf wrote a table of HARNESS ERROR rows
+    for argv, flag in ((["correctness", "--arch", "llama4", "--adapter-scale", "inf"], "--adapter-scale"),
+                       (["record", "--arch", "llama4", "--adapter-scale", "nan", "--out", str(tmp / "b")],
+                        "--adapter-scale"),
+                       (["bench", "--preset", "smoke", "--warmup-ms", "inf"], "--warmup-ms"),
+                       (["bench", "--preset", "smoke", "--rep-ms", "nan"], "--rep-ms"),
+                       (["bench", "--preset", "smoke", "--rep-ms", "1e999"], "--rep-ms"),
+                       (["faults", "--power", "--arch", "llama4", "--adapter-scale", "0.1,inf", "--out",
+                         str(tmp / "out")], "--adapter-scale")):
+        cli_refuses(tmp, argv, flag)
+
+
+def c_too_many_adapters(saved, tmp):
+    from harness.correctness.cli import MAX_ADAPTERS
+
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--adapters", str(MAX_ADAPTERS + 1)],
+                f"between 0 and {MAX_ADAPTERS}")
+
+
+def c_device_map_unknown_module(saved, tmp):
+    dm = tmp / "map.json"
+    dm.write_text(json.dumps({"vision_model": "cpu", "language_modle": "cpu"}))
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--device-map", str(dm)],
+                "'language_modle' is no module of llama4; did you mean 'language_model'?")
+
+
+def c_device_map_absent_gpu(saved, tmp):
+    # {"": 7} reached accelerate, which failed with an error of its own after the model was built
+    dm = tmp / "map.json"
+    dm.write_text(json.dumps({"": 7}))
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n > 7:
+        pytest.skip("this machine has a GPU 7")
+    cli_refuses(tmp, ["correctness", "--arch", "llama4", "--device-map", str(dm)], f"{str(dm)!r}: '' -> 7: this machine has")
 
 
 CATALOG = [
@@ -542,6 +631,19 @@ CATALOG = [
          refused(["bench", "--gpu", "tpu9", "--preset", "smoke"], "tpu9")),
     Case("gpu-preset-without-cuda", "bench", "--preset nightly on a CPU machine", c_gpu_preset_without_cuda),
     Case("baseline-with-other-columns", "bench", "--baseline CSV with foreign columns", c_baseline_with_other_columns),
+    Case("out-holds-user-summary", "cli", "--out a folder of user files with a summary.json of their own: refused by "
+         "every writing command, every file kept", c_out_holds_user_summary),
+    Case("out-earlier-report-needs-overwrite", "cli", "--out an earlier report of the command: refused without "
+         "--overwrite", c_out_earlier_report_needs_overwrite),
+    Case("out-report-of-another-kind", "cli", "--out a report of another command: refused even with --overwrite",
+         c_out_report_of_another_kind),
+    Case("float-flag-not-finite", "cli", "nan / inf / 1e999 to a float flag: refused before any work, naming the flag",
+         c_float_flag_not_finite),
+    Case("too-many-adapters", "cli", "--adapters above the stated limit", c_too_many_adapters),
+    Case("device-map-unknown-module", "cli", "--device-map FILE naming no module of the model: the nearest suggested",
+         c_device_map_unknown_module),
+    Case("device-map-absent-gpu", "cli", "--device-map FILE placing a module on a GPU this machine lacks",
+         c_device_map_absent_gpu),
 ]
 
 

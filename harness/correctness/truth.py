@@ -159,6 +159,7 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
                for d in (getattr(m, "lora_A", None), getattr(m, "lora_B", None)) if isinstance(d, torch.nn.ModuleDict)
                for m in d.values()}
     reals: dict[int, torch.Tensor] = {}  # piecewise weights: their run-dtype data, while they hold a stand-in
+    placeholders: list[tuple[torch.nn.Module, str, torch.dtype]] = []  # offloaded tensors' run dtypes
     pieces = ChunkBuffer(dtype, chunk)
     try:
         for mod in model.modules():
@@ -187,6 +188,11 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
                     forwards.append(_set_forward(mod, lambda f, mod=mod, weight=weight:
                                                  _embedding_rows(mod, dtype, f, weight)))
             if offloaded:
+                # accelerate loads an offloaded tensor at its placeholder's dtype, and HF reads that dtype
+                # outside the module (CLIP casts the pixels to patch_embedding.weight.dtype before calling it):
+                # placeholders of the truth dtype make every load and every such read the truth's. The cost: an
+                # offloaded module's tensors at the truth dtype while it runs (one module at a time)
+                placeholders.extend(_truth_placeholders(mod, dtype))
                 forwards.append(_set_forward(mod, lambda f, mod=mod, skip="weight" if piecewise else None:
                                              _upcast_on_call(mod, dtype, skip, f)))
                 continue
@@ -206,6 +212,26 @@ def high_precision(model: torch.nn.Module, dtype: torch.dtype, big: int = BIG, c
                 object.__setattr__(mod, attr, had)
         for t, data in saved:
             t.data = data
+        for mod, name, run in placeholders:
+            _restore_placeholder(mod, name, run)
+
+
+def _truth_placeholders(mod: torch.nn.Module, dtype: torch.dtype) -> list[tuple[torch.nn.Module, str, torch.dtype]]:
+    """`mod`'s offloaded (meta) floating tensors given `dtype`; returns what `_restore_placeholder` undoes."""
+    changed = []
+    for _, name, t in _direct(mod):
+        if t.device.type == "meta" and t.is_floating_point() and t.dtype != dtype:
+            changed.append((mod, name, t.dtype))
+            t.data = torch.empty_like(t.data, dtype=dtype)
+    return changed
+
+
+def _restore_placeholder(mod: torch.nn.Module, name: str, run: torch.dtype) -> None:
+    # accelerate replaces the Parameter object at each load and offload: restore whatever the module holds now
+    # (still loaded, at the truth dtype, if a forward raised before accelerate offloaded it again)
+    t = mod._parameters.get(name) if name in mod._parameters else mod._buffers.get(name)
+    if t is not None and t.dtype != run:
+        t.data = torch.empty_like(t.data, dtype=run) if t.device.type == "meta" else t.data.to(run)
 
 
 def _upcast(module: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -90,6 +90,7 @@ def test_out_in_a_read_only_folder(capsys, tmp_path):
 def test_results_csv_with_other_columns_is_refused(capsys, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
+    (out / ".mmlora-report").write_text("bench\n")  # a bench run folder (resumed) whose results have other columns
     _write(out / "results.csv", ["case", "provider", "p50"])
     rc, line = _run_err(capsys, ["bench", "--preset", "smoke", "--out", str(out), "--cases", "pixel_shuffle"])
     assert rc == 2 and "other columns" in line

@@ -116,3 +116,27 @@ def test_quantize_under_a_device_map_is_refused(tmp_path, capsys):
         assert main([*argv, "--quantize", "lm-int8", "--device-map", "auto", "--out", str(tmp_path / "r")]) == 2
         assert "--quantize cannot be combined with --device-map" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_whole_model_on_disk_gives_the_plain_run(tmp_path):
+    """`{"": "disk"}` offloads the tower's embedding too, whose dtype HF reads outside the module (CLIP casts the
+    pixels to `patch_embedding.weight.dtype`): the truth failed there ("Input type (torch.FloatTensor) and
+    weight type (torch.DoubleTensor)") until offloaded placeholders took the truth dtype. A truth run at the
+    run dtype instead would change every figure: the plain run's (float64 truth) must come back exactly."""
+    ckpt = save_checkpoint(build_tiny("llava")[1], tmp_path / "ckpt")
+    opts = Options(archs=["llava"], model=str(ckpt), n_adapters=1, kernel="torch", modes=("e2e",))
+    plain = judge(prepare("llava", opts, tmp_path / "plain"), opts)
+    disk = Options(archs=["llava"], model=str(ckpt), n_adapters=1, kernel="torch", modes=("e2e",),
+                   device_map={"": "disk"})
+    p = prepare("llava", disk, tmp_path / "disk")
+    meta = {n: t.dtype for n, t in p.base.named_parameters() if t.is_meta}
+    assert any("patch_embedding" in n for n in meta), "the tower's embedding is not offloaded: nothing tested"
+    mapped = judge(p, disk)
+    assert plain.summary["ok"] and mapped.summary["ok"]
+    a, b = [r.as_dict() for r in plain.rows], [r.as_dict() for r in mapped.rows]
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        diff = {k: (x[k], y[k]) for k in x if x[k] != y[k] and not (x[k] != x[k] and y[k] != y[k])}  # NaN == NaN
+        assert not diff, (x["module"], x["request"], diff)
+    # and the offloaded placeholders are given back their run dtype
+    assert {n: t.dtype for n, t in p.base.named_parameters() if t.is_meta} == meta

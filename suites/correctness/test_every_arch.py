@@ -19,7 +19,9 @@ from vlm.arch import REGISTRY
 def test_default_correctness_run_passes_with_a_complete_report(arch, tmp_path):
     out = tmp_path / "rep"
     assert main(["correctness", "--arch", arch, "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "layers.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".mmlora-report", "index.html", "layers.csv",
+                                                          "summary.json"]
+    assert (out / ".mmlora-report").read_text().strip() == "correctness"
     assert not list(tmp_path.glob(".rep.partial-*"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True and summary["exit_code"] == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from harness.correctness.compare import CSV_COLUMNS
 from harness.flags import finite_float
+from harness.correctness.headline import print_fault_headlines
 from harness.geometry_flags import parse_geometry
 from harness.output import atomic_dir, check_out, default_run_dir, write_csv, write_json
 
@@ -246,6 +247,7 @@ def _finish(args, out: Path, results, opts) -> int:
     _print_verdict(out, results, opts, ok, warnings)
     if ok and exit_code:
         print("mmlora correctness: --strict: a trivial comparison is a failure (warnings above)", file=sys.stderr)
+    print_fault_headlines(results)
     return exit_code
 
 

@@ -1,15 +1,18 @@
 """The correctness report: index.html (self-contained, plots inline), beside layers.csv and summary.json.
 
-It opens with the verdict, the run's options and rules as tables, the warnings, and an overview (arch x
-group x mode: verdict and worst margin); then per arch the first divergences, the adapters' measured
-delta / base ratios, and plots of each module's error against the truth drawn beside its bound.
+It opens with the verdict and, per arch, one line a person reads at a glance: a seeded fault's sentence
+(headline.py), each mode's first divergence (a link to its table row) or the worst margin of a passing run;
+then the warnings, an overview (arch x group x mode: verdict and worst margin), the options and rules
+(folded). Per arch: the fault as the catalog states it, the adapters' measured delta / base ratios, one panel
+per mode and group of each module's margin (error / bound, log, the line at 1; margin_plot.py), and the
+failing rows.
 """
 
 from __future__ import annotations
 
 import math
 
-from harness.output import PAGE, esc, png_data_uri
+from harness.output import PAGE, esc
 
 GROUPS = ("tower", "connector", "language_model")
 
@@ -78,99 +81,167 @@ def provenance_html(summary: dict, results) -> str:
     return "<h2>Provenance</h2>" + head + repro
 
 
+_CSS = """<style>
+.headline{font-size:17px;margin:.3em 0;padding:.45em .7em;border-left:6px solid #b00020;background:#fdf0f0}
+.headline.good{border-color:#0a7a2f;background:#eef8f1} .headline a{color:inherit}
+.scroll{overflow-x:auto;max-width:100%} .panels{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.legend{font-size:12px;color:#444} .legend b{font-size:14px} :target{outline:3px solid #b00020}
+</style>"""
+
+
+def _text(v) -> str:
+    """An option's value as a person reads it, not as Python prints it."""
+    if v is None or v == [] or v == {}:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, list | tuple):
+        return ", ".join(_text(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_text(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _row_id(arch: str, mode: str) -> str:
+    return f"first-{arch}-{mode}"
+
+
+def _headlines(results) -> list[str]:
+    """The lines at the top of the page: per arch and mode, where it first diverged (a link to that row);
+    a seeded fault's own sentence first."""
+    from harness.correctness.headline import fault_headline
+
+    out = []
+    for r in results:
+        line, f = fault_headline(r.arch, r.summary), r.summary.get("fault") or {}
+        if line is not None:
+            good = f.get("passed") if f.get("control") else (f.get("caught") and f.get("named"))
+            out.append(f"<p class='headline{' good' if good else ''}'>{esc(line)}</p>")
+        if r.summary["ok"] and not f:
+            worst = max(r.rows, key=lambda x: x.metrics.margin, default=None)
+            if worst is not None:
+                out.append(f"<p class='headline good'>{esc(r.arch)}: every module within its bound; worst margin "
+                           f"{_margin(worst.metrics.margin)} at {esc(worst.module)} ({esc(worst.mode)}, "
+                           f"{esc(worst.group)})</p>")
+        for mode, d in r.summary.get("first_divergence", {}).items():
+            if d:
+                figure = f"margin {_margin(d['margin'])}" if d["status"] == "mismatch" else d["status"]
+                out.append(f"<p class='headline'><a href='#{esc(_row_id(r.arch, mode))}'>{esc(r.arch)} {esc(mode)}: "
+                           f"first divergence at <b>{esc(d['module'])}</b> ({esc(d['group'])}), request "
+                           f"{esc(d['request'])}: {esc(figure)}</a></p>")
+    return out
+
+
 def render_html(results, summary) -> str:
     modes = summary["options"]["modes"]
-    parts = [f"<h1>mmlora correctness: {_verdict(summary['ok'])} (exit {summary['exit_code']})</h1>",
-             provenance_html(summary, results),
-             "<h2>Options</h2>", _kv_table(summary["options"]),
-             "<h2>Rules</h2><p>a compared tensor passes when err(runtime, truth) &lt;= k &times; err(reference, truth) "
-             "+ floor &times; size(truth), on its max and its rms; a LoRA module's delta too</p>",
-             _kv_table({k: f"k_max {v['k_max']}, k_rms {v['k_rms']}, floor_max {v['floor_max']}, floor_rms "
-                          f"{v['floor_rms']}: {v['why']}"
-                        for k, v in summary["rules"].items()})]
+    verdict = ("every module within the rule" if summary["ok"] else "DIVERGENCE")
+    parts = [_CSS, f"<h1>mmlora correctness: {_verdict(summary['ok'])} &mdash; {esc(verdict)} "
+             f"(exit {summary['exit_code']})</h1>"]
+    parts += _headlines(results)
+    parts.append(provenance_html(summary, results))
     if summary.get("warnings"):
         parts.append("<h2 class='fail'>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in summary["warnings"])
                      + "</ul>")
     parts.append(_overview(results, modes))
+    parts.append("<details><summary>options and rules</summary>" + _kv_table(
+        {k: _text(v) for k, v in summary["options"].items()})
+        + "<p>a compared tensor passes when err(runtime, truth) &lt;= k &times; err(reference, truth) "
+        "+ floor &times; size(truth), on its max and its rms; a LoRA module's delta too</p>"
+        + _kv_table({k: f"k_max {v['k_max']}, k_rms {v['k_rms']}, floor_max {v['floor_max']}, floor_rms "
+                        f"{v['floor_rms']}: {v['why']}" for k, v in summary["rules"].items()}) + "</details>")
     for r in results:
         s = r.summary
         parts.append(f"<h2 id='{esc(r.arch)}'>{esc(r.arch)} {_verdict(s['ok'])} ({esc(s['seconds'])} s)</h2>")
-        for mode, d in s.get("first_divergence", {}).items():
-            where = "none" if not d else esc(
-                f"{d['module']} ({d['group']}), request {d['request']} (adapter {d['adapter']}), row {d['row']}"
-                + (f", image {d['image']}" if d.get("image", -1) >= 0 else "")
-                + f": {d['status']}, margin {_margin(d['margin'])} {d['detail']}")
-            parts.append(f"<p>{esc(mode)}: first divergence {where}</p>")
         for note in s.get("notes", []):
             parts.append(f"<p>note: {esc(note)}</p>")
         if "fault" in s:
-            parts.append("<p>fault:</p>" + _kv_table(s["fault"]))
+            parts.append(_fault(s["fault"]))
         if "quantization" in s:
             q = s["quantization"]
-            parts.append(f"<p>quantization {esc(q['scheme'])}, projector quantized: {esc(q['projector_quantized'])}, "
+            parts.append(f"<p>quantization {esc(q['scheme'])}, projector quantized: {_text(q['projector_quantized'])}, "
                          f"{esc(q['quantized_modules'])} Linear layers; skip-list violations: "
-                         f"<b>{esc(q['violations'] or 'none')}</b>; drift (max err / max |truth|):</p>"
-                         + _kv_table({k: f"{v:.3g}" for k, v in sorted(q["drift_by_group"].items())}))
+                         f"<b>{esc(_text(q['violations']) if q['violations'] else 'none')}</b>; drift (max err / "
+                         f"max |truth|):</p>" + _kv_table({k: f"{v:.3g}" for k, v in sorted(q["drift_by_group"].items())}))
         parts.append(_ratios(s))
-        parts.append(f"<img alt='error and bound by depth' src='{_depth_plot(r, modes)}'>")
+        parts.append(_margin_plots(r, modes))
         parts.append(_table(r))
     return PAGE.format(title="mmlora correctness", body="\n".join(parts))
 
 
-def _depth_plot(r, modes) -> str:
-    """Per mode: each module's worst error against the truth (dots) beside its bound (line), by depth."""
-    def draw(plt):
-        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 3.4), sharey=True, squeeze=False)
-        for ax, mode in zip(axes[0], modes):
-            for g, color in zip(GROUPS, ("tab:blue", "tab:orange", "tab:green")):
-                err: dict = {}
-                bound: dict = {}
-                for row in r.rows:
-                    c = row.metrics.out
-                    if row.mode != mode or row.group != g or c is None:
-                        continue
-                    if c.err / max(c.bound, 1e-300) >= err.get(row.order, (0, 0))[0]:
-                        err[row.order] = (c.err / max(c.bound, 1e-300), max(c.err, 1e-12))
-                        bound[row.order] = max(c.bound, 1e-12)
-                xs = sorted(err)
-                if xs:
-                    ax.semilogy(xs, [err[x][1] for x in xs], ".", color=color, label=f"{g} error")
-                    ax.semilogy(xs, [bound[x] for x in xs], "-", color=color, alpha=0.5, label=f"{g} bound")
-            ax.set_title(f"{r.arch} {mode}: max |runtime - truth| and its bound")
-            ax.set_xlabel("module order (reference execution)")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
-        axes[0][0].set_ylabel("max abs error")
-        return fig
-    return png_data_uri(draw)
+def _fault(f: dict) -> str:
+    """What the catalog says the fault must show, beside what the run found (the headline above says it)."""
+    if f["control"]:
+        return (f"<p>seeded control <b>{esc(f['name'])}</b> ({esc(f['breaks'])}), judged in {esc(f['mode'])}: "
+                f"a legitimate variation, must pass; largest margin anywhere {_margin(f['margin'])}</p>")
+    return (f"<p>seeded fault <b>{esc(f['name'])}</b>: {esc(f['breaks'])}. The catalog expects the first "
+            f"divergence in {esc(f['mode'])} mode at <b>{esc(f['expected_first'] or 'none (no such module)')}</b>; "
+            f"the run's first divergence there: <b>{esc(f['first'] or 'none')}</b>. Largest margin at the expected "
+            f"module: {_margin(f['margin'])}.</p>")
+
+
+def _margin_plots(r, modes) -> str:
+    """Per mode, one panel per group: each module's worst margin (error / bound, log) and the line at 1."""
+    from harness.correctness import margin_plot
+
+    first = {m: (d or {}).get("module") for m, d in r.summary.get("first_divergence", {}).items()}
+    out = ["<p class='legend'><b style='color:#2b6cb0'>&#9679;</b> within its bound &nbsp; "
+           "<b style='color:#c81e1e'>&#9679;</b> over its bound (fails) &nbsp; <b style='color:#c81e1e'>&#9711;</b>"
+           " first divergence (click: its row) &nbsp; <b style='color:#c81e1e'>- - -</b> error / bound = 1. Each "
+           "point is a module's worst request; hover a point or a name for the full module name.</p>"]
+    for mode in modes:
+        groups = {}
+        for g in GROUPS:
+            rows = [x for x in r.rows if x.mode == mode and x.group == g]
+            if rows:
+                groups[g] = margin_plot.worst_per_module(
+                    rows, lambda m, mode=mode: _row_id(r.arch, mode) if m == first.get(mode) else None)
+        panels = []
+        for (g, pts), width in zip(groups.items(), margin_plot.widths([len(p) for p in groups.values()])):
+            bad = sum(not p.ok for p in pts)
+            title = f"{g} ({mode}): {len(pts)} modules, " + (f"{bad} FAIL" if bad else "all ok")
+            panels.append(margin_plot.svg(title, pts, width))
+        if panels:
+            out.append(f"<div class='panels'>{''.join(panels)}</div>")
+    return "".join(out)
 
 
 def _table(r) -> str:
     first = {m: (d or {}).get("module") for m, d in r.summary.get("first_divergence", {}).items()}
     bad = sorted((x for x in r.rows if not x.metrics.ok), key=lambda x: (x.mode, x.order, x.request))
-    top = "<h3>first divergent rows</h3>" + _rows_table(bad[:20], first) if bad else ""
-    return top + (f"<details><summary>all {len(r.rows)} rows</summary>"
-                  + _rows_table(sorted(r.rows, key=lambda x: (x.mode, x.order, x.request)), first) + "</details>")
+    top = ("<h3>first divergent rows</h3><div class='scroll'>" + _rows_table(bad[:20], first, r.arch) + "</div>"
+           if bad else "")
+    return top + (f"<details><summary>all {len(r.rows)} rows</summary><div class='scroll'>"
+                  + _rows_table(sorted(r.rows, key=lambda x: (x.mode, x.order, x.request)), first) + "</div></details>")
+
+
+def _index(i) -> str:
+    return "-" if i is None or i < 0 else str(i)
 
 
 def _f(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
-def _rows_table(rows, first) -> str:
+def _rows_table(rows, first, arch: str | None = None) -> str:
+    """`arch`: the table the headline links to; its first divergence row of each mode carries the anchor."""
     cols = ("mode", "request", "adapter", "module", "group", "status", "margin", "err", "ref err", "ratio", "bound",
             "delta err", "delta ref err", "delta bound", "row", "image", "cosine vs ref")
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = []
+    anchored: set[str] = set()
     for row in rows:
         m = row.metrics
         o, d = m.out, m.delta
         cls = "first" if first.get(row.mode) == row.module and not m.ok else ("bad" if not m.ok else "")
-        body.append(f"<tr class='{cls}'><td class='l'>{esc(row.mode)}</td><td>{row.request}</td>"
+        anchor = ""
+        if arch is not None and cls == "first" and row.mode not in anchored:
+            anchored.add(row.mode)
+            anchor = f" id='{esc(_row_id(arch, row.mode))}'"
+        body.append(f"<tr class='{cls}'{anchor}><td class='l'>{esc(row.mode)}</td><td>{row.request}</td>"
                     f"<td class='l'>{esc(row.adapter)}</td><td class='l'>{esc(row.module)}</td>"
                     f"<td class='l'>{esc(row.group)}</td><td class='l'>{esc(m.status)}</td><td>{_margin(m.margin)}</td>"
                     f"<td>{_f(o and o.err)}</td><td>{_f(o and o.ref_err)}</td><td>{_f(o and o.ratio)}</td>"
                     f"<td>{_f(o and o.bound)}</td>"
                     f"<td>{_f(d and d.err)}</td><td>{_f(d and d.ref_err)}</td><td>{_f(d and d.bound)}</td>"
-                    f"<td>{row.bad_row}</td><td>{row.bad_image}</td><td>{m.cosine:.6f}</td></tr>")
+                    f"<td>{_index(row.bad_row)}</td><td>{_index(row.bad_image)}</td><td>{m.cosine:.6f}</td></tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"

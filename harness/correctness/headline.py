@@ -1,0 +1,60 @@
+"""The one sentence a seeded-fault run ends with (terminal and report headline): was the fault caught, was the
+module the catalog expects named first, and the one margin (error / bound, > 1 fails) that decided it.
+
+  caught and named:      the first divergence's margin (the row that failed the run and named the module)
+  caught, named elsewhere: the same row's margin, at the module it named
+  MISSED:                the largest margin at the expected module (how close the fault came to the bound)
+  a control:             passed: its largest margin anywhere; a false alarm: the first divergence's margin
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+
+def _figure(margin, status: str | None = None) -> str:
+    """A margin as read: 'margin 3.2' (error / bound), or the status when the tensor could not be judged."""
+    if status in ("error", "nonfinite", "shape"):
+        return {"error": "the runtime raised", "nonfinite": "non-finite output",
+                "shape": "wrong output shape"}[status]
+    if margin is None or (isinstance(margin, float) and math.isnan(margin)):
+        return "no margin (module not compared)"
+    return f"margin {margin:.3g}"
+
+
+def fault_headline(arch: str, summary: dict) -> str | None:
+    """The sentence for one arch's summary, or None when the run had no seeded fault."""
+    f = summary.get("fault")
+    if not f:
+        return None
+    first = (summary.get("first_divergence") or {}).get(f["mode"]) or {}
+    where = f"({arch}, {f['mode']})"
+    if f["control"]:
+        if f["passed"]:
+            return (f"seeded control {f['name']}: passed, as a legitimate variation must; largest "
+                    f"{_figure(f['margin'])} {where}")
+        return (f"seeded control {f['name']}: FALSE ALARM at {first.get('module', '?')}; "
+                f"{_figure(first.get('margin'), first.get('status'))} {where}")
+    expected = f["expected_first"] or "an unknown module (the fault's rule names none in this model)"
+    if not f["caught"]:
+        return f"seeded fault {f['name']}: MISSED (expected at {expected}); {_figure(f['margin'])} there {where}"
+    if not first:  # failed in another mode only: the fault's own mode named nothing
+        return (f"seeded fault {f['name']}: caught, but {f['mode']} names no module (expected {expected}) "
+                f"{where}")
+    decided = _figure(first.get("margin"), first.get("status"))
+    if f["named"]:
+        return f"seeded fault {f['name']}: caught, named at {first['module']} (expected); {decided} {where}"
+    return (f"seeded fault {f['name']}: caught, but first named at {first['module']} (expected {expected}); "
+            f"{decided} {where}")
+
+
+def fault_headlines(results) -> list[str]:
+    """One sentence per arch that ran a seeded fault, in run order."""
+    return [line for r in results if (line := fault_headline(r.arch, r.summary)) is not None]
+
+
+def print_fault_headlines(results) -> None:
+    """The run's last lines on stderr, after the verdict and its details."""
+    for line in fault_headlines(results):
+        print(line, file=sys.stderr)

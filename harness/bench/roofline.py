@@ -4,7 +4,11 @@ The bytes and flops of each kernel live in its spec (runtime/kernels, `KernelSpe
 the time the profile's roofline allows (max of bytes / HBM and flops / dense bf16 peak) over the measured
 time. The compute roof is the dense bf16 peak whatever the dtype: these kernels are memory-bound at every
 realistic size, so the byte term decides. Peaks (vendor figures): H100 SXM 3.35 TB/s and 989 TFLOP/s,
-H200 4.8 TB/s and 989 TFLOP/s, A100 80GB 2.0 TB/s and 312 TFLOP/s.
+H200 4.8 TB/s and 989 TFLOP/s, A100 80GB SXM 2.0 TB/s and 312 TFLOP/s. A profile matches only the board it
+states: the PCIe / NVL boards (and the A100 40GB) have other bandwidths, so they get no profile.
+
+A % of roofline is a claim about the GPU the timing ran on: `--gpu P` on a device that P does not match (a
+CPU, another GPU) is refused, and a sweep given such a profile anyway writes no roofline figure (sweep.py).
 
 `python -m harness.bench.roofline` prints the profile `--gpu auto` picks here (or "unknown").
 """
@@ -20,30 +24,31 @@ class GpuProfile:
     hbm_tbps: float       # TB/s
     bf16_tflops: float    # dense TFLOP/s
     match: str            # substring of torch.cuda.get_device_name()
+    excludes: tuple[str, ...] = ()  # boards of the same name with other peaks
+
+    def matches(self, device_name: str | None) -> bool:
+        name = (device_name or "").lower()
+        return self.match.lower() in name and not any(x.lower() in name for x in self.excludes)
 
     def roof_seconds(self, nbytes: float, flops: float) -> float:
         return max(nbytes / (self.hbm_tbps * 1e12), flops / (self.bf16_tflops * 1e12))
 
 
 PROFILES: dict[str, GpuProfile] = {
-    "h100": GpuProfile("h100", 3.35, 989.0, "H100"),
-    "h200": GpuProfile("h200", 4.8, 989.0, "H200"),
-    "a100": GpuProfile("a100", 2.0, 312.0, "A100"),
+    "h100": GpuProfile("h100", 3.35, 989.0, "H100", ("PCIe", "NVL")),
+    "h200": GpuProfile("h200", 4.8, 989.0, "H200", ("NVL",)),
+    "a100": GpuProfile("a100", 2.0, 312.0, "A100", ("PCIe", "40GB")),
 }
 GPU_CHOICES = (*PROFILES, "auto")
 
 
 def profile_for_device(device_name: str | None) -> GpuProfile | None:
-    if not device_name:
-        return None
-    for p in PROFILES.values():
-        if p.match.lower() in device_name.lower():
-            return p
-    return None
+    return next((p for p in PROFILES.values() if p.matches(device_name)), None)
 
 
 def resolve(gpu: str, device_name: str | None) -> tuple[GpuProfile | None, str | None]:
-    """(profile, warning) for `--gpu`; device_name is None without CUDA. Unknown names are a ValueError."""
+    """(profile, warning) for `--gpu`; device_name is None without CUDA. Unknown names, and a profile the
+    device found does not match, are a ValueError (one line naming the device)."""
     if gpu not in GPU_CHOICES:
         raise ValueError(f"unknown --gpu {gpu!r}; expected one of {', '.join(GPU_CHOICES)}")
     detected = profile_for_device(device_name)
@@ -54,9 +59,9 @@ def resolve(gpu: str, device_name: str | None) -> tuple[GpuProfile | None, str |
         return None, f"--gpu auto: no GPU profile for {where}; % of roofline is not reported"
     chosen = PROFILES[gpu]
     if detected is not chosen:
-        where = device_name or "no CUDA device (cpu)"
-        return chosen, f"--gpu {gpu}: profile {chosen.name} does not match the detected device ({where}); " \
-                       f"% of roofline uses {chosen.name}'s {chosen.hbm_tbps} TB/s and {chosen.bf16_tflops} TFLOP/s"
+        where = f"the device found is {device_name!r}" if device_name else "no CUDA device was found (cpu)"
+        raise ValueError(f"--gpu {gpu}: {where}, not an {chosen.match} ({chosen.name} profile); a % of its roofline "
+                         f"would be computed from another device's timings: use --gpu auto (or no --gpu)")
     return chosen, None
 
 

@@ -6,7 +6,9 @@ its best GB/s in this run (also when resumed: read back from the CSV) is the cop
 held against (copy_us, pct_copy); a point whose p80 / p20 exceeds schema.NOISY_RATIO says so in its note. A provider that cannot run here gives
 one params-less row per case with status `unavailable` (never a number). A point that raises
 torch.OutOfMemoryError gives one `oom` row, any other exception one `error` row naming it; the sweep goes
-on. Finished points (any status) are never re-run on resume.
+on. Finished points (any status) are never re-run on resume. A Triton provider's rows timed in the Triton
+interpreter say so in their note; a GPU profile that does not match the device measured gives no roofline
+rows (the note says why).
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ import torch
 from harness.bench import schema
 from harness.bench.case import Case, Timed, Unavailable, Work
 from harness.bench.cases import all_cases
+from harness.bench.lora_providers import INTERPRETER_NOTE
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
 from harness.bench.timing import Timing, measure
 from harness.output import one_line
+from runtime.kernels import interpreted
+
+# providers whose kernels are Triton programs: run by the Triton interpreter on a machine without a GPU
+INTERPRETED_PROVIDERS = ("triton", "vllm")
 
 
 @dataclass(frozen=True)
@@ -211,13 +218,21 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
         _free(case)
         return [_row(point, ctx, "latency_ms", None, "error", one_line(e))]
     notes = [n for n in (note, t.note) if n]
+    if point.provider in INTERPRETED_PROVIDERS and interpreted() and not any("interpreter" in n for n in notes):
+        notes.insert(0, INTERPRETER_NOTE)  # a Triton kernel timed on a CPU: never read as a GPU figure
     if t.spread > schema.NOISY_RATIO:
         notes.append(f"noisy: p80/p20 {t.spread:.2f} > {schema.NOISY_RATIO}")
-    metrics = case.metrics(cuda, ctx.profile is not None, ctx.measures_copy, point.params.get("variant"))
+    profile = ctx.profile
+    if profile is not None and not profile.matches(ctx.env.get("gpu_name")):
+        # the CLI refuses such a profile; any other caller still gets no roofline claim for another device
+        notes.append(f"no % of roofline: measured on {ctx.env.get('gpu_name') or 'an unknown device'}, not on "
+                     f"the {profile.name} profile's GPU")
+        profile = None
+    metrics = case.metrics(cuda, profile is not None, ctx.measures_copy, point.params.get("variant"))
     if ctx.copy_gbps is None and "copy_us" in metrics:
         log(f"{point.case}: no copy bandwidth measured in this run (the copy case failed?): no copy_us / pct_copy")
         metrics = tuple(m for m in metrics if m not in ("copy_us", "pct_copy"))
-    rows = [_row(point, ctx, m, derive(m, t, work, ctx.profile, ctx.copy_gbps), "ok", "; ".join(notes))
+    rows = [_row(point, ctx, m, derive(m, t, work, profile, ctx.copy_gbps), "ok", "; ".join(notes))
             for m in metrics]
     if point.case == "copy":
         ctx.note_copy(rows)

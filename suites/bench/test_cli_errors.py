@@ -34,6 +34,19 @@ def test_gpu_preset_without_cuda(capsys, tmp_path, preset):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_gpu_profile_on_another_device_is_refused_naming_the_device(capsys, tmp_path):
+    """`--gpu h100` on a CPU (or on another GPU) wrote % of H100 roofline from that device's timings."""
+    from harness.bench.roofline import PROFILES
+
+    found = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = next(g for g, p in PROFILES.items() if p.match not in (found or ""))
+    rc, line = _run_err(capsys, ["bench", "--preset", "smoke", "--gpu", gpu, "--cases", "pixel_shuffle",
+                                 "--out", str(tmp_path / "o")])
+    assert rc == 2 and f"--gpu {gpu}" in line
+    assert (repr(found) if found else "cpu") in line
+    assert not (tmp_path / "o").exists()
+
+
 def _write(path, columns, rows=()):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)

@@ -16,7 +16,7 @@ from harness.bench.report import render_html
 from harness.bench.store import Store
 from harness.bench.sweep import derive
 from harness.bench.timing import Timing, measure
-from runtime.kernels import KERNELS
+from runtime.kernels import KERNELS, interpreted
 
 
 def _lora(T, H, Ow, n, r, s, dtype):
@@ -50,9 +50,11 @@ def test_roofline_is_memory_bound_for_lora():
     ("auto", "NVIDIA H200", "h200", False),
     ("auto", "NVIDIA A100-SXM4-80GB", "a100", False),
     ("auto", "NVIDIA L4", None, True),
+    # same name, other peaks (H100 PCIe 2.0 TB/s, H100 NVL 3.9 TB/s, A100 40GB 1.56 TB/s): no profile claims them
+    ("auto", "NVIDIA H100 PCIe", None, True),
+    ("auto", "NVIDIA H100 NVL", None, True),
+    ("auto", "NVIDIA A100-SXM4-40GB", None, True),
     ("h100", "NVIDIA H100 80GB HBM3", "h100", False),
-    ("h100", "NVIDIA H200", "h100", True),
-    ("a100", None, "a100", True),
 ])
 def test_profile_resolution(gpu, device, want, warns):
     p, warning = roofline.resolve(gpu, device)
@@ -60,6 +62,59 @@ def test_profile_resolution(gpu, device, want, warns):
     assert bool(warning) == warns
     if warning:
         assert "\n" not in warning
+
+
+@pytest.mark.parametrize("gpu,device,needle", [
+    ("h100", "NVIDIA H200", "'NVIDIA H200'"),
+    ("a100", None, "cpu"),
+    ("h100", "NVIDIA H100 PCIe", "'NVIDIA H100 PCIe'"),
+])
+def test_a_profile_the_device_does_not_match_is_refused(gpu, device, needle):
+    """A % of a GPU's roofline computed from another device's timings is a claim the run cannot make."""
+    with pytest.raises(ValueError, match=needle) as e:
+        roofline.resolve(gpu, device)
+    assert "\n" not in str(e.value)
+
+
+def _kernel_point(provider: str, nbytes: float = 1e9):
+    from harness.bench import sweep
+    from harness.bench.case import Case, Timed
+
+    case = Case("pixel_shuffle", "kernel", (provider,), "T",
+                lambda p, prov, dev: Timed(lambda: None, Work(1.0, nbytes=nbytes)))
+    return sweep.Point("pixel_shuffle", provider, {"T": 16}), case
+
+
+def test_no_roofline_rows_for_a_device_the_profile_does_not_match(monkeypatch):
+    """A sweep handed the H100 profile on a CPU writes no pct_roofline / roof_us, and each row says why;
+    on an H100 the same point gets them, pct_roofline = bytes / 3.35 TB/s over the measured p50."""
+    from harness.bench import sweep
+
+    monkeypatch.setattr(sweep, "measure", lambda *a, **k: Timing(2.0, 2.0, 2.0, 5))
+    point, case = _kernel_point("torch")
+    h100 = roofline.PROFILES["h100"]
+    cpu = sweep.Context(torch.device("cpu"), h100, {"gpu_name": "cpu (some x86)"}, 1.0, 0.0, 3, ["x"])
+    rows = sweep.run_point(point, case, cpu)
+    assert rows and not {"pct_roofline", "roof_us"} & {r["metric"] for r in rows}
+    assert all("no % of roofline: measured on cpu (some x86)" in r["note"] for r in rows)
+    gpu = sweep.Context(torch.device("cpu"), h100, {"gpu_name": "NVIDIA H100 80GB HBM3"}, 1.0, 0.0, 3, ["x"])
+    pct = {r["metric"]: r for r in sweep.run_point(point, case, gpu)}["pct_roofline"]
+    assert float(pct["p50"]) == pytest.approx(100 * (1e9 / 3.35e12) / 2e-3, rel=1e-5)
+    assert "roofline" not in pct["note"]
+
+
+def test_triton_rows_timed_in_the_interpreter_say_so(monkeypatch):
+    """Every Triton row of a CPU run (the LoRA kernel / eager / grouping variants too) is an interpreter
+    timing, and its note says so; a torch row is a real CPU timing and says nothing of the kind."""
+    from harness.bench import sweep
+
+    if not interpreted():
+        pytest.skip("Triton runs compiled here")
+    monkeypatch.setattr(sweep, "measure", lambda *a, **k: Timing(1.0, 1.0, 1.0, 5))
+    ctx = sweep.Context(torch.device("cpu"), None, {"gpu_name": "cpu"}, 1.0, 0.0, 3, ["x"])
+    for provider, said in (("triton", True), ("torch", False)):
+        point, case = _kernel_point(provider)
+        assert all(("Triton interpreter" in r["note"]) == said for r in sweep.run_point(point, case, ctx)), provider
 
 
 def test_unknown_profile_is_a_value_error():

@@ -51,7 +51,7 @@ def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, b
     from harness.bench import baseline as bl
     from harness.bench import sweep
     from harness.bench.cases import all_cases
-    from harness.bench.report import render_html
+    from harness.bench.report import print_headline, render_html
     from harness.output import write_json
 
     rows = store.rows()
@@ -70,6 +70,7 @@ def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, b
     store.finish({"index.html": html, "summary.json": tmp_json.read_text()})
     tmp_json.unlink()
     sweep.log(f"done: {len(rows)} rows in {store.csv}; report {store.html}")
+    print_headline(rows, all_cases())
     if comps is not None:
         print(bl.format_table(comps, args.baseline))
         return 1 if any(c.regression for c in comps) else 0

@@ -16,12 +16,18 @@ from collections import Counter, defaultdict
 
 from harness.bench import schema
 from harness.bench.baseline import Comparison
+from harness.bench.roofline import profile_for_device
 from harness.output import PAGE, esc, png_data_uri
 
 _OTHER = [c for c in schema.PARAM_COLUMNS if c not in ("model", "variant")]
+# one colour per provider; a provider's variants (what is timed) differ by line style, GPUs by marker
 COLORS = {"triton": "tab:blue", "torch": "tab:orange", "peft": "tab:green", "vllm": "tab:red",
           "grouped_mm": "tab:purple", "matmul_floor": "tab:gray"}
-MARKERS = {"kernel": "o", "eager": "s", "grouping": "^"}
+LINESTYLES = {"": "-", "kernel": "-", "eager": "--", "grouping": ":"}
+GPU_MARKERS = ("o", "s", "^", "D")
+# the headline: the runtime against each other provider, like for like (a kernel launch against a kernel
+# launch, a public call against a public call): the runtime's variant each comparator's variant is held to
+VERSUS = ("torch", "peft", "vllm", "grouped_mm")
 
 
 def _label(r: dict) -> str:
@@ -36,8 +42,15 @@ def _num(s: str) -> float:
         return math.nan
 
 
+def _claimable(r: dict) -> bool:
+    """A roofline is a claim about the GPU measured: rows of a device no profile matches (a CPU; a CSV
+    written before the sweep refused such rows) are neither drawn nor tabled."""
+    return r.get("metric") not in ("pct_roofline", "roof_us") or profile_for_device(r.get("gpu_name")) is not None
+
+
 def _ok(rows, metric):
-    return [r for r in rows if r.get("status") == "ok" and r.get("metric") == metric and _num(r.get("p50")) > 0]
+    return [r for r in rows if r.get("status") == "ok" and r.get("metric") == metric and _num(r.get("p50")) > 0
+            and _claimable(r)]
 
 
 def _x_of(case: str, cases: dict) -> str:
@@ -75,24 +88,19 @@ def _panels(rows: list[dict], cases: dict) -> dict[tuple[str, str], dict]:
 
 
 def _grid(plt, n: int):
-    cols = min(3, max(1, n))
+    cols = min(2, max(1, n))  # two panels a row, each with its legend to its right: ~1300 px at 90 dpi
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(7.2 * cols, 3.6 * rows), squeeze=False)
     flat = [a for row in axes for a in row]
     for a in flat[n:]:
         a.axis("off")
     return fig, flat
 
 
-def _style(gpus: list[str]):
-    styles = ["-", "--", ":", "-."]
-    return {g: styles[i % len(styles)] for i, g in enumerate(gpus)}
-
-
 def _plot(panels: dict, ylabel: str, value, title: str, logy: bool, hline: float | None = None) -> str:
     keys = sorted(panels)
     gpus = sorted({g for p in panels.values() for (_, g) in p["series"]})
-    ls = _style(gpus)
+    marker = {g: GPU_MARKERS[i % len(GPU_MARKERS)] for i, g in enumerate(gpus)}
 
     def draw(plt):
         fig, axes = _grid(plt, len(keys))
@@ -106,8 +114,8 @@ def _plot(panels: dict, ylabel: str, value, title: str, logy: bool, hline: float
                     continue
                 label = prov if len(gpus) == 1 else f"{prov} @ {gpu}"
                 base, _, variant = prov.partition(" ")
-                ax.plot([a for a, _ in xy], [b for _, b in xy], marker=MARKERS.get(variant, "o"), ms=3,
-                        linestyle=ls[gpu], label=label, color=COLORS.get(base))
+                ax.plot([a for a, _ in xy], [b for _, b in xy], marker=marker[gpu], ms=4, lw=1.6,
+                        linestyle=LINESTYLES.get(variant, "-."), label=label, color=COLORS.get(base))
             xs_all = [x for s in p["series"].values() for x in s]
             if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
                 ax.set_xscale("log", base=2)
@@ -117,11 +125,11 @@ def _plot(panels: dict, ylabel: str, value, title: str, logy: bool, hline: float
             if hline is not None:
                 ax.axhline(hline, color="grey", lw=0.8)
             case, model = key
-            ax.set_title(f"{case}{' ' + model if model else ''}", fontsize=9)
-            ax.set_xlabel(f"{p['x']}  ({p['base']})", fontsize=7)
-            ax.set_ylabel(ylabel, fontsize=8)
-            if ax.lines:
-                ax.legend(fontsize=7)
+            ax.set_title(f"{case}{' ' + model if model else ''}", fontsize=10)
+            ax.set_xlabel(f"{p['x']}  ({p['base']})", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=9)
+            if ax.lines:  # beside the axes, never over the data
+                ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.suptitle(title, fontsize=11)
         fig.tight_layout()
         return fig
@@ -170,6 +178,119 @@ def plots(rows: list[dict], cases: dict) -> list[str]:
     return parts
 
 
+def _point_rows(rows: list[dict]) -> dict[tuple, dict]:
+    """(point key without the metric) -> metric -> its ok row."""
+    out: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        if r.get("status") == "ok" and _claimable(r):
+            out[schema.row_key(r)[:-1]][r["metric"]] = r
+    return out
+
+
+def headline(rows: list[dict], cases: dict) -> list[dict]:
+    """Per panel (case, model) and GPU, the largest point of its base combination: the runtime's p50, its
+    speed-up over each other provider (their p50 / the runtime's, like for like: see VERSUS) and its % of
+    roofline. The runtime is triton; torch (the runtime's twins) where triton was not timed (e2e on a CPU)."""
+    by_point = _point_rows(rows)
+    out = []
+    for (case, model), p in sorted(_panels(_ok(rows, "latency_ms"), cases).items()):
+        for gpu in sorted({g for _, g in p["series"]}):
+            series = {label: pts for (label, g), pts in p["series"].items() if g == gpu}
+            runtime = "triton" if any(lb.split()[0] == "triton" for lb in series) else "torch"
+            mine = {lb: pts for lb, pts in series.items() if lb.split()[0] == runtime}
+            if not mine:
+                continue
+            x = max(x for pts in mine.values() for x in pts)
+            main = next((lb for lb in (f"{runtime} kernel", runtime) if x in mine.get(lb, {})),
+                        next(lb for lb, pts in mine.items() if x in pts))
+            lat = mine[main][x]
+            pct = by_point.get(schema.row_key(lat)[:-1], {}).get("pct_roofline")
+            versus = {}
+            for other in VERSUS:
+                if other == runtime:
+                    continue
+                for lb, pts in series.items():
+                    base, _, variant = lb.partition(" ")
+                    if base != other or x not in pts:
+                        continue
+                    ours = next((mine[c][x] for c in (f"{runtime} {variant}".strip(), runtime) if x in mine.get(c, {})),
+                                None)
+                    if ours is not None:
+                        versus[other] = (_num(pts[x]["p50"]) / _num(ours["p50"]), variant or "")
+            out.append({"case": case, "model": model, "gpu": gpu, "x": p["x"], "at": x, "base": p["base"],
+                        "runtime": main, "p50_ms": _num(lat["p50"]), "versus": versus,
+                        "pct_roofline": _num(pct["p50"]) if pct else None})
+    return out
+
+
+def _speedup(h: dict, other: str) -> str:
+    if other not in h["versus"]:
+        return "-"
+    v, variant = h["versus"][other]
+    return f"{v:.2f}x" + (f" ({variant})" if variant else "")
+
+
+def _pct(h: dict) -> str:
+    return "-" if h["pct_roofline"] is None else f"{h['pct_roofline']:.3g} %"
+
+
+def _where(h: dict) -> str:
+    return f"{h['x']}={h['at']:g}" + (f" {h['base']}" if h["base"] else "")
+
+
+def headline_html(heads: list[dict]) -> str:
+    if not heads:
+        return "<p>no headline: no ok latency row of the runtime</p>"
+    cols = ("case", "point", "runtime", "p50 ms", *(f"vs {o}" for o in VERSUS), "% of roofline")
+    hdr = "".join(f"<th{' class=l' if c in ('case', 'point', 'runtime') else ''}>{esc(c)}</th>" for c in cols)
+    body = "".join(
+        f"<tr><td class='l'>{esc(h['case'])}{' ' + esc(h['model']) if h['model'] else ''}</td>"
+        f"<td class='l'>{esc(_where(h))}</td><td class='l'>{esc(h['runtime'])}</td><td>{h['p50_ms']:.4g}</td>"
+        + "".join(f"<td>{esc(_speedup(h, o))}</td>" for o in VERSUS)
+        + f"<td>{esc(_pct(h))}</td></tr>"
+        for h in heads)
+    return ("<h2>Headline</h2><p>per case, its largest point: the runtime's p50 and its speed-up over each other "
+            "provider (their p50 / the runtime's; &gt; 1: the runtime is faster), like for like: the runtime's "
+            "kernel launch against vllm / grouped_mm kernels, its public call against torch / PEFT (eager). "
+            "- : not timed at that point.</p>"
+            f"<div class='scroll'><table><tr>{hdr}</tr>{body}</table></div>")
+
+
+def headline_text(heads: list[dict]) -> list[str]:
+    """The headline as the terminal's last lines: fixed-width columns."""
+    table = [["case", "point", "runtime", "p50 ms", *(f"vs {o}" for o in VERSUS), "% roofline"]]
+    for h in heads:
+        table.append([h["case"] + (f" {h['model']}" if h["model"] else ""), _where(h), h["runtime"],
+                      f"{h['p50_ms']:.4g}", *(_speedup(h, o) for o in VERSUS),
+                      _pct(h)])
+    width = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in table]
+
+
+def print_headline(rows: list[dict], cases: dict) -> None:
+    """`mmlora bench`'s last lines: the headline table, and the interpreter warning where it applies."""
+    import sys
+
+    lines = headline_text(headline(rows, cases))
+    banner = interpreter_banner(rows)
+    print("\n".join(["bench: headline (speed-up = other p50 / runtime p50)", *lines]
+                    + ([f"bench: {banner}"] if banner else [])), file=sys.stderr)
+
+
+def interpreter_banner(rows: list[dict]) -> str:
+    """What a CPU run's Triton timings are, said once where a reader looks first; empty on a GPU."""
+    cpu = [r for r in rows if (r.get("gpu_name") or "").startswith("cpu")]
+    if not cpu:
+        return ""
+    return ("CPU run: triton and vllm rows are Triton interpreter timings (tiny shapes; they check the plumbing, "
+            "not the kernels' speed); torch, PEFT and grouped_mm rows are real CPU timings; no GPU profile applies, "
+            "so no % of roofline")
+
+
+def _status_text(status: Counter) -> str:
+    return ", ".join(f"{k or 'none'} {v}" for k, v in sorted(status.items(), key=lambda kv: -kv[1]))
+
+
 def _params(r: dict) -> str:
     return " ".join(f"{c}={r[c]}" for c in schema.PARAM_COLUMNS if r.get(c))
 
@@ -177,10 +298,7 @@ def _params(r: dict) -> str:
 def _limits_table(rows: list[dict]) -> str:
     """Every ok kernel point that has byte counts: bytes, us at the profile's peak and at the run's copy
     bandwidth, measured p50 us, % of each, and the note (noisy points say so)."""
-    by_point: dict[tuple, dict] = defaultdict(dict)
-    for r in rows:
-        if r.get("status") == "ok":
-            by_point[schema.row_key(r)[:-1]][r["metric"]] = r
+    by_point = _point_rows(rows)
     head = ("case", "provider", "params", "MB", "us @ peak", "us @ copy", "p50 us", "% peak", "% copy", "note")
     body = []
     for key, m in by_point.items():
@@ -227,14 +345,22 @@ def _regression_table(comps: list[Comparison], baseline: str) -> str:
             f"<table><tr>{head}</tr>{body}</table>")
 
 
+_CSS = ("<style>.banner{font-size:16px;padding:.45em .7em;border-left:6px solid #b7791f;background:#fdf6e3}"
+        ".scroll{overflow-x:auto;max-width:100%}</style>")
+
+
 def render_html(rows: list[dict], cases: dict, meta: dict, comps: list[Comparison] | None = None,
                 baseline: str | None = None, extra: str = "") -> str:
     """The page; `extra` is HTML (already escaped) placed under the header, e.g. bench-merge's runs table."""
     status = Counter(r.get("status", "") for r in rows)
     gpus = sorted({r.get("gpu_name", "") for r in rows})
-    parts = ["<h1>mmlora bench</h1>",
-             "<p>" + " &middot; ".join(f"{esc(k)}: {esc(v)}" for k, v in meta.items()) + "</p>",
-             f"<p>{len(rows)} rows; status: {esc(dict(status))}; GPUs: {esc(', '.join(gpus))}</p>", extra]
+    banner = interpreter_banner(rows)
+    parts = [_CSS, "<h1>mmlora bench</h1>"]
+    if banner:
+        parts.append(f"<p class='banner'>{esc(banner)}</p>")
+    parts += [headline_html(headline(rows, cases)),
+              "<p>" + " &middot; ".join(f"{esc(k)}: {esc(v)}" for k, v in meta.items()) + "</p>",
+              f"<p>{len(rows)} rows; status: {esc(_status_text(status))}; GPUs: {esc(', '.join(gpus))}</p>", extra]
     if comps is not None:
         parts.append(_regression_table(comps, baseline or ""))
     parts += plots(rows, cases)

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from harness.correctness.compare import CSV_COLUMNS
-from harness.flags import finite_float
 from harness.correctness.headline import print_fault_headlines
+from harness.flags import finite_float
 from harness.geometry_flags import parse_geometry
 from harness.output import atomic_dir, check_out, default_run_dir, write_csv, write_json
 

@@ -11,6 +11,7 @@ import pytest
 
 from harness.correctness.engine import Options, judge, prepare
 from harness.correctness.faults import FAULTS
+from harness.correctness.headline import fault_headline
 from harness.correctness.power import _reason, _row
 
 # LoRA and mapping faults and the controls on Llama 4 (tiled tower, connector inside the tower prefix); each
@@ -49,6 +50,7 @@ def test_catalog_row(fault, arch, dtype, prepared):
     v = res.summary["fault"]
     print(f"{fault} {arch} {dtype}: {v}")
     _row(f, arch, dtype, opts.adapter_scale, v, 0.0)  # the power table's row builds from every real verdict
+    _check_headline(f, arch, res, v)
     if f.control:
         assert v["passed"], f"negative control failed: {res.summary['first_divergence']}"
         return
@@ -60,3 +62,33 @@ def test_catalog_row(fault, arch, dtype, prepared):
         return
     assert v["caught"] and v["named"], v
     assert reason == "", reason
+
+
+def _check_headline(f, arch: str, res, v: dict) -> None:
+    """The run's last line says what happened in the fault's own words, with the margin that decided it: the
+    earliest failing row of the fault's mode (found here from the rows), or for a miss the largest margin at
+    the module the catalog expects."""
+    line = fault_headline(arch, res.summary)
+    rows = [r for r in res.rows if r.mode == f.mode]
+    bad = [r for r in rows if not r.metrics.ok]
+    first = min(bad, key=lambda r: (r.order, r.request)) if bad else None
+    tail = f"({arch}, {f.mode})"
+    if f.control:
+        worst = max(r.metrics.margin for r in res.rows)
+        assert line == f"seeded control {f.name}: passed, as a legitimate variation must; largest margin " \
+                       f"{worst:.3g} {tail}" if not bad else line.startswith(f"seeded control {f.name}: FALSE ALARM")
+        return
+    expected = v["expected_first"]
+    if first is None:
+        at = max(r.metrics.margin for r in rows if r.module == expected)
+        assert line == f"seeded fault {f.name}: MISSED (expected at {expected}); margin {at:.3g} there {tail}"
+        return
+    decided = f"margin {first.metrics.margin:.3g}" if first.metrics.status == "mismatch" else None
+    if first.module == expected:
+        want = f"seeded fault {f.name}: caught, named at {expected} (expected); "
+    else:
+        want = f"seeded fault {f.name}: caught, but first named at {first.module} (expected {expected}); "
+    assert line.startswith(want) and line.endswith(tail), line
+    if decided:
+        assert line == f"{want}{decided} {tail}", line
+

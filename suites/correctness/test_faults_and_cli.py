@@ -11,13 +11,26 @@ import pytest
 from harness.cli import main
 
 
-def test_a_fault_exits_1_and_names_its_module_through_the_cli(tmp_path):
+def test_a_fault_exits_1_and_names_its_module_through_the_cli(tmp_path, capsys):
     out = tmp_path / "rep"
     rc = main(["correctness", "--arch", "llama4", "--mode", "replay", "--inject-fault", "slot-shift", "--out", str(out)])
     assert rc == 1
     s = json.loads((out / "summary.json").read_text())["archs"]["llama4"]
     assert s["fault"]["caught"] and s["fault"]["named"], s["fault"]
-    assert s["fault"]["first"] == s["fault"]["expected_first"] == "vision_model.model.layers.0.self_attn.q_proj"
+    q = "vision_model.model.layers.0.self_attn.q_proj"  # the catalog's rule: the first tower LoRA module
+    assert s["fault"]["first"] == s["fault"]["expected_first"] == q
+    # the last line, and the report's headline, say it in words with the margin of the row that decided it:
+    # the earliest failing row in layers.csv (module order, then request)
+    df = pd.read_csv(out / "layers.csv")
+    bad = df[(df["mode"] == "replay") & ~df["ok"]].sort_values(["order", "request"])
+    line = f"seeded fault slot-shift: caught, named at {q} (expected); margin {bad['margin'].iloc[0]:.3g} (llama4, replay)"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
+    html = (out / "index.html").read_text()
+    assert line in html
+    # the first divergence links to its row in the failing-rows table
+    assert "href='#first-llama4-replay'" in html
+    row = html.split("id='first-llama4-replay'", 1)[1].split("</tr>", 1)[0]
+    assert q in row and f">{int(bad['request'].iloc[0])}<" in row
 
 
 def test_a_control_exits_0_through_the_cli(tmp_path):

@@ -37,7 +37,11 @@ def test_default_correctness_run_passes_with_a_complete_report(arch, tmp_path):
     assert set(get_arch(arch).targetable_groups()) <= set(df["group"])
     assert {"@tower_out", "@lm_image_embeds", "@logits"} <= set(df["module"])
     html = (out / "index.html").read_text()
-    assert "data:image/png;base64," in html and arch in html
+    assert arch in html
+    # one margin panel per mode and group: every compared LoRA module is a point named by its hover title
+    assert html.count("<svg ") >= len(set(zip(df["mode"], df["group"])) - {(m, "boundary") for m in df["mode"]})
+    for module in set(df.loc[df["kind"] == "lora", "module"]):
+        assert f"<title>{module}</title>" in html, module
 
 
 def test_default_run_covers_every_registered_arch():

@@ -246,7 +246,8 @@ def _finish(args, out: Path, results, opts) -> int:
     _write_report(args, out, results, opts, ok, exit_code)
     _print_verdict(out, results, opts, ok, warnings)
     if ok and exit_code:
-        print("mmlora correctness: --strict: a trivial comparison is a failure (warnings above)", file=sys.stderr)
+        print("mmlora correctness: --strict: a warning is a failure (a trivial comparison, or an adapter this run "
+              "could not tell from none: warnings above)", file=sys.stderr)
     print_fault_headlines(results)
     return exit_code
 
@@ -372,7 +373,8 @@ def register(sub) -> None:
 
     def runtime_args(c) -> None:
         c.add_argument("--strict", action="store_true",
-                       help="exit 1 when an adapter changes (almost) nothing on a group it targets")
+                       help="exit 1 on any warning: an adapter that changes (almost) nothing on a group it targets, or "
+                            "one this batch could not tell from no adapter (its dropped-adapter margin <= 1)")
         c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"],
                        help="e2e: each side feeds itself (shows drift); replay: every runtime module is fed the "
                             "reference's recorded input (localises the faulty module); both (default)")

@@ -22,6 +22,7 @@ import torch
 from harness.correctness import bundle, modes
 from harness.correctness.compare import Row, first_divergence
 from harness.correctness.faults import Fault, get_fault
+from harness.correctness.resolution import blind_spots, dropped_adapter_margins
 from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
 from harness.correctness.truth import run_truth, trivial_warnings, truth_dtype
 from harness.output import atomic_dir
@@ -263,7 +264,9 @@ def _first(row: Row | None) -> dict | None:
             "delta_margin": m.delta.margin if m.delta else None, "detail": row.detail}
 
 
-def _summarize(p: Prepared, rows: list[Row], opts: Options) -> dict:
+def _summarize(p: Prepared, rows: list[Row], opts: Options, modes_run=None) -> dict:
+    """`modes_run`: the modes whose detection power counts (an engine's output bundle is judged e2e only)."""
+    modes_run = opts.modes if modes_run is None else modes_run
     summary: dict = {"arch": p.arch.model_type, "requests": [
         {"adapter": r.adapter, "images": len(r.images), "geometry": [g.describe() for g in r.images],
          "tokens": len(r.prompt_ids)} for r in p.reqs]}
@@ -275,7 +278,12 @@ def _summarize(p: Prepared, rows: list[Row], opts: Options) -> dict:
         worst[key] = max(worst.get(key, 0.0), r.metrics.margin)
     summary["worst_margin"] = worst
     summary["adapter_ratios"] = p.ratios
-    summary["warnings"], summary["notes"] = p.warnings, p.notes
+    # what this batch could have seen: the margin a runtime that dropped each adapter would get (resolution.py)
+    summary["detection_power"] = power = dropped_adapter_margins(p, modes_run)
+    blind = blind_spots(power)
+    for w in blind:
+        _log(f"  {p.arch.model_type}: WARNING: {w}")
+    summary["warnings"], summary["notes"] = p.warnings + blind, p.notes
     bugs = {f.name: f.upstream_bug for f in p.arch.reference_fixes()}
     summary["reference_fixes"] = {name: bugs[name] for name in p.fixes}
     summary["ok"] = all(r.metrics.ok for r in rows)
@@ -331,7 +339,7 @@ def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options) -> ArchResult:
     """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model."""
     t0 = time.time()
     rows = modes.compare_outputs(p, got)
-    summary = _summarize(p, rows, opts)
+    summary = _summarize(p, rows, opts, ("e2e",))
     summary["seconds"] = round(p.seconds + time.time() - t0, 2)
     _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(p.arch.model_type, rows, summary)

@@ -44,8 +44,9 @@ def cmd_archs(args) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['arch']:<12} geometry={','.join(r['geometry']):<8} tower={r['tower']} "
-                  f"connector={r['connector']} lm={r['language_model']} lora={r['lora_groups']}")
+            j = lambda xs: ", ".join(xs) or "-"  # noqa: E731 - a list as a person reads it, not its repr
+            print(f"{r['arch']:<12} geometry {j(r['geometry']):<8} tower {j(r['tower'])}  connector "
+                  f"{j(r['connector'])}  lm {j(r['language_model'])}  LoRA on {j(r['lora_groups'])}")
     return 0
 
 
@@ -144,6 +145,9 @@ def _quiet_libraries() -> None:
         pass
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader closed the pipe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from harness import signals
 
@@ -171,6 +175,12 @@ def _main(argv: list[str]) -> int:
         return 2
     except SystemExit as e:  # --help / --version from argparse: its exit code, not an exception
         return int(e.code or 0)
+    except BrokenPipeError:  # `mmlora faults | head`: the reader has gone; nothing left to say, nowhere to say it
+        import os
+
+        # stdout is flushed again at exit: point it at /dev/null so that flush cannot raise a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Terminated): cleaned up on the way here
         code = signals.exit_code(e)
         print(f"mmlora: {'terminated (SIGTERM)' if code == signals.EXIT_TERMINATED else 'interrupted'}",

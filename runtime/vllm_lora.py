@@ -7,7 +7,7 @@ token mapping, prepared once per batch (here: once per module group per batch, t
 hook), an fp32 buffer [slices, T, r] that `lora_shrink` fills (scale 1.0: alpha/r is folded into B at load,
 as vLLM does), then `lora_expand(..., add_inputs=True)` adds into y in place.
 
-Numerics that differ from the project's own kernels (measured figures in README): vLLM's expand casts the fp32
+Numerics that differ from the project's own kernels (measured figures in docs/vllm.md): vLLM's expand casts the fp32
 intermediate to the weights' dtype before its dot, and rounds the delta to that dtype before adding it to y
 (two roundings; PEFT at fp16 / bf16 rounds the same places). Its shrink accepts only fp16 / bf16 inputs.
 
@@ -40,7 +40,7 @@ import torch
 
 from runtime.kernels._util import interpreted
 
-VLLM_VERSION = "0.32.0"  # the release the project installs (noxfile) and whose numbers README reports
+VLLM_VERSION = "0.32.0"  # the release the project installs (noxfile) and whose numbers docs/vllm.md reports
 INSTALL_HINT = (f"install vLLM's kernels with `nox -s vllm_kernels` (or: pip install --no-deps vllm=={VLLM_VERSION} "
                 "numpy packaging regex psutil pyzmq urllib3, after a CPU torch)")
 DEVICE_NAME = "CPU_INTERPRETER"  # what vLLM's config loader is told the device is called, under the interpreter

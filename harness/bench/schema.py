@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-# case parameters (README "Benchmarks" documents each)
+# case parameters (docs/bench.md documents each)
 PARAM_COLUMNS: tuple[str, ...] = (
     "model",       # e2e: registry arch / size, e.g. llama4/scout, gemma3/tiny
     "dtype",       # fp32 | fp16 | bf16

@@ -1,4 +1,4 @@
-"""Bundles: a run's module captures on disk (README, "Bundles"), written as the forward makes them and read
+"""Bundles: a run's module captures on disk (docs/bundles.md), written as the forward makes them and read
 back one module at a time, so memory does not grow with the number of layers.
 
 A reference bundle (`mmlora record`, and every `mmlora correctness` run through a temporary one) holds, per
@@ -211,9 +211,10 @@ def captured(stage: Stage, side: str, n_requests: int) -> list[list[str]]:
 
 
 def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, reqs, pm, device,
-                    targets: dict[str, set[str]]) -> tuple[BundleWriter, dict[str, dict[str, float]]]:
+                    targets: dict[str, set[str]], step=lambda: None) -> tuple[BundleWriter, dict[str, dict[str, float]]]:
     """Every module's file, in the reference's order, from the staged reference and truth captures; returns
-    the writer (manifest still to finish) and the adapters' measured rms(delta) / rms(base) per group."""
+    the writer (manifest still to finish) and the adapters' measured rms(delta) / rms(base) per group.
+    `step()` after each module (progress)."""
     tdt = truth_dtype(device)
     per_ratio: dict[str, dict[str, list[float]]] = {}
     writer = BundleWriter(tmp, len(reqs))
@@ -221,6 +222,7 @@ def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, req
         tensors = _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, per_ratio)
         writer.add(name, BOUNDARY_GROUP.get(name) or arch.group_of(name), tensors)
         del tensors
+        step()
     shutil.rmtree(stage.folder)
     return writer, {a: {g: statistics.median(v) for g, v in groups.items()} for a, groups in per_ratio.items()}
 
@@ -307,11 +309,18 @@ def _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, p
     return out
 
 
-def stream_outputs(rt, reqs, folder: Path) -> Bundle:
+def stream_outputs(rt, reqs, folder: Path, step=lambda: None) -> Bundle:
     """The runtime's one mixed-batch forward, captured into an output bundle module by module (the e2e
-    side of a comparison). Raises what the runtime raises, including a row count the formulas disagree with."""
+    side of a comparison). Raises what the runtime raises, including a row count the formulas disagree with.
+    `step()` after each module output the forward captures (progress)."""
     stage = Stage(folder / ".stage")
-    rt.run(reqs, sink=stage.sink("got"))
+    sink = stage.sink("got")
+
+    def put(name: str, key: str, t: torch.Tensor) -> None:
+        sink(name, key, t)
+        if key == "out":
+            step()
+    rt.run(reqs, sink=put)
     l_max = max(len(r.prompt_ids) for r in reqs)
     writer = BundleWriter(folder, len(reqs))
     for name in stage.seen.get("got", []):

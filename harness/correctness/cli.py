@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -246,9 +247,26 @@ def _finish(args, out: Path, results, opts) -> int:
     _write_report(args, out, results, opts, ok, exit_code)
     _print_verdict(out, results, opts, ok, warnings)
     if ok and exit_code:
-        print("mmlora correctness: --strict: a trivial comparison is a failure (warnings above)", file=sys.stderr)
+        print("mmlora correctness: --strict: a warning is a failure (a trivial comparison, or an adapter this run "
+              "could not tell from none: warnings above)", file=sys.stderr)
+    _print_recap(out, results)
     print_fault_headlines(results)
     return exit_code
+
+
+def _print_recap(out: Path, results) -> None:
+    """A multi-arch run's last word: how many passed and failed, the worst margin and where, the report."""
+    if len(results) < 2:
+        return
+    failed = [r.arch for r in results if not r.summary["ok"]]
+    rows = [(row.metrics.margin, r.arch, row) for r in results for row in r.rows
+            if math.isfinite(row.metrics.margin)]  # error rows (no figure) left out
+    worst = ""
+    if rows:
+        m, arch, row = max(rows, key=lambda x: x[0])
+        worst = f"; worst margin {m:.3g} ({arch} {row.mode}, {row.module})"
+    print(f"mmlora correctness: {len(results)} archs: {len(results) - len(failed)} passed, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else "") + f"{worst}; report in {out}", file=sys.stderr)
 
 
 def cmd_record(args) -> int:
@@ -270,7 +288,7 @@ def cmd_record(args) -> int:
 
 def cmd_compare(args) -> int:
     """`mmlora compare BUNDLE`: the runtime against a recorded reference; `mmlora compare REF GOT`: an output
-    bundle (any engine's, README "Bundles") against it, e2e."""
+    bundle (any engine's, docs/bundles.md) against it, e2e."""
     from harness.correctness import MODES, Options
     from harness.correctness.bundle import Bundle, check_outputs
     from harness.correctness.engine import check_fault, judge, judge_outputs, load
@@ -372,7 +390,8 @@ def register(sub) -> None:
 
     def runtime_args(c) -> None:
         c.add_argument("--strict", action="store_true",
-                       help="exit 1 when an adapter changes (almost) nothing on a group it targets")
+                       help="exit 1 on any warning: an adapter that changes (almost) nothing on a group it targets, or "
+                            "one this batch could not tell from no adapter (its dropped-adapter margin <= 1)")
         c.add_argument("--mode", default="both", choices=["e2e", "replay", "both"],
                        help="e2e: each side feeds itself (shows drift); replay: every runtime module is fed the "
                             "reference's recorded input (localises the faulty module); both (default)")
@@ -392,14 +411,14 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_correctness)
     r = sub.add_parser("record", help="record the reference and its truth for one arch into a bundle folder")
     reference_args(r, one_arch=True)
-    r.add_argument("--out", required=True, help="the bundle folder to write (README, Bundles); " + OUT_RULE)
+    r.add_argument("--out", required=True, help="the bundle folder to write (docs/bundles.md); " + OUT_RULE)
     overwrite_arg(r)
     r.set_defaults(func=cmd_record, kernel="triton", inject_fault=None, mode="both", quantize=None,
                    quantize_projector=False)
     m = sub.add_parser("compare", help="the runtime (or an output bundle GOT) against a recorded reference bundle; "
                        "exit 0 ok, 1 divergence, 2 bad bundle")
     m.add_argument("bundle", help="a reference bundle (mmlora record)")
-    m.add_argument("got", nargs="?", help="an output bundle of an engine (README, Bundles): compared e2e")
+    m.add_argument("got", nargs="?", help="an output bundle of an engine (docs/bundles.md): compared e2e")
     runtime_args(m)
     placement_args(m, "the runtime's checkpoint; not with GOT")
     m.set_defaults(func=cmd_compare)

@@ -22,9 +22,11 @@ import torch
 from harness.correctness import bundle, modes
 from harness.correctness.compare import Row, first_divergence
 from harness.correctness.faults import Fault, get_fault
+from harness.correctness.resolution import blind_spots, dropped_adapter_margins
 from harness.correctness.rules import DEFAULT_ADAPTER_SCALE, NEGLIGIBLE_DELTA
 from harness.correctness.truth import run_truth, trivial_warnings, truth_dtype
 from harness.output import atomic_dir
+from harness.progress import Progress, counting
 from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
 from runtime.model import RuntimeModel
@@ -176,14 +178,22 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: 
     _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
     with atomic_dir(out, "bundle", overwrite) as tmp:
         stage = bundle.Stage(tmp / ".stage")
-        run_reference(pm, arch, config, reqs, "single", device, torch_dtype, sink=lambda i: stage.sink(("ref", i)))
-        _log(f"  {arch.model_type}: truth at {str(truth_dtype(device)).removeprefix('torch.')}")
-        # the truth is the reference model itself run at high precision (truth.high_precision): no second copy
-        run_truth(pm, arch, config, reqs, device, torch_dtype, sink=lambda i: stage.sink(("truth", i)))
+        at = arch.model_type
+        with Progress(f"{at}: reference", None, "module output") as pr:
+            run_reference(pm, arch, config, reqs, "single", device, torch_dtype,
+                          sink=lambda i: counting(stage.sink(("ref", i)), pr))
+        truth_at = f"truth at {str(truth_dtype(device)).removeprefix('torch.')}"
+        _log(f"  {at}: {truth_at}")
+        # the truth is the reference model itself run at high precision (truth.high_precision): no second copy;
+        # the same forward, so it captures as many module outputs as the reference did
+        with Progress(f"{at}: {truth_at}", pr.done, "module output") as pt:
+            run_truth(pm, arch, config, reqs, device, torch_dtype, sink=lambda i: counting(stage.sink(("truth", i)), pt))
         targets = {name: set(a.modules) for name, a in adapters.items()}
         order = _order(bundle.captured(stage, "ref", len(reqs)))
-        _log(f"  {arch.model_type}: writing the reference bundle ({len(order)} modules)")
-        writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, device, targets)
+        _log(f"  {at}: writing the reference bundle ({len(order)} modules)")
+        with Progress(f"{at}: bundle", len(order)) as pb:
+            writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, device, targets,
+                                                    pb.step)
         warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
         for w in warnings:
             _log(f"  {arch.model_type}: WARNING: {w}")
@@ -263,7 +273,9 @@ def _first(row: Row | None) -> dict | None:
             "delta_margin": m.delta.margin if m.delta else None, "detail": row.detail}
 
 
-def _summarize(p: Prepared, rows: list[Row], opts: Options) -> dict:
+def _summarize(p: Prepared, rows: list[Row], opts: Options, modes_run=None) -> dict:
+    """`modes_run`: the modes whose detection power counts (an engine's output bundle is judged e2e only)."""
+    modes_run = opts.modes if modes_run is None else modes_run
     summary: dict = {"arch": p.arch.model_type, "requests": [
         {"adapter": r.adapter, "images": len(r.images), "geometry": [g.describe() for g in r.images],
          "tokens": len(r.prompt_ids)} for r in p.reqs]}
@@ -275,7 +287,12 @@ def _summarize(p: Prepared, rows: list[Row], opts: Options) -> dict:
         worst[key] = max(worst.get(key, 0.0), r.metrics.margin)
     summary["worst_margin"] = worst
     summary["adapter_ratios"] = p.ratios
-    summary["warnings"], summary["notes"] = p.warnings, p.notes
+    # what this batch could have seen: the margin a runtime that dropped each adapter would get (resolution.py)
+    summary["detection_power"] = power = dropped_adapter_margins(p, modes_run)
+    blind = blind_spots(power)
+    for w in blind:
+        _log(f"  {p.arch.model_type}: WARNING: {w}")
+    summary["warnings"], summary["notes"] = p.warnings + blind, p.notes
     bugs = {f.name: f.upstream_bug for f in p.arch.reference_fixes()}
     summary["reference_fixes"] = {name: bugs[name] for name in p.fixes}
     summary["ok"] = all(r.metrics.ok for r in rows)
@@ -311,12 +328,15 @@ def _judge(p: Prepared, opts: Options, fault: Fault | None, rt: RuntimeModel, t0
         fault.apply(rt)
     quant = _quantize(rt, p.arch, opts) if opts.quantize else None
     rows: list[Row] = []
+    at = p.arch.model_type
     if "e2e" in opts.modes:
-        _log(f"  {p.arch.model_type}: runtime e2e")
-        rows += modes.e2e(p, rt)
+        _log(f"  {at}: runtime e2e")
+        with Progress(f"{at}: runtime e2e", None, "module output") as pe:
+            rows += modes.e2e(p, rt, pe.step)
     if "replay" in opts.modes:
-        _log(f"  {p.arch.model_type}: replay of {len(rt.lora_names)} LoRA modules")
-        rows += modes.replay(p, rt)
+        _log(f"  {at}: replay of {len(rt.lora_names)} LoRA modules")
+        with Progress(f"{at}: replay", sum(n in rt.tables.shapes for n in p.order)) as pr:
+            rows += modes.replay(p, rt, pr.step)
     summary = _summarize(p, rows, opts)
     if quant is not None:
         _judge_quantized(summary, rows, quant, opts)
@@ -331,7 +351,7 @@ def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options) -> ArchResult:
     """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model."""
     t0 = time.time()
     rows = modes.compare_outputs(p, got)
-    summary = _summarize(p, rows, opts)
+    summary = _summarize(p, rows, opts, ("e2e",))
     summary["seconds"] = round(p.seconds + time.time() - t0, 2)
     _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(p.arch.model_type, rows, summary)

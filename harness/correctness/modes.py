@@ -99,9 +99,9 @@ def compare_outputs(p, got) -> list[Row]:
     return rows
 
 
-def e2e(p, rt) -> list[Row]:
+def e2e(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
     """The runtime's one mixed batch, streamed into an output bundle, against each request run alone by the
-    reference and the truth."""
+    reference and the truth (`step()` per module output the runtime's forward captures: progress)."""
     current: list[str] = [p.order[0]]
 
     def entering(name: str) -> Callable:
@@ -112,7 +112,7 @@ def e2e(p, rt) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="mmlora-got-") as tmp:
         handles = [rt.model.get_submodule(n).register_forward_pre_hook(entering(n)) for n in rt.lora_names]
         try:
-            got = stream_outputs(rt, p.reqs, Path(tmp))
+            got = stream_outputs(rt, p.reqs, Path(tmp), step)
         except Exception as e:  # noqa: BLE001 - a runtime failure is a verdict, not a harness crash
             return _error_rows(p, "e2e", current[0], e)
         finally:
@@ -144,7 +144,8 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Ten
     return rows_per_request(y, group, counts, lengths, l_max, name)
 
 
-def replay(p, rt) -> list[Row]:
+def replay(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
+    """Every LoRA module of the runtime fed the reference's recorded inputs (`step()` after each: progress)."""
     rows = []
     r = rule(p.dtype, "replay")
     # one batch mapping (and its per-group groupings) for every module, as a forward of the batch builds it
@@ -156,6 +157,7 @@ def replay(p, rt) -> list[Row]:
     for name in p.order:
         if name not in rt.tables.shapes:
             continue
+        step()
         have = [i for i in range(len(p.reqs)) if p.bundle.has(i, name) and p.bundle.has(i, name, "in")]
         if not have:
             continue

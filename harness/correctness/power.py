@@ -5,7 +5,7 @@ One prepared reference (reference + truth runs) serves every fault of an (arch, 
 printed as it is measured; a run on which the harness itself raises becomes a `HARNESS ERROR` row (exit 1,
 every other figure kept), and Ctrl-C (SIGTERM) writes the rows measured so far, marked partial (exit 130, 143).
 
-Writes OUT/power.csv (one row per fault x arch x dtype x scale) and OUT/power.md (the table README shows).
+Writes OUT/power.csv (one row per fault x arch x dtype x scale) and OUT/power.md (the table docs/verdict.md shows).
 """
 
 from __future__ import annotations

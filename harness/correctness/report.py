@@ -60,6 +60,34 @@ def _ratios(s: dict) -> str:
             + f"</tr>{rows}</table>")
 
 
+def _power(r) -> str:
+    """Detection power beside the measured margins: per adapter, group and mode, the margin a runtime that
+    dropped the adapter would get on this batch (resolution.py) and the largest margin the runtime under test
+    got at the adapter's LoRA modules. A dropped-adapter margin at or below 1 is a blind spot (red)."""
+    power = r.summary.get("detection_power") or {}
+    if not power:
+        return ""
+    measured: dict = {}
+    for x in r.rows:
+        if x.adapter != "-" and x.kind == "lora":
+            key = (x.adapter, x.group, x.mode)
+            measured[key] = max(measured.get(key, 0.0), x.metrics.margin)
+    rows = []
+    for adapter, groups in sorted(power.items()):
+        for group, by_mode in sorted(groups.items()):
+            for mode, d in sorted(by_mode.items()):
+                blind = d["margin"] <= 1.0
+                cell = f"<td class='{'fail' if blind else 'ok'}'>{_margin(d['margin'])}{' (blind)' if blind else ''}</td>"
+                rows.append(f"<tr><td class='l'>{esc(adapter)}</td><td class='l'>{esc(group)}</td>"
+                            f"<td class='l'>{esc(mode)}</td>{cell}<td>{_margin(measured.get((adapter, group, mode)))}"
+                            f"</td><td class='l'>{esc(d['module'])}, request {esc(d['request'])}</td></tr>")
+    return ("<p>detection power: the margin a runtime that <b>dropped</b> each adapter would get on this very batch "
+            "(above 1: this run tells the adapter from none; at or below 1 it could not have seen it), beside the "
+            "largest margin the runtime under test got at that adapter's modules:</p><table><tr><th class='l'>"
+            "adapter</th><th class='l'>group</th><th class='l'>mode</th><th>dropped-adapter margin</th><th>measured "
+            "margin</th><th class='l'>where the adapter shows most</th></tr>" + "".join(rows) + "</table>")
+
+
 def provenance_html(summary: dict, results) -> str:
     """The report's head: what produced it (code, libraries, device, date, command line), and for each failing
     (arch, mode) the command that reproduces its failing rows."""
@@ -163,6 +191,7 @@ def render_html(results, summary) -> str:
                          f"<b>{esc(_text(q['violations']) if q['violations'] else 'none')}</b>; drift (max err / "
                          f"max |truth|):</p>" + _kv_table({k: f"{v:.3g}" for k, v in sorted(q["drift_by_group"].items())}))
         parts.append(_ratios(s))
+        parts.append(_power(r))
         parts.append(_margin_plots(r, modes))
         parts.append(_table(r))
     return PAGE.format(title="mmlora correctness", body="\n".join(parts))

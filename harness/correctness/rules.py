@@ -36,7 +36,7 @@ class Rule:
 # k: the runtime may round along another path than the reference (another GEMM blocking for a batch of
 # requests than for one, another summation order): two independent roundings instead of one give an rms
 # about sqrt(2) ~ 1.4 times the reference's and a max up to ~2-3 times; e2e compounds that over the layers.
-# Healthy runs, all 12 tiny models, realistic adapters, CPU (README, "Verdict rule"), worst ratio seen:
+# Healthy runs, all 12 tiny models, realistic adapters, CPU (docs/verdict.md, "The verdict rule"), worst ratio seen:
 #   bf16 replay: max 2.2, rms 1.32   bf16 e2e: max 1.8, rms 2.1   fp16 replay: max 1.6, rms 1.31
 #   fp16 e2e: max 2.0, rms 1.5       fp32: ratios up to 13 on errors of ~1e-7 of the size (floors decide)
 # floor: a row with no adapter has a delta of exactly 0 on the reference, while the runtime's base output on

@@ -73,3 +73,19 @@ def test_every_flag_has_help(name):
     bare = [a.option_strings or [a.dest] for a in parser._actions
             if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
     assert not bare, f"mmlora {name}: flags without help: {bare}"
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`mmlora faults | head -1`: the reader goes away; the tool stops quietly (exit 141, as a shell reports
+    SIGPIPE), with no error line or Python traceback on stderr. The pipe's read end is closed before the
+    child has even imported the harness, so its first write meets the broken pipe."""
+    import os
+
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "faults"], stdout=w, stderr=subprocess.PIPE,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(w)
+    os.close(r)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, (proc.returncode, err)
+    assert err == "", err

@@ -20,13 +20,14 @@ class Check:
     """One statistic pair of one tensor against the truth."""
 
     err: float        # runtime max |got - truth|
-    ref_err: float    # reference max |ref - truth|
+    ref_err: float    # reference max |ref - truth| (+ the held-adapter allowance, element by element)
     rms: float        # runtime rms error
-    ref_rms: float    # reference rms error
+    ref_rms: float    # reference rms error (likewise)
     scale: float      # max |truth|
     bound: float      # k_max * ref_err + floor_max * scale
     rms_bound: float  # k_rms * ref_rms + floor_rms * rms |truth|
     first_bad: int    # first row breaking a bound, -1 if none
+    held_err: float = 0.0  # max of the allowance for an adapter held at the run dtype (see `held_adapter`)
 
     @property
     def ratio(self) -> float:
@@ -56,12 +57,31 @@ def _sizes(t: torch.Tensor) -> tuple[float, float]:
     return float(t.abs().max()), float(t.pow(2).mean()) ** 0.5
 
 
+def held_adapter(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """|delta with A and scale * B rounded to `dtype` - delta with them as given|, per element, in float64:
+    what holding the adapter at the run dtype (the scale folded into B, as serving engines load it) costs
+    on this input. PEFT keeps adapter weights in fp32 whatever the
+    model's dtype (autocast_adapter_dtype), so the reference never pays it; a serving runtime holds them at
+    the run dtype (vLLM does), an error the size of one rounding of the delta: at an adapter scale of 1 (a
+    delta the size of the output) as large as the output's own rounding, and absent from the reference's."""
+    xd = x.double().reshape(-1, x.shape[-1])
+    exact = (xd @ A.double().T) @ (B.double().T * scale)
+    held = (xd @ A.to(dtype).double().T) @ (B.double() * scale).to(dtype).double().T
+    return (held - exact).abs().reshape(*x.shape[:-1], B.shape[0])
+
+
 def check(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rule: Rule,
-          floor_of: tuple[float, float] | None = None) -> Check:
+          floor_of: tuple[float, float] | None = None, held: torch.Tensor | None = None) -> Check:
     """`floor_of`: the (max, rms) size the floor is taken of; the truth's own by default. A delta takes the
-    output's: it is the difference of two quantities each resolved only to the output's precision."""
+    output's: it is the difference of two quantities each resolved only to the output's precision.
+    `held`: `held_adapter`'s allowance, added to the reference's error element by element (the reference's
+    error had it held its adapter at the run dtype, by the triangle inequality at most that sum)."""
     g, r, t = got.double(), ref.double(), truth.double()
     e_got, e_ref = (g - t).abs(), (r - t).abs()
+    held_err = 0.0
+    if held is not None:
+        e_ref = e_ref + held.double().reshape(e_ref.shape)
+        held_err = float(held.abs().max()) if held.numel() else 0.0
     scale, t_rms = _sizes(t)
     f_max, f_rms = floor_of or (scale, t_rms)
     (err, rms), (ref_err, ref_rms) = _sizes(e_got), _sizes(e_ref)
@@ -77,7 +97,7 @@ def check(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rule: Rule,
         else:  # a spread fault (only the rms fails): the row whose error most exceeds the reference's there
             rms_row = lambda e: e.pow(2).mean(dim=1).sqrt()  # noqa: E731
             first_bad = int((rms_row(rows_got) / (rms_row(rows_ref) + rule.floor_rms * f_rms + 1e-300)).argmax())
-    return Check(err, ref_err, rms, ref_rms, scale, bound, rms_bound, first_bad)
+    return Check(err, ref_err, rms, ref_rms, scale, bound, rms_bound, first_bad, held_err)
 
 
 @dataclass
@@ -112,19 +132,22 @@ class Metrics:
 
 
 def judge(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rule: Rule,
-          bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Metrics:
-    """Compare one [rows, F] tensor; `bases` = the base Linear's output on (got's, ref's, truth's) inputs."""
+          bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+          held: torch.Tensor | None = None) -> Metrics:
+    """Compare one [rows, F] tensor; `bases` = the base Linear's output on (got's, ref's, truth's) inputs;
+    `held` = the held-adapter allowance on this tensor (`held_adapter`), None where no adapter acts."""
     if got.shape != ref.shape or truth.shape != ref.shape:
         return Metrics("shape", ref_norm=float(ref.float().norm()))
     nf_r, nf_g = int((~torch.isfinite(ref)).sum()), int((~torch.isfinite(got)).sum())
     if nf_r or nf_g or not bool(torch.isfinite(truth).all()):
         # NaN/Inf is reported as such, never as a tolerance failure with a NaN error figure
         return Metrics("nonfinite", nonfinite_ref=nf_r, nonfinite_got=nf_g)
-    out = check(got, ref, truth, rule)
+    out = check(got, ref, truth, rule, held=held)
     delta = None
     if bases is not None:
         bg, br, bt = (b.double() for b in bases)
-        delta = check(got.double() - bg, ref.double() - br, truth.double() - bt, rule, _sizes(truth.double()))
+        delta = check(got.double() - bg, ref.double() - br, truth.double() - bt, rule, _sizes(truth.double()),
+                      held)
     r, g = ref.double(), got.double()
     rn, gn = r.norm(), g.norm()
     cos = float((r.flatten() @ g.flatten()) / (rn * gn)) if rn > 0 and gn > 0 else float(rn == gn)
@@ -175,7 +198,8 @@ class Row:
         return d
 
 
-_CHECK_FIELDS = ["err", "ref_err", "ratio", "bound", "rms", "ref_rms", "rms_bound", "scale", "first_bad"]
+_CHECK_FIELDS = ["err", "ref_err", "ratio", "bound", "rms", "ref_rms", "rms_bound", "scale", "first_bad",
+                 "held_err"]
 CSV_COLUMNS = (["arch", "mode", "request", "adapter", "order", "module", "group", "kind", "dtype", "status", "ok",
                 "margin", "bad_row", "bad_image"] + _CHECK_FIELDS + [f"delta_{f}" for f in _CHECK_FIELDS]
                + ["k_max", "k_rms", "floor_max", "floor_rms", "max_abs", "cosine", "ref_norm", "nonfinite_ref", "nonfinite_got",

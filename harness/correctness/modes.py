@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from harness.correctness.bundle import stream_outputs
-from harness.correctness.compare import Metrics, Row, error_metrics, judge
+from harness.correctness.compare import Metrics, Row, error_metrics, held_adapter, judge
 from harness.correctness.rules import rule
 from harness.output import one_line
 from vlm.rows import BOUNDARY_GROUP, LM_IMAGE_EMBEDS, group_row_counts, rows_per_request
@@ -144,6 +144,14 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Ten
     return rows_per_request(y, group, counts, lengths, l_max, name)
 
 
+def _held(p, i: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """The allowance for request i's adapter held at the run dtype on module `name` fed `x` (None where
+    the request's adapter does not act on the module)."""
+    a = p.adapters.get(p.reqs[i].adapter) if p.reqs[i].adapter else None
+    w = a.modules.get(name) if a is not None else None
+    return None if w is None else held_adapter(x, w.A, w.B, w.scale, p.torch_dtype)
+
+
 def replay(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
     """Every LoRA module of the runtime fed the reference's recorded inputs (`step()` after each: progress)."""
     rows = []
@@ -171,7 +179,8 @@ def replay(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
             # output), and the base output at the run dtype
             base = p.bundle.get(i, name, "base")
             m = judge(pieces[i], p.bundle.get(i, name, "out"), p.bundle.get(i, name, "replay.truth_out"), r,
-                      (base, base, p.bundle.get(i, name, "replay.truth_base")))
+                      (base, base, p.bundle.get(i, name, "replay.truth_base")),
+                      _held(p, i, name, p.bundle.get(i, name, "in")))
             rows.append(make_row(p, "replay", i, name, m))
         del pieces
     return rows

@@ -3,7 +3,8 @@
 Each image contributes [slot] x encoder_rows to the tower mapping and [slot] x connector_rows to the
 connector mapping; each request contributes [slot] x L_max to the language-model mapping (B x L_max
 positions, padding included). Before a LoRA module runs, the rows reaching it must equal its group's
-mapping length: anything else is a loud error naming the module, the group and both numbers.
+mapping length: anything else is a loud error naming the module, the group and both numbers, and, from
+the per-image counts the mapping was built with, the request(s) and image(s) whose rows differ.
 """
 
 from __future__ import annotations
@@ -18,8 +19,35 @@ from vlm.arch import ArchSpec
 from vlm.requests import Request
 
 
+@dataclass(frozen=True)
+class ImageRows:
+    """One image's rows in a group's mapping: what the registry's formulas give, and what the mapping holds."""
+
+    request: int  # the request's index in the batch
+    image: int    # the image's index within its request
+    expected: int
+    mapped: int
+
+
 class MappingError(ValueError):
-    """Rows reaching a LoRA module disagree with the mapping's length for its group."""
+    """Rows reaching a LoRA module disagree with the mapping's length for its group. `images`: the group's
+    per-image counts as the mapping was built (empty when they cannot be told: a token-indexed group, or a
+    mapping rewritten after it was laid out)."""
+
+    def __init__(self, message: str, module: str = "", group: str = "", rows: int = 0, mapped: int = 0,
+                 images: Sequence[ImageRows] = ()):
+        super().__init__(message)
+        self.module, self.group, self.rows, self.mapped, self.images = module, group, rows, mapped, tuple(images)
+
+    @property
+    def miscounted(self) -> list[ImageRows]:
+        """The images whose mapping rows disagree with the registry's formulas."""
+        return [im for im in self.images if im.mapped != im.expected]
+
+
+def rows_phrase(im: ImageRows, where: str) -> str:
+    """The one wording of a per-image row-count mismatch (verdict line, report)."""
+    return f"rows: expected {im.expected} got {im.mapped} for image {im.image} of request {im.request} at {where}"
 
 
 @dataclass
@@ -29,6 +57,8 @@ class SlotMapping:
     active: dict[str, bool]
     # builds what the LoRA provider needs from a slot vector (e.g. the kernels' TokenGrouping)
     make_grouping: Callable[[torch.Tensor], object] = lambda slots: None
+    # group -> each image's rows as laid out (tower / connector; absent where a hook rewrote the vector)
+    images: dict[str, list[ImageRows]] = field(default_factory=dict)
     _groupings: dict = field(default_factory=dict, repr=False)
 
     def _group_holding(self, slots: torch.Tensor) -> str | None:
@@ -51,8 +81,15 @@ class SlotMapping:
     def for_module(self, name: str, group: str, rows: int) -> torch.Tensor:
         s = self.slots[group]
         if s.shape[0] != rows:
+            images = self.images.get(group, [])
+            bad = [im for im in images if im.mapped != im.expected]
+            why = (f"; the mapping's own {group} counts disagree with the registry's: "
+                   + ", ".join(rows_phrase(im, f"{group} mapping") for im in bad) if bad else
+                   f"; the mapping holds the registry's {group} counts, so the model delivered the wrong rows"
+                   if images else "; the per-image counts cannot be told (the mapping was rewritten after it was "
+                   "laid out, or the group is token-indexed)")
             raise MappingError(f"module {name!r} ({group}) received {rows} rows but the mapping for this batch "
-                               f"has {s.shape[0]}")
+                               f"has {s.shape[0]}" + why, name, group, rows, int(s.shape[0]), images)
         return s
 
 
@@ -67,16 +104,21 @@ def build_mapping(arch: ArchSpec, config, requests: Sequence[Request], slots: Se
         if bad:
             raise ValueError(f"slot ids must lie in [-1, {n_slots - 1}], got {bad}")
     out: dict[str, list[int]] = {"tower": [], "connector": [], "language_model": []}
+    images: dict[str, list[ImageRows]] = {"tower": [], "connector": []}
     image = 0
-    for req, slot in zip(requests, slots, strict=True):
-        for g in req.images:
+    for r, (req, slot) in enumerate(zip(requests, slots, strict=True)):
+        for j, g in enumerate(req.images):
             counts = arch.counts(config, g)  # the registry's formulas; the hooks see them per image
-            out["tower"] += [slot] * hooks.row_count("tower", image, counts)
-            out["connector"] += [slot] * hooks.row_count("connector", image, counts)
+            for group, expected in (("tower", counts.encoder_rows), ("connector", counts.connector_rows)):
+                n = hooks.row_count(group, image, counts)
+                out[group] += [slot] * n
+                images[group].append(ImageRows(r, j, expected, n))
             image += 1
         out["language_model"] += [slot] * l_max
     built = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in out.items()}
     final = hooks.slot_mapping(dict(built), requests, [len(r.prompt_ids) for r in requests])
     active = {k: (any(s >= 0 for s in out[k]) if final[k] is built[k] else bool((final[k] >= 0).any()))
               for k in final}
-    return SlotMapping(final, active, make_grouping)
+    # per-image counts hold only for a vector kept as laid out (a rewritten one may have moved its rows)
+    kept = {g: v for g, v in images.items() if final[g] is built[g] or final[g].shape[0] == len(out[g])}
+    return SlotMapping(final, active, make_grouping, kept)

@@ -17,7 +17,7 @@ import torch
 
 from runtime.hooks import RuntimeHooks
 from runtime.model import RuntimeModel
-from vlm.arch import ArchSpec, get_arch
+from vlm.arch import ArchSpec, ImageGeometry, get_arch
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,40 @@ def _counts_differ(group: str) -> Callable[[ArchSpec], bool]:
 
 def _cls_dropped(rt):
     _hooks(rt, row_count=lambda group, image, c: c.encoder_rows - 1 if group == "tower" else c.connector_rows)
+
+
+def _cls_once_per_image(rt):
+    # a tiled image's tower rows counted with one CLS for the whole image instead of one per tile: right
+    # for a one-tile image, short by (tiles - 1) rows for every tiled one
+    one_tile = rt.arch.encoder_rows(rt.config, ImageGeometry(tiles=1))
+
+    def row_count(group, image, c):
+        if group != "tower":
+            return c.connector_rows
+        return c.encoder_rows - (c.encoder_rows // one_tile - 1)
+    _hooks(rt, row_count=row_count)
+
+
+def _tiled(arch: ArchSpec) -> bool:
+    cfg = arch.tiny_config()
+    return "tiles" in arch.geometry_fields and any((g.tiles or 1) > 1 for g in arch.mixed_geometries(cfg))
+
+
+def _pool_floor_stride(fn):
+    # HF's Gemma4VisionPooler bin row stride floor(Wp / k) (the pooler's semantics: ceil): with Wp % k != 0
+    # the last bin of one bin row and the first of the next share a token, and an image loses bins
+    def pooled(hidden, positions, k, output_length):
+        col, row = positions[..., 0].long(), positions[..., 1].long()
+        real = (col >= 0) & (row >= 0)
+        stride = (torch.where(real, col, -1).amax(dim=1, keepdim=True) + 1) // k
+        bins = torch.where(real, (row // k) * stride + col // k, output_length)
+        b, _, d = hidden.shape
+        sums = torch.zeros(b, output_length + 1, d, dtype=torch.float32, device=hidden.device)
+        sums.scatter_add_(1, bins[..., None].expand(-1, -1, d), hidden.float())
+        hits = torch.zeros(b, output_length + 1, dtype=torch.long, device=hidden.device)
+        hits.scatter_add_(1, bins, torch.ones_like(bins))
+        return (sums[:, :output_length] / (k * k)).to(hidden.dtype), hits[:, :output_length] > 0
+    return pooled
 
 
 def _connector_as_tower(rt):
@@ -389,6 +423,12 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("pool-partial-by-count", "partial pooling bins averaged over their real patches instead of k^2",
           "connector", _kernel_fault("position_pool", _pool_partial_by_count), name_regex="@tower_out",
           mode="e2e", kernel="position_pool"),
+    Fault("cls-once-per-image", "a tiled image's tower rows counted with one CLS per image, not one per tile",
+          "tower", _cls_once_per_image, shows_on=_tiled),
+    Fault("pool-floor-stride", "position pooler bins with row stride floor(Wp/k) instead of ceil (drops a bin "
+          "of every image whose width is not a multiple of k)", "connector",
+          _kernel_fault("position_pool", _pool_floor_stride), name_regex="@tower_out", mode="e2e",
+          kernel="position_pool"),
     Fault("lora-scale-2pct", "the tower's LoRA scale 2% too large", "tower", _scale_group("tower", 1.02)),
     Fault("lora-scale-10pct", "the tower's LoRA scale 10% too large", "tower", _scale_group("tower", 1.10)),
     Fault("lora-missing-one-module", "LoRA skipped on one tower module (its middle one)", "tower",

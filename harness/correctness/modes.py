@@ -17,6 +17,7 @@ Anything raised inside the runtime under test is that runtime's failure: an `err
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 import tempfile
 from collections.abc import Callable
@@ -26,10 +27,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from harness.correctness.bundle import stream_outputs
-from harness.correctness.compare import Metrics, Row, error_metrics, held_adapter, judge
+from harness.correctness.compare import Metrics, Row, check, error_metrics, held_adapter, judge
 from harness.correctness.rules import rule
 from harness.output import one_line
-from vlm.rows import BOUNDARY_GROUP, LM_IMAGE_EMBEDS, group_row_counts, rows_per_request
+from runtime.mapping import MappingError, rows_phrase
+from vlm.capture import first_tensor
+from vlm.rows import BOUNDARY_GROUP, LM_IMAGE_EMBEDS, TOWER_OUT, group_row_counts, rows_per_request
 
 
 def _image_counts(p, req, name: str, group: str) -> list[int] | None:
@@ -55,9 +58,81 @@ def make_row(p, mode: str, i: int, name: str, metrics: Metrics, detail: str = ""
                detail, bad_row, bad_image)
 
 
-def _error_rows(p, mode: str, name: str, err: BaseException, requests=None) -> list[Row]:
+def _first_differing_image(p, flat: torch.Tensor, mode: str) -> tuple[int, int, int] | None:
+    """(request, image, its expected rows) of the first image whose rows at @tower_out, laid out in batch
+    order with the registry's counts, leave the rule against the reference's and the truth's own rows
+    there (or run out); None when every image's rows pass."""
+    pos, r = 0, rule(p.dtype, mode)
+    for i, req in enumerate(p.reqs):
+        if not req.images or not p.bundle.has(i, TOWER_OUT) or not p.bundle.has(i, TOWER_OUT, "truth.out"):
+            continue
+        ref, tru = p.bundle.get(i, TOWER_OUT, "out"), p.bundle.get(i, TOWER_OUT, "truth.out")
+        start = 0
+        for j, g in enumerate(req.images):
+            n = p.arch.connector_rows(p.config, g)
+            got = flat[pos: pos + n]
+            if got.shape[0] < n or not check(got, ref[start: start + n], tru[start: start + n], r).ok:
+                return i, j, n
+            pos, start = pos + n, start + n
+    return None
+
+
+def _row_count_rows(p, mode: str, name: str, err: MappingError, tower_out: list) -> list[Row]:
+    """Rows for a row-count mismatch, at the request(s) and image(s) whose rows differ and the first place
+    whose count disagrees with the registry's formulas (the group's mapping, or the boundary the model
+    delivered the wrong rows at); [] when nothing better than one error row per request can be said."""
+    raised = f"runtime raised {one_line(err, 500)}"
+    bad = err.miscounted
+    if bad:  # the mapping's own per-image counts are wrong: the model's rows are right
+        rows = []
+        for i in dict.fromkeys(im.request for im in bad):
+            mine = [im for im in bad if im.request == i]
+            detail = "; ".join(rows_phrase(im, f"{name} ({err.group} mapping)") for im in mine)
+            row = make_row(p, mode, i, name, error_metrics(), f"{detail} - {raised}")
+            row.bad_image = mine[0].image
+            rows.append(row)
+        return rows
+    if not err.images:
+        return []
+    # the mapping holds the registry's counts: the model delivered other rows. Into the connector: the tower's
+    # output (@tower_out, the connector's input) is the first boundary whose count can disagree
+    expected = sum(im.expected for im in err.images)
+    if err.group != "connector" or not tower_out or TOWER_OUT not in p.order:
+        return []
+    t = tower_out[0]
+    n_images = len(err.images)
+    if t.dim() == 3 and t.shape[0] == n_images:  # one leading row block per image: the split is visible
+        per = [im for im in err.images if im.expected != t.shape[1]]
+        if per:
+            return [_at(p, mode, TOWER_OUT, im.request, im.image,
+                        rows_phrase(dataclasses.replace(im, mapped=t.shape[1]), TOWER_OUT) + f" - {raised}")
+                    for im in per[:1]]
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in tower_out])
+    if flat.shape[0] == expected:
+        return []
+    first = _first_differing_image(p, flat, mode)
+    if first is None:
+        return []
+    i, j, n = first
+    detail = (f"rows: expected {expected} got {flat.shape[0]} at {TOWER_OUT}; the first rows that differ are "
+              f"image {j}'s of request {i} ({n} expected there; the runtime's per-image counts cannot be told "
+              f"from its flat output) - {raised}")
+    return [_at(p, mode, TOWER_OUT, i, j, detail)]
+
+
+def _at(p, mode: str, name: str, i: int, image: int, detail: str) -> Row:
+    row = make_row(p, mode, i, name, error_metrics(), detail)
+    row.bad_image = image
+    return row
+
+
+def _error_rows(p, mode: str, name: str, err: BaseException, requests=None, tower_out=()) -> list[Row]:
     where = re.search(r"module '([^']+)'", str(err))
     name = where.group(1) if where and where.group(1) in p.order else name
+    if isinstance(err, MappingError) and err.group in ("tower", "connector"):
+        rows = _row_count_rows(p, mode, name, err, list(tower_out))
+        if rows:
+            return rows
     idx = [i for i in (requests if requests is not None else range(len(p.reqs))) if p.bundle.has(i, name)] or [0]
     return [make_row(p, mode, i, name, error_metrics(), f"runtime raised {one_line(err, 500)}") for i in idx]
 
@@ -109,12 +184,25 @@ def e2e(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
             current[0] = name
         return hook
 
+    # the connector's input as the runtime's model delivers it: a row-count mismatch there is localised to
+    # the image whose rows differ (the bundle stream stops at the runtime's error)
+    tower_out: list[torch.Tensor] = []
+
+    def keep(_mod, args, kwargs):
+        x = first_tensor(args, kwargs, "hidden_states", "input", "x")
+        if x is not None:
+            tower_out.append(x.detach().cpu())
+
+    conn = p.arch.measure_points(rt.model).get("connector")
+    conn = conn if conn in dict(rt.model.named_modules()) else None
     with tempfile.TemporaryDirectory(prefix="mmlora-got-") as tmp:
         handles = [rt.model.get_submodule(n).register_forward_pre_hook(entering(n)) for n in rt.lora_names]
+        if conn is not None:
+            handles.append(rt.model.get_submodule(conn).register_forward_pre_hook(keep, with_kwargs=True))
         try:
             got = stream_outputs(rt, p.reqs, Path(tmp), step)
         except Exception as e:  # noqa: BLE001 - a runtime failure is a verdict, not a harness crash
-            return _error_rows(p, "e2e", current[0], e)
+            return _error_rows(p, "e2e", current[0], e, tower_out=tower_out)
         finally:
             for h in handles:
                 h.remove()
@@ -144,7 +232,7 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Ten
     return rows_per_request(y, group, counts, lengths, l_max, name)
 
 
-def _held(p, i: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
+def held_allowance(p, i: int, name: str, x: torch.Tensor) -> torch.Tensor | None:
     """The allowance for request i's adapter held at the run dtype on module `name` fed `x` (None where
     the request's adapter does not act on the module)."""
     a = p.adapters.get(p.reqs[i].adapter) if p.reqs[i].adapter else None
@@ -180,7 +268,7 @@ def replay(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
             base = p.bundle.get(i, name, "base")
             m = judge(pieces[i], p.bundle.get(i, name, "out"), p.bundle.get(i, name, "replay.truth_out"), r,
                       (base, base, p.bundle.get(i, name, "replay.truth_base")),
-                      _held(p, i, name, p.bundle.get(i, name, "in")))
+                      held_allowance(p, i, name, p.bundle.get(i, name, "in")))
             rows.append(make_row(p, "replay", i, name, m))
         del pieces
     return rows

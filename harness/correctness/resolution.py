@@ -15,6 +15,7 @@ that adapter there.
 from __future__ import annotations
 
 from harness.correctness.compare import judge
+from harness.correctness.modes import held_allowance
 from harness.correctness.rules import rule
 
 # where each mode's truth of a LoRA module lies in the reference bundle: (truth of the output, of the base output)
@@ -41,7 +42,10 @@ def dropped_adapter_margins(p, modes) -> dict[str, dict[str, dict[str, dict]]]:
                     continue  # no rows of this request reach the module (a text-only request in the tower)
                 base = p.bundle.get(i, name, "base")
                 truth, truth_base = p.bundle.get(i, name, k_out), p.bundle.get(i, name, k_base)
-                m = judge(base, p.bundle.get(i, name, "out"), truth, r, (base, base, truth_base))
+                # replay's reference error carries the allowance for an adapter held at the run dtype, as the
+                # runtime's own judgement does (modes.replay); e2e's does not
+                held = held_allowance(p, i, name, p.bundle.get(i, name, "in")) if mode == "replay" else None
+                m = judge(base, p.bundle.get(i, name, "out"), truth, r, (base, base, truth_base), held)
                 slot = out.setdefault(req.adapter, {}).setdefault(group, {})
                 if mode not in slot or m.margin > slot[mode]["margin"]:
                     slot[mode] = {"margin": m.margin, "module": name, "request": i}

@@ -92,7 +92,9 @@ def test_nonfinite_is_reported_as_such():
 def _lora_case(scale: float, seed: int = 3, rows: int = 96, h: int = 64, o: int = 48, r: int = 8):
     """A bf16 Linear with a LoRA whose delta is `scale` times the base output (rms): the truth in float64,
     the reference as PEFT computes it (fp32 adapter, the delta added in fp32, one rounding of the sum), a
-    healthy runtime holding A and 2 * B in bf16 (the scale folded in), fp32 delta, one rounding."""
+    healthy runtime holding A and 2 * B in bf16 (the scale folded in), fp32 delta, one rounding. The base
+    output is the exact one rounded once, as an fp32-accumulating GEMM gives it: the CPU's own bf16 GEMM
+    rounds differently from one CPU to the next (AMX or not), which would make the case machine-dependent."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, h, generator=g).bfloat16()
     w = (torch.randn(o, h, generator=g) / h ** 0.5).bfloat16()
@@ -102,9 +104,9 @@ def _lora_case(scale: float, seed: int = 3, rows: int = 96, h: int = 64, o: int 
     B = B * float(scale * base.pow(2).mean().sqrt() / ((x.double() @ A.double().T) @ B.double().T * 2).pow(2)
                   .mean().sqrt())
     truth = base + (x.double() @ A.double().T) @ B.double().T * 2
-    base_rt = (x @ w.T).double()  # the bf16 base output both sides add to
-    ref = (base_rt + ((x.float() @ A.T) @ B.T * 2).double()).bfloat16().double()
-    held = ((x.float() @ A.bfloat16().float().T) @ (B * 2).bfloat16().float().T).double()
+    base_rt = base.bfloat16().double()  # the bf16 base output both sides add to
+    ref = (base_rt + ((x.double() @ A.double().T) @ B.double().T * 2).float().double()).bfloat16().double()
+    held = ((x.double() @ A.bfloat16().double().T) @ (B.double() * 2).bfloat16().double().T).float().double()
     return x, A, B, truth, ref, (base_rt + held).bfloat16().double()
 
 
@@ -122,16 +124,23 @@ def test_held_adapter_is_the_brute_force_difference():
             assert abs(float(got[t, c]) - abs(rounded - exact)) <= 1e-12 * max(1.0, abs(exact))
 
 
-def test_an_adapter_held_at_the_run_dtype_passes_at_scale_1():
-    """Without the allowance the healthy runtime's rms error is ~1.6x PEFT's at a delta the size of the
-    output (seen: margin 1.4 on this case); with it, within the rule; a 2% scale error still fails."""
+@pytest.mark.parametrize("scale,off", [(0.1, 1.2), (1.0, 1.02), (3.0, 1.02)])
+def test_the_held_adapter_allowance_passes_health_and_still_catches_a_scale_error(scale, off):
+    """With the allowance a healthy held-adapter runtime passes with room (it is one rounding of the delta,
+    not a wider k) and a LoRA scale off by what bf16 resolves there (2% of a delta the size of the output, 20%
+    of one a tenth of it: 2% of the output either way) still fails. That the allowance is what removes the false alarm
+    of real models at --adapter-scale 1 is shown on them: suites/correctness/test_adapter_sizes.py (this
+    Gaussian case alone stays just below 1 without it)."""
     from harness.correctness.compare import held_adapter
 
-    x, A, B, truth, ref, got = _lora_case(1.0)
+    x, A, B, truth, ref, got = _lora_case(scale)
     bf16 = RULES[("bf16", "replay")]
-    assert not check(got, ref, truth, bf16).ok  # the false alarm the allowance removes
     allowance = held_adapter(x, A, B, 2.0, torch.bfloat16)
-    assert check(got, ref, truth, bf16, held=allowance).ok
-    base = truth - (x.double() @ A.double().T) @ B.double().T * 2
-    wrong = (base.bfloat16().double() + (truth - base) * 1.02).bfloat16().double()  # the LoRA scale 2% off
+    delta = (x.double() @ A.double().T) @ B.double().T * 2
+    # the allowance is about one bf16 rounding of the delta, nowhere near the delta itself
+    assert float(allowance.max()) < 2 ** -6 * float(delta.abs().max())
+    c = check(got, ref, truth, bf16, held=allowance)
+    assert c.ok and c.margin < 0.75, c
+    base = truth - delta
+    wrong = (base.bfloat16().double() + delta * off).bfloat16().double()  # the LoRA scale off
     assert not check(wrong, ref, truth, bf16, held=allowance).ok

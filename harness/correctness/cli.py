@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.correctness.compare import CSV_COLUMNS
-from harness.correctness.headline import print_fault_headlines
+from harness.correctness.headline import divergence, print_fault_headlines
 from harness.flags import finite_float
 from harness.geometry_flags import parse_geometry
 from harness.output import atomic_dir, check_out, default_run_dir, write_csv, write_json
@@ -196,13 +196,6 @@ def _write_report(args, out: Path, results, opts, ok: bool, exit_code: int) -> d
     return summary
 
 
-def _where(d: dict) -> str:
-    at = f"request {d['request']} (adapter {d['adapter']})"
-    if d.get("row", -1) >= 0:
-        at += f", row {d['row']}" + (f" (image {d['image']})" if d.get("image", -1) >= 0 else "")
-    return at
-
-
 def _print_verdict(out: Path, results, opts, ok: bool, warnings: list[str]) -> None:
     if opts.quantize:
         verdict = ("quantized run ok: skip list honoured, unquantized groups within the rule (drift below)" if ok
@@ -220,9 +213,7 @@ def _print_verdict(out: Path, results, opts, ok: bool, warnings: list[str]) -> N
             continue
         for mode, d in r.summary.get("first_divergence", {}).items():
             if d:
-                figure = f"margin {d['margin']:.3g}" if d["status"] == "mismatch" else d["status"]
-                print(f"  {r.arch} [{mode}] first divergence: {d['module']} ({d['group']}), {_where(d)}: {figure}"
-                      + (f" - {d['detail']}" if d["detail"] else ""), file=sys.stderr)
+                print(f"  {r.arch} [{mode}] first divergence: {divergence(d)}", file=sys.stderr)
     for w in warnings:
         print(f"  WARNING {w}", file=sys.stderr)
 

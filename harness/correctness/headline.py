@@ -23,6 +23,22 @@ def _figure(margin, status: str | None = None) -> str:
     return f"margin {margin:.3g}"
 
 
+def where(d: dict) -> str:
+    """Where a first divergence lies: its request and adapter, and the first failing row with its image."""
+    at = f"request {d['request']} (adapter {d['adapter']})"
+    if d.get("row", -1) >= 0:
+        at += f", row {d['row']}" + (f" (image {d['image']})" if d.get("image", -1) >= 0 else "")
+    return at
+
+
+def divergence(d: dict) -> str:
+    """One first divergence as the terminal and the report's headline both say it: module, group, where,
+    the margin (or why the tensor could not be judged) and the detail (a row-count mismatch's counts)."""
+    figure = f"margin {d['margin']:.3g}" if d["status"] == "mismatch" else d["status"]
+    return (f"{d['module']} ({d['group']}), {where(d)}: {figure}"
+            + (f" - {d['detail']}" if d.get("detail") else ""))
+
+
 def fault_headline(arch: str, summary: dict) -> str | None:
     """The sentence for one arch's summary, or None when the run had no seeded fault."""
     f = summary.get("fault")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from harness.correctness.headline import divergence
 from harness.output import PAGE, esc
 
 GROUPS = ("tower", "connector", "language_model")
@@ -153,10 +154,10 @@ def _headlines(results) -> list[str]:
                            f"{esc(worst.group)})</p>")
         for mode, d in r.summary.get("first_divergence", {}).items():
             if d:
-                figure = f"margin {_margin(d['margin'])}" if d["status"] == "mismatch" else d["status"]
+                # the terminal's words, the module in bold
+                rest = divergence(d).removeprefix(d["module"])
                 out.append(f"<p class='headline'><a href='#{esc(_row_id(r.arch, mode))}'>{esc(r.arch)} {esc(mode)}: "
-                           f"first divergence at <b>{esc(d['module'])}</b> ({esc(d['group'])}), request "
-                           f"{esc(d['request'])}: {esc(figure)}</a></p>")
+                           f"first divergence at <b>{esc(d['module'])}</b>{esc(rest)}</a></p>")
     return out
 
 

@@ -44,3 +44,19 @@ def test_a_control_that_fails_is_a_false_alarm_naming_where():
 
 def test_a_run_without_a_fault_has_no_sentence():
     assert fault_headline("llava", {"first_divergence": {"e2e": None}}) is None
+
+
+def test_the_report_headline_names_the_row_image_and_row_count_detail_as_the_terminal_does():
+    """The page's first divergence says what the terminal says: request, adapter, row, image, and a row-count
+    mismatch's counts (before, the page gave the request alone)."""
+    from types import SimpleNamespace
+
+    from harness.correctness.report import _headlines
+
+    detail = "rows: expected 51 got 49 for image 1 of request 4 at " + Q + " (tower mapping)"
+    first = {"module": Q, "group": "tower", "request": 4, "adapter": "all", "row": 65, "image": 1,
+             "status": "error", "margin": float("inf"), "detail": detail}
+    r = SimpleNamespace(arch="llama4", rows=[], summary={"ok": False, "first_divergence": {"e2e": first}})
+    page = "".join(_headlines([r]))
+    assert f"first divergence at <b>{Q}</b> (tower), request 4 (adapter all), row 65 (image 1): error" in page
+    assert detail in page

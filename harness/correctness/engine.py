@@ -2,7 +2,7 @@
 runtime (one mixed batch), every LoRA module and group boundary, per request, in two modes (modes.py).
 
 `prepare` does everything that does not depend on the runtime (checkpoint, adapters, requests, reference and
-truth runs, adapter ratios) once per arch, recorded into a bundle (`record`, bundle.py) and read back
+truth runs, adapter ratios) once per arch, recorded into a bundle (`record`, the bundle package) and read back
 (`load`); `judge` builds a runtime, applies a fault if asked, and compares. The
 detection-power table (`mmlora faults --power`) judges many faults against one prepared reference.
 """
@@ -87,7 +87,7 @@ class Prepared:
     device: torch.device
     reqs: list[Request]
     adapters: dict[str, AdapterFile]
-    # the reference's and the truth's captures on disk, read one module at a time (bundle.py)
+    # the reference's and the truth's captures on disk, read one module at a time (bundle.reader)
     bundle: bundle.Bundle
     order: list[str]
     notes: list[str]  # targets the arch flags (the run goes on)
@@ -157,7 +157,7 @@ def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, tor
 
 
 def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: bool = False):
-    """The reference and its truth, streamed into a bundle at `out` (bundle.py; written whole or not at all):
+    """The reference and its truth, streamed into a bundle at `out` (bundle.record; written whole or not at all):
     each capture goes to disk as the hooks see it, then one module at a time into the module's file. Returns
     the bundle folder and the loaded base model (for a runtime that shares its weights)."""
     t0 = time.time()
@@ -210,7 +210,7 @@ def record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: b
 
 def load(folder: str | Path, verify: bool = True) -> Prepared:
     """A reference bundle as what the judge needs; the requests are rebuilt from the recorded options and
-    must be the recorded ones (bundle.BundleError otherwise). `verify`: see bundle.open_reference."""
+    must be the recorded ones (bundle.BundleError otherwise). `verify`: see bundle.sources.open_reference."""
     b, ckpt, arch, config, adapters, geoms = bundle.open_reference(folder, verify)
     m = b.manifest
     reqs = default_requests(arch, config, list(m["adapters"]), geoms)

@@ -6,7 +6,7 @@
           runtime's own batch mapping); the truth is the same PEFT module at high precision on those very
           inputs, so the first faulty module is named exactly
 
-The reference's side comes from its bundle (bundle.py), read one module and request at a time; e2e streams
+The reference's side comes from its bundle (the bundle package), read one module and request at a time; e2e streams
 the runtime's captures into an output bundle first, the very format an engine of its own may hand in
 (`compare_outputs`, `mmlora compare REF GOT`).
 

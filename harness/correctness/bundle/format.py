@@ -21,8 +21,34 @@ import torch
 FORMAT, VERSION = "mmlora-bundle", 2
 READS = (1, 2)
 MANIFEST = "manifest.json"
-# tensor keys of a reference bundle's module file (suffixed ".<request>"); an output bundle has out / in only
-REF_KEYS = ("out", "in", "base", "truth.out", "truth.base", "replay.truth_out", "replay.truth_base")
+
+
+class Kind:
+    """The manifest's "kind": what a bundle holds."""
+
+    REFERENCE = "reference"  # `mmlora record`: the reference, its truth and the base Linears (every Key)
+    OUTPUTS = "outputs"  # an engine's (or the runtime's) module outputs: OUT and IN only
+
+
+class Key:
+    """The tensors of a module file, each named by `tensor_name`: per request i `<key>.<i>` [rows, features],
+    WEIGHT and BIAS once per LoRA module. OUT and IN are also the keys the capture hooks give (vlm.capture),
+    so a capture goes into the bundle under its own key."""
+
+    OUT = "out"  # the module's output at the run dtype: the reference's, or the runtime's in an output bundle
+    IN = "in"  # the module's input
+    BASE = "base"  # the base Linear on IN, at the run dtype
+    TRUTH_OUT = "truth.out"  # the truth's output (the whole reference at high precision: e2e)
+    TRUTH_BASE = "truth.base"  # the base Linear at high precision on the truth's own input
+    REPLAY_TRUTH_OUT = "replay.truth_out"  # the PEFT module at high precision on IN (replay)
+    REPLAY_TRUTH_BASE = "replay.truth_base"  # its base Linear at high precision on IN
+    WEIGHT = "weight"  # the base Linear's weight, for the runtime's delta
+    BIAS = "bias"  # and its bias, where it has one
+
+
+def tensor_name(key: str, i: int | None) -> str:
+    """`key.i` for request i; `key` alone (i None) for a per-module tensor."""
+    return key if i is None else f"{key}.{i}"
 
 
 class BundleError(ValueError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from harness.correctness.bundle.format import Key, Kind, tensor_name
 from harness.correctness.bundle.reader import Bundle
 from harness.correctness.bundle.stage import Stage, split
 from harness.correctness.bundle.writer import BundleWriter, request_entry
@@ -22,20 +23,20 @@ def stream_outputs(rt, reqs, folder: Path, step=lambda: None) -> Bundle:
 
     def put(name: str, key: str, t: torch.Tensor) -> None:
         sink(name, key, t)
-        if key == "out":
+        if key == Key.OUT:
             step()
     rt.run(reqs, sink=put)
     l_max = max(len(r.prompt_ids) for r in reqs)
     writer = BundleWriter(folder, len(reqs))
     for name in stage.seen.get("got", []):
         tensors = {}
-        for key in ("out", "in"):
+        for key in (Key.OUT, Key.IN):
             for i, t in enumerate(split(stage, "got", name, key, rt.arch, rt.config, reqs, l_max)):
                 if t is not None:
-                    tensors[f"{key}.{i}"] = t
+                    tensors[tensor_name(key, i)] = t
         stage.drop("got", name)
         writer.add(name, BOUNDARY_GROUP.get(name) or rt.arch.group_of(name), tensors)
         del tensors
     shutil.rmtree(stage.folder)
-    writer.finish({"kind": "outputs", "requests": [request_entry(r) for r in reqs]})
+    writer.finish({"kind": Kind.OUTPUTS, "requests": [request_entry(r) for r in reqs]})
     return Bundle.open(folder, verify=False)  # written by this very process a moment ago

@@ -16,7 +16,10 @@ from harness.correctness.bundle.format import (
     ST_DTYPES,
     VERSION,
     BundleError,
+    Key,
+    Kind,
     read_tensor,
+    tensor_name,
 )
 from harness.correctness.bundle.writer import request_entry
 
@@ -27,7 +30,7 @@ class Bundle:
     def __init__(self, folder: Path, manifest: dict, keys: dict[str, set[str]]):
         self.folder, self.manifest, self._keys = folder, manifest, keys
         self.modules = {m["name"]: m for m in manifest["modules"]}
-        self._reference = manifest.get("kind") == "reference"
+        self._reference = manifest.get("kind") == Kind.REFERENCE
 
     @classmethod
     def open(cls, folder: str | Path, verify: bool = True) -> Bundle:
@@ -46,7 +49,7 @@ class Bundle:
         if m.get("version") not in READS:
             raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads "
                               f"{', '.join(map(str, READS))}")
-        if m.get("kind") == "reference" and m["version"] != VERSION:
+        if m.get("kind") == Kind.REFERENCE and m["version"] != VERSION:
             raise BundleError(f"{where}: a version {m['version']} reference bundle has no checksums of its "
                               f"module files: re-record it with this harness (mmlora record)")
         for key, kind in (("requests", list), ("modules", list)):
@@ -63,23 +66,23 @@ class Bundle:
             if not isinstance(mod["rows"], list) or len(mod["rows"]) != n:
                 raise BundleError(f"{where}: module {name!r} gives rows for {len(mod['rows'])} requests, the "
                                   f"manifest lists {n}")
-            if m.get("kind") == "reference" and not isinstance(mod.get("sha256"), str):
+            if m.get("kind") == Kind.REFERENCE and not isinstance(mod.get("sha256"), str):
                 raise BundleError(f"{where}: module {name!r} has no sha256 in {MANIFEST}")
-            keys[name] = _check_file(where, folder, mod, verify, m.get("kind") == "reference")
+            keys[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
         return cls(folder, m, keys)
 
     @property
     def names(self) -> list[str]:
         return [m["name"] for m in self.manifest["modules"]]
 
-    def has(self, i: int | None, name: str, key: str = "out") -> bool:
-        return (key if i is None else f"{key}.{i}") in self._keys.get(name, ())
+    def has(self, i: int | None, name: str, key: str = Key.OUT) -> bool:
+        return tensor_name(key, i) in self._keys.get(name, ())
 
     def get(self, i: int | None, name: str, key: str) -> torch.Tensor | None:
         """One tensor (`key.i`, or `key` for per-module tensors with i None), read from its file alone. In a
         reference bundle a NaN / Inf the writer did not see is refused: a reference, truth or bound from it
         would be judged as if it were real."""
-        full = key if i is None else f"{key}.{i}"
+        full = tensor_name(key, i)
         if full not in self._keys.get(name, ()):
             return None
         mod = self.modules[name]
@@ -140,23 +143,24 @@ def _check_file(where: str, folder: Path, mod: dict, verify: bool = True, refere
                           f"({' '.join(str(e).split())})") from None
     want_dtype = mod.get("dtype")
     for i, rows in enumerate(mod["rows"]):
-        got = shapes.get(f"out.{i}")
+        out, inp = tensor_name(Key.OUT, i), tensor_name(Key.IN, i)
+        got = shapes.get(out)
         want = [rows, mod["features"]] if rows else None
         if got != want:
-            raise BundleError(f"{where}: module {name!r} request {i}: out.{i} has shape "
+            raise BundleError(f"{where}: module {name!r} request {i}: {out} has shape "
                               f"{tuple(got) if got else 'none'}, the manifest says "
                               f"{tuple(want) if want else 'none (0 rows)'}")
-        if f"in.{i}" in shapes and shapes[f"in.{i}"][0] != rows:
-            raise BundleError(f"{where}: module {name!r} request {i}: in.{i} has {shapes[f'in.{i}'][0]} rows, "
-                              f"out.{i} {rows}")
+        if inp in shapes and shapes[inp][0] != rows:
+            raise BundleError(f"{where}: module {name!r} request {i}: {inp} has {shapes[inp][0]} rows, "
+                              f"{out} {rows}")
         if got is None:
             continue
-        dt = ST_DTYPES.get(dtypes[f"out.{i}"])
+        dt = ST_DTYPES.get(dtypes[out])
         if dt is None or not dt.is_floating_point:
-            raise BundleError(f"{where}: module {name!r}: out.{i} has dtype {dtypes[f'out.{i}']}; a module's "
+            raise BundleError(f"{where}: module {name!r}: {out} has dtype {dtypes[out]}; a module's "
                               f"output must be a floating tensor")
         if want_dtype is not None and str(dt).removeprefix("torch.") != want_dtype:
-            raise BundleError(f"{where}: module {name!r}: the manifest's dtype {want_dtype!r} is not out.{i}'s "
+            raise BundleError(f"{where}: module {name!r}: the manifest's dtype {want_dtype!r} is not {out}'s "
                               f"{str(dt).removeprefix('torch.')}")
     return set(shapes)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from harness.correctness.bundle.format import Key, Kind, tensor_name
 from harness.correctness.bundle.sources import record_sources
 from harness.correctness.bundle.stage import Stage, split
 from harness.correctness.bundle.writer import BundleWriter, request_entry
@@ -41,7 +42,7 @@ def finish_reference(writer: BundleWriter, opts, arch, reqs, ckpt: Path, folders
     """The manifest; a generated checkpoint and generated adapters (in a work folder) are copied in."""
     checkpoint, adapters = record_sources(writer.folder, opts, ckpt, folders)
     writer.finish({
-        "kind": "reference", "arch": arch.model_type, "dtype": opts.dtype, "device": str(device),
+        "kind": Kind.REFERENCE, "arch": arch.model_type, "dtype": opts.dtype, "device": str(device),
         "truth_dtype": str(truth_dtype(device)).removeprefix("torch."), "seed": opts.seed,
         "options": {"model": opts.model, "n_adapters": opts.n_adapters, "adapter_scale": opts.adapter_scale},
         "checkpoint": checkpoint, "adapters": adapters,
@@ -64,32 +65,33 @@ def _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, p
     for i, req in enumerate(reqs):
         n = len(req.prompt_ids)
         one = [req]
-        ref_out = split(stage, ("ref", i), name, "out", arch, config, one, n)[0]
-        ref_in = split(stage, ("ref", i), name, "in", arch, config, one, n)[0]
+        ref_out = split(stage, ("ref", i), name, Key.OUT, arch, config, one, n)[0]
+        ref_in = split(stage, ("ref", i), name, Key.IN, arch, config, one, n)[0]
         if ref_out is None and ref_in is None:
             continue
-        tru_out = split(stage, ("truth", i), name, "out", arch, config, one, n)[0]
-        tru_in = split(stage, ("truth", i), name, "in", arch, config, one, n)[0]
+        tru_out = split(stage, ("truth", i), name, Key.OUT, arch, config, one, n)[0]
+        tru_in = split(stage, ("truth", i), name, Key.IN, arch, config, one, n)[0]
         stage.drop(("ref", i), name)
         stage.drop(("truth", i), name)
-        out[f"out.{i}"] = ref_out
+        out[tensor_name(Key.OUT, i)] = ref_out
         if tru_out is not None:
-            out[f"truth.out.{i}"] = tru_out
+            out[tensor_name(Key.TRUTH_OUT, i)] = tru_out
         if not lora:
             continue
         if ref_in is not None:
-            out[f"in.{i}"] = ref_in
-            out[f"base.{i}"] = base_output(pm, name, ref_in.to(device)).cpu()
+            out[tensor_name(Key.IN, i)] = ref_in
+            out[tensor_name(Key.BASE, i)] = base_output(pm, name, ref_in.to(device)).cpu()
         truth_work.append((i, req, ref_in, tru_in, tru_out))
     if truth_work:
         with high_precision(pm, tdt):
             for i, req, ref_in, tru_in, tru_out in truth_work:
                 if ref_in is not None:
                     t_out, t_base = module_outputs(pm, name, ref_in.to(device, tdt), req.adapter)
-                    out[f"replay.truth_out.{i}"], out[f"replay.truth_base.{i}"] = t_out.cpu(), t_base.cpu()
+                    out[tensor_name(Key.REPLAY_TRUTH_OUT, i)] = t_out.cpu()
+                    out[tensor_name(Key.REPLAY_TRUTH_BASE, i)] = t_base.cpu()
                 if tru_in is not None:
                     t_base = base_output(pm, name, tru_in.to(device)).cpu()
-                    out[f"truth.base.{i}"] = t_base
+                    out[tensor_name(Key.TRUTH_BASE, i)] = t_base
                     if req.adapter is not None and name in targets.get(req.adapter, ()) and tru_out is not None:
                         r = _rms(tru_out - t_base) / max(_rms(t_base), 1e-300)
                         per_ratio.setdefault(req.adapter, {}).setdefault(arch.group_of(name), []).append(r)
@@ -100,7 +102,7 @@ def _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, p
         # a module accelerate offloads (device maps) holds meta tensors until its hook loads them
         with align_module_device(base, torch.device("cpu")):
             # no copy: on the CPU this is the model's own tensor, which safetensors reads as it writes the file
-            out["weight"] = base.weight.detach().cpu()
+            out[Key.WEIGHT] = base.weight.detach().cpu()
             if base.bias is not None:
-                out["bias"] = base.bias.detach().cpu()
+                out[Key.BIAS] = base.bias.detach().cpu()
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness.bundle.format import MANIFEST, BundleError, file_sha256
+from harness.correctness.bundle.format import MANIFEST, BundleError, Kind, file_sha256
 from harness.correctness.bundle.reader import Bundle
 from vlm.adapter_files import read_adapter
 from vlm.arch import ImageGeometry
@@ -51,7 +51,7 @@ def open_reference(folder: str | Path, verify: bool = True):
     files: hashing a real checkpoint again costs minutes); missing files are still refused."""
     b = Bundle.open(folder, verify)
     m, where = b.manifest, f"bundle {str(folder)!r}"
-    if m.get("kind") != "reference":
+    if m.get("kind") != Kind.REFERENCE:
         raise BundleError(f"{where} holds outputs only (kind {m.get('kind')!r}): compare it as GOT against a "
                           f"reference bundle (mmlora compare REF GOT)")
     for key in ("arch", "dtype", "device", "checkpoint", "adapters", "geometries", "ratios", "warnings", "notes",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness.bundle.format import read_tensor, save
+from harness.correctness.bundle.format import Key, read_tensor, save
 from vlm.capture import Sink
 from vlm.rows import module_rows_per_request
 
@@ -38,13 +38,13 @@ class Stage:
     def rows(self, tag, name: str) -> int:
         """Rows the forward captured for this module (0: none, e.g. a tower on a text-only request)."""
         return max((sum(math.prod(s[:-1]) for _, s in self.index.get((tag, name, k), []))
-                    for k in ("in", "out")), default=0)
+                    for k in (Key.IN, Key.OUT)), default=0)
 
     def pieces(self, tag, name: str, key: str) -> list[torch.Tensor]:
         return [read_tensor(p, "t") for p, _ in self.index.get((tag, name, key), [])]
 
     def drop(self, tag, name: str) -> None:
-        for k in ("in", "out"):
+        for k in (Key.IN, Key.OUT):
             for p, _ in self.index.pop((tag, name, k), []):
                 p.unlink(missing_ok=True)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from harness import provenance
-from harness.correctness.bundle.format import FORMAT, MANIFEST, VERSION, file_sha256, save
+from harness.correctness.bundle.format import FORMAT, MANIFEST, VERSION, Key, file_sha256, save, tensor_name
 from harness.output import write_json
 
 
@@ -21,7 +21,7 @@ class BundleWriter:
     def add(self, name: str, group: str, tensors: dict[str, torch.Tensor]) -> None:
         rows, features, dtype = [0] * self.n, 0, None
         for i in range(self.n):
-            t = tensors.get(f"out.{i}")
+            t = tensors.get(tensor_name(Key.OUT, i))
             if t is not None:
                 rows[i], features, dtype = t.shape[0], t.shape[-1], str(t.dtype).removeprefix("torch.")
         file = f"modules/{len(self.modules):04d}.safetensors"

@@ -74,9 +74,10 @@ class ArchResult:
     summary: dict
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
-    """Everything the comparison needs that does not depend on the runtime under test."""
+    """Everything the comparison needs that does not depend on the runtime under test (fields by keyword:
+    there are too many to tell apart by position)."""
 
     arch: ArchSpec
     config: object
@@ -192,13 +193,14 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: 
         order = _order(bundle.captured(stage, "ref", len(reqs)))
         _log(f"  {at}: writing the reference bundle ({len(order)} modules)")
         with Progress(f"{at}: bundle", len(order)) as pb:
-            writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, device, targets,
-                                                    pb.step)
+            writer, ratios = bundle.write_reference(tmp, stage, order=order, arch=arch, config=config, reqs=reqs,
+                                                    pm=pm, device=device, targets=targets, step=pb.step)
         warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
         for w in warnings:
             _log(f"  {arch.model_type}: WARNING: {w}")
-        bundle.finish_reference(writer, opts, arch, reqs, ckpt, folders, device, ratios=ratios, warnings=warnings,
-                                notes=notes, fixes=fixes, seconds=round(time.time() - t0, 2))
+        bundle.finish_reference(writer, opts=opts, arch=arch, reqs=reqs, ckpt=ckpt, folders=folders, device=device,
+                                ratios=ratios, warnings=warnings, notes=notes, fixes=fixes,
+                                seconds=round(time.time() - t0, 2))
     return out, base
 
 
@@ -216,8 +218,10 @@ def load(folder: str | Path, verify: bool = True) -> Prepared:
     reqs = default_requests(arch, config, list(m["adapters"]), geoms)
     bundle.check_requests(b, reqs)
     torch_dtype, device = parse_dtype(m["dtype"]), check_device(m["device"])
-    return Prepared(arch, config, ckpt, m["dtype"], torch_dtype, truth_dtype(device), device, reqs, adapters, b,
-                    b.names, m["notes"], m["ratios"], m["warnings"], m["fixes"], m.get("seconds", 0.0))
+    return Prepared(arch=arch, config=config, ckpt=ckpt, dtype=m["dtype"], torch_dtype=torch_dtype,
+                    truth_dtype=truth_dtype(device), device=device, reqs=reqs, adapters=adapters, bundle=b,
+                    order=b.names, notes=m["notes"], ratios=m["ratios"], warnings=m["warnings"], fixes=m["fixes"],
+                    seconds=m.get("seconds", 0.0))
 
 
 def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:

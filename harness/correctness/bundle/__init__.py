@@ -20,5 +20,5 @@ from harness.correctness.bundle.record import finish_reference, write_reference
 from harness.correctness.bundle.sources import open_reference
 from harness.correctness.bundle.stage import Stage, captured
 
-__all__ = ["HELD", "Bundle", "BundleError", "Key", "Kind", "Stage", "captured", "check_outputs", "check_requests",
-           "finish_reference", "open_reference", "stream_outputs", "write_reference"]
+__all__ = ["HELD", "Bundle", "BundleError", "Key", "Kind", "Stage", "captured", "check_outputs",
+           "check_requests", "finish_reference", "open_reference", "stream_outputs", "write_reference"]

@@ -27,11 +27,12 @@ def stream_outputs(rt, reqs, folder: Path, step=lambda: None) -> Bundle:
             step()
     rt.run(reqs, sink=put)
     l_max = max(len(r.prompt_ids) for r in reqs)
+    batch = {"arch": rt.arch, "config": rt.config, "reqs": reqs, "l_max": l_max}
     writer = BundleWriter(folder, len(reqs))
     for name in stage.seen.get("got", []):
         tensors = {}
         for key in (Key.OUT, Key.IN):
-            for i, t in enumerate(split(stage, "got", name, key, rt.arch, rt.config, reqs, l_max)):
+            for i, t in enumerate(split(stage, "got", name, key, **batch)):
                 if t is not None:
                     tensors[tensor_name(key, i)] = t
         stage.drop("got", name)

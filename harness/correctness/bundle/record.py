@@ -20,8 +20,9 @@ from reference.run import BASE_PREFIX, base_output, module_outputs
 from vlm.rows import BOUNDARY_GROUP
 
 
-def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, reqs, pm, device,
-                    targets: dict[str, set[str]], step=lambda: None) -> tuple[BundleWriter, dict[str, dict[str, float]]]:
+def write_reference(tmp: Path, stage: Stage, *, order: list[str], arch, config, reqs, pm, device,
+                    targets: dict[str, set[str]],
+                    step=lambda: None) -> tuple[BundleWriter, dict[str, dict[str, float]]]:
     """Every module's file, in the reference's order, from the staged reference and truth captures; returns
     the writer (manifest still to finish) and the adapters' measured rms(delta) / rms(base) per group.
     `step()` after each module (progress)."""
@@ -29,7 +30,8 @@ def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, req
     per_ratio: dict[str, dict[str, list[float]]] = {}
     writer = BundleWriter(tmp, len(reqs))
     for name in order:
-        tensors = _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, per_ratio)
+        tensors = _module_tensors(stage, name, arch=arch, config=config, reqs=reqs, pm=pm, device=device,
+                                  tdt=tdt, targets=targets, per_ratio=per_ratio)
         writer.add(name, BOUNDARY_GROUP.get(name) or arch.group_of(name), tensors)
         del tensors
         step()
@@ -37,7 +39,7 @@ def write_reference(tmp: Path, stage: Stage, order: list[str], arch, config, req
     return writer, {a: {g: statistics.median(v) for g, v in groups.items()} for a, groups in per_ratio.items()}
 
 
-def finish_reference(writer: BundleWriter, opts, arch, reqs, ckpt: Path, folders: dict[str, Path], device,
+def finish_reference(writer: BundleWriter, *, opts, arch, reqs, ckpt: Path, folders: dict[str, Path], device,
                      **fields) -> None:
     """The manifest; a generated checkpoint and generated adapters (in a work folder) are copied in."""
     checkpoint, adapters = record_sources(writer.folder, opts, ckpt, folders)
@@ -54,7 +56,8 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt()) if t.numel() else 0.0
 
 
-def _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, per_ratio) -> dict:
+def _module_tensors(stage: Stage, name: str, *, arch, config, reqs, pm, device, tdt: torch.dtype,
+                    targets: dict[str, set[str]], per_ratio: dict[str, dict[str, list[float]]]) -> dict:
     """One module's tensors for every request (what the judge reads), computed as the engine judged them:
     base outputs through the reference's own base Linear at the run dtype, then, with the same model inside
     `high_precision` (the truth: no second copy), the replay truth through the PEFT module on the
@@ -63,14 +66,13 @@ def _module_tensors(stage, name, arch, config, reqs, pm, device, tdt, targets, p
     out: dict[str, torch.Tensor] = {}
     truth_work = []  # (request, the reference's input, the truth's input, the truth's output)
     for i, req in enumerate(reqs):
-        n = len(req.prompt_ids)
-        one = [req]
-        ref_out = split(stage, ("ref", i), name, Key.OUT, arch, config, one, n)[0]
-        ref_in = split(stage, ("ref", i), name, Key.IN, arch, config, one, n)[0]
+        alone = {"arch": arch, "config": config, "reqs": [req], "l_max": len(req.prompt_ids)}  # run by itself
+        ref_out = split(stage, ("ref", i), name, Key.OUT, **alone)[0]
+        ref_in = split(stage, ("ref", i), name, Key.IN, **alone)[0]
         if ref_out is None and ref_in is None:
             continue
-        tru_out = split(stage, ("truth", i), name, Key.OUT, arch, config, one, n)[0]
-        tru_in = split(stage, ("truth", i), name, Key.IN, arch, config, one, n)[0]
+        tru_out = split(stage, ("truth", i), name, Key.OUT, **alone)[0]
+        tru_in = split(stage, ("truth", i), name, Key.IN, **alone)[0]
         stage.drop(("ref", i), name)
         stage.drop(("truth", i), name)
         out[tensor_name(Key.OUT, i)] = ref_out

@@ -49,7 +49,8 @@ class Stage:
                 p.unlink(missing_ok=True)
 
 
-def split(stage: Stage, tag, name: str, key: str, arch, config, reqs, l_max: int) -> list[torch.Tensor | None]:
+def split(stage: Stage, tag, name: str, key: str, *, arch, config, reqs,
+          l_max: int) -> list[torch.Tensor | None]:
     """Per request [rows, features] (None where a request has no rows), the registry's row formulas."""
     pieces = stage.pieces(tag, name, key)
     if not pieces:

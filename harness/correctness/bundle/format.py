@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-# 2: every module file's sha256 in the manifest, the non-finite tensors the writer saw, and provenance. A
-# reference bundle must be version 2 (its checksums are what `compare` trusts); an output bundle an engine
-# writes may stay at 1 (its own sha256 fields, if any, are verified too)
+# version 2 gives every module file's sha256 in the manifest, the non-finite tensors the writer saw, and
+# provenance; version 1 has none of them. A reference bundle must be version 2 (its checksums are what
+# `compare` trusts); an output bundle an engine writes may be version 1 (its own sha256 fields, if any, are
+# verified too)
 FORMAT, VERSION = "mmlora-bundle", 2
 READS = (1, 2)
 MANIFEST = "manifest.json"
@@ -88,10 +89,10 @@ def read_tensor(path: Path, key: str) -> torch.Tensor:
     """One tensor of a safetensors file read straight into memory of its own: the format's 8-byte header
     length, JSON header, then raw little-endian data. Its own allocation, because a tensor inside a file's
     buffer may sit at any byte offset and BLAS (MKL) results depend on the alignment of their operands in the
-    last bit: torch's allocator aligns as the in-memory captures were aligned, so the comparison's figures
-    match them bit for bit. Not through a memory map: the pages of a mapped file count in the process's RSS
-    while it is mapped, on top of the copy (at LLaVA-7B widths the largest base weight, 180 MB, was held twice
-    while the judge read it)."""
+    last bit: torch's allocator aligns it as it aligns the in-memory captures, so the comparison's figures
+    match theirs bit for bit. Not through a memory map: the pages of a mapped file count in the process's RSS
+    while it is mapped, on top of the copy (at LLaVA-7B widths the largest base weight, 180 MB, would be held
+    twice while the judge reads it)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         entry = json.loads(f.read(n))[key]

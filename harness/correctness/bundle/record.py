@@ -58,10 +58,11 @@ def _rms(t: torch.Tensor) -> float:
 
 def _module_tensors(stage: Stage, name: str, *, arch, config, reqs, pm, device, tdt: torch.dtype,
                     targets: dict[str, set[str]], per_ratio: dict[str, dict[str, list[float]]]) -> dict:
-    """One module's tensors for every request (what the judge reads), computed as the engine judged them:
-    base outputs through the reference's own base Linear at the run dtype, then, with the same model inside
-    `high_precision` (the truth: no second copy), the replay truth through the PEFT module on the
-    reference's input and the truth's base outputs."""
+    """One module's tensors for every request (what the judge reads, so that it needs no model): the staged
+    captures split per request, base outputs through the reference's own base Linear at the run dtype, then,
+    with the same model inside `high_precision` (the truth: no second copy), the replay truth through the
+    PEFT module on the reference's input and the truth's base outputs. `per_ratio` gathers each targeted
+    module's rms(delta) / rms(base) of the truth, per adapter and group."""
     lora = not name.startswith("@")
     out: dict[str, torch.Tensor] = {}
     truth_work = []  # (request, the reference's input, the truth's input, the truth's output)

@@ -26,8 +26,8 @@ class BundleWriter:
                 rows[i], features, dtype = t.shape[0], t.shape[-1], str(t.dtype).removeprefix("torch.")
         file = f"modules/{len(self.modules):04d}.safetensors"
         save(tensors, self.folder / file)
-        # what the forward really gave as NaN / Inf (a NaN weight): judged as non-finite; any other non-finite
-        # value a reader meets was not written so (a flipped bit) and is a bad bundle
+        # what the forward really gives as NaN / Inf (a NaN weight): judged as non-finite; any other non-finite
+        # value a reader meets is not what the writer wrote (a flipped bit) and makes a bad bundle
         nonfinite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
         self.modules.append({"name": name, "file": file, "group": group,
                              "kind": "boundary" if name.startswith("@") else "lora", "rows": rows,

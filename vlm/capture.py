@@ -39,7 +39,7 @@ Sink = Callable[[str, str, torch.Tensor], None]  # (module name, "in" | "out", t
 class Recorder:
     """Collects {name: {"in": [tensors], "out": [tensors]}} over one forward; several calls are kept in
     order (a module can run once per image). With a `sink`, each tensor goes to the sink as soon as the
-    hook sees it (streaming to disk: harness/correctness/bundle.py) and nothing is kept."""
+    hook sees it (streaming to disk: harness/correctness/bundle/stage.py) and nothing is kept."""
 
     def __init__(self, root: torch.nn.Module, names: Iterable[str], arch: ArchSpec, prefix: str = "",
                  sink: Sink | None = None):

@@ -2,7 +2,7 @@
 runtime (one mixed batch), every LoRA module and group boundary, per request, in two modes (modes.py).
 
 `prepare` does everything that does not depend on the runtime (checkpoint, adapters, requests, reference and
-truth runs, adapter ratios) once per arch, recorded into a bundle (`record`, bundle.py) and read back
+truth runs, adapter ratios) once per arch, recorded into a bundle (`record`, the bundle package) and read back
 (`load`); `judge` builds a runtime, applies a fault if asked, and compares. The
 detection-power table (`mmlora faults --power`) judges many faults against one prepared reference.
 """
@@ -74,9 +74,10 @@ class ArchResult:
     summary: dict
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
-    """Everything the comparison needs that does not depend on the runtime under test."""
+    """Everything the comparison needs that does not depend on the runtime under test (fields by keyword:
+    there are too many to tell apart by position)."""
 
     arch: ArchSpec
     config: object
@@ -87,7 +88,7 @@ class Prepared:
     device: torch.device
     reqs: list[Request]
     adapters: dict[str, AdapterFile]
-    # the reference's and the truth's captures on disk, read one module at a time (bundle.py)
+    # the reference's and the truth's captures on disk, read one module at a time (bundle.reader)
     bundle: bundle.Bundle
     order: list[str]
     notes: list[str]  # targets the arch flags (the run goes on)
@@ -157,7 +158,7 @@ def _adapters(arch, config, ref_model, opts: Options, workdir: Path, device, tor
 
 
 def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: bool = False):
-    """The reference and its truth, streamed into a bundle at `out` (bundle.py; written whole or not at all):
+    """The reference and its truth, streamed into a bundle at `out` (bundle.record; written whole or not at all):
     each capture goes to disk as the hooks see it, then one module at a time into the module's file. Returns
     the bundle folder and the loaded base model (for a runtime that shares its weights)."""
     t0 = time.time()
@@ -192,13 +193,14 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: 
         order = _order(bundle.captured(stage, "ref", len(reqs)))
         _log(f"  {at}: writing the reference bundle ({len(order)} modules)")
         with Progress(f"{at}: bundle", len(order)) as pb:
-            writer, ratios = bundle.write_reference(tmp, stage, order, arch, config, reqs, pm, device, targets,
-                                                    pb.step)
+            writer, ratios = bundle.write_reference(tmp, stage, order=order, arch=arch, config=config, reqs=reqs,
+                                                    pm=pm, device=device, targets=targets, step=pb.step)
         warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
         for w in warnings:
             _log(f"  {arch.model_type}: WARNING: {w}")
-        bundle.finish_reference(writer, opts, arch, reqs, ckpt, folders, device, ratios=ratios, warnings=warnings,
-                                notes=notes, fixes=fixes, seconds=round(time.time() - t0, 2))
+        bundle.finish_reference(writer, opts=opts, arch=arch, reqs=reqs, ckpt=ckpt, folders=folders, device=device,
+                                ratios=ratios, warnings=warnings, notes=notes, fixes=fixes,
+                                seconds=round(time.time() - t0, 2))
     return out, base
 
 
@@ -210,14 +212,16 @@ def record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: b
 
 def load(folder: str | Path, verify: bool = True) -> Prepared:
     """A reference bundle as what the judge needs; the requests are rebuilt from the recorded options and
-    must be the recorded ones (bundle.BundleError otherwise). `verify`: see bundle.open_reference."""
+    must be the recorded ones (bundle.BundleError otherwise). `verify`: see bundle.sources.open_reference."""
     b, ckpt, arch, config, adapters, geoms = bundle.open_reference(folder, verify)
     m = b.manifest
     reqs = default_requests(arch, config, list(m["adapters"]), geoms)
     bundle.check_requests(b, reqs)
     torch_dtype, device = parse_dtype(m["dtype"]), check_device(m["device"])
-    return Prepared(arch, config, ckpt, m["dtype"], torch_dtype, truth_dtype(device), device, reqs, adapters, b,
-                    b.names, m["notes"], m["ratios"], m["warnings"], m["fixes"], m.get("seconds", 0.0))
+    return Prepared(arch=arch, config=config, ckpt=ckpt, dtype=m["dtype"], torch_dtype=torch_dtype,
+                    truth_dtype=truth_dtype(device), device=device, reqs=reqs, adapters=adapters, bundle=b,
+                    order=b.names, notes=m["notes"], ratios=m["ratios"], warnings=m["warnings"], fixes=m["fixes"],
+                    seconds=m.get("seconds", 0.0))
 
 
 def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:

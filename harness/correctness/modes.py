@@ -6,7 +6,7 @@
           runtime's own batch mapping); the truth is the same PEFT module at high precision on those very
           inputs, so the first faulty module is named exactly
 
-The reference's side comes from its bundle (bundle.py), read one module and request at a time; e2e streams
+The reference's side comes from its bundle (the bundle package), read one module and request at a time; e2e streams
 the runtime's captures into an output bundle first, the very format an engine of its own may hand in
 (`compare_outputs`, `mmlora compare REF GOT`).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from harness.correctness.bundle import stream_outputs
+from harness.correctness.bundle import Key, stream_outputs
 from harness.correctness.compare import Metrics, Row, check, error_metrics, held_adapter, judge
 from harness.correctness.rules import rule
 from harness.output import one_line
@@ -64,9 +64,9 @@ def _first_differing_image(p, flat: torch.Tensor, mode: str) -> tuple[int, int, 
     there (or run out); None when every image's rows pass."""
     pos, r = 0, rule(p.dtype, mode)
     for i, req in enumerate(p.reqs):
-        if not req.images or not p.bundle.has(i, TOWER_OUT) or not p.bundle.has(i, TOWER_OUT, "truth.out"):
+        if not req.images or not p.bundle.has(i, TOWER_OUT) or not p.bundle.has(i, TOWER_OUT, Key.TRUTH_OUT):
             continue
-        ref, tru = p.bundle.get(i, TOWER_OUT, "out"), p.bundle.get(i, TOWER_OUT, "truth.out")
+        ref, tru = p.bundle.get(i, TOWER_OUT, Key.OUT), p.bundle.get(i, TOWER_OUT, Key.TRUTH_OUT)
         start = 0
         for j, g in enumerate(req.images):
             n = p.arch.connector_rows(p.config, g)
@@ -139,8 +139,8 @@ def _error_rows(p, mode: str, name: str, err: BaseException, requests=None, towe
 
 def _base_weight(p, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference's base Linear of `name` as recorded (weight, bias), on the reference's device."""
-    b = p.bundle.get(None, name, "bias")
-    return p.bundle.get(None, name, "weight").to(p.device), None if b is None else b.to(p.device)
+    b = p.bundle.get(None, name, Key.BIAS)
+    return p.bundle.get(None, name, Key.WEIGHT).to(p.device), None if b is None else b.to(p.device)
 
 
 def compare_outputs(p, got) -> list[Row]:
@@ -157,16 +157,16 @@ def compare_outputs(p, got) -> list[Row]:
             if not got.has(i, name):
                 rows.append(make_row(p, "e2e", i, name, error_metrics(), "runtime did not capture this module"))
                 continue
-            g_in = got.get(i, name, "in")
+            g_in = got.get(i, name, Key.IN)
             bases = None
-            if not name.startswith("@") and g_in is not None and p.bundle.has(None, name, "weight") \
-                    and p.bundle.has(i, name, "base") and p.bundle.has(i, name, "truth.base"):
+            if not name.startswith("@") and g_in is not None and p.bundle.has(None, name, Key.WEIGHT) \
+                    and p.bundle.has(i, name, Key.BASE) and p.bundle.has(i, name, Key.TRUTH_BASE):
                 base = base or _base_weight(p, name)
                 with torch.no_grad():  # the reference's base Linear on the runtime's input
                     got_base = F.linear(g_in.to(p.device), *base).cpu()
-                bases = (got_base, p.bundle.get(i, name, "base"), p.bundle.get(i, name, "truth.base"))
-            m = judge(got.get(i, name, "out"), p.bundle.get(i, name, "out"), p.bundle.get(i, name, "truth.out"), r,
-                      bases)
+                bases = (got_base, p.bundle.get(i, name, Key.BASE), p.bundle.get(i, name, Key.TRUTH_BASE))
+            m = judge(got.get(i, name, Key.OUT), p.bundle.get(i, name, Key.OUT),
+                      p.bundle.get(i, name, Key.TRUTH_OUT), r, bases)
             rows.append(make_row(p, "e2e", i, name, m))
             del g_in, bases
         del base
@@ -214,7 +214,7 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> list[torch.Ten
     group = p.arch.group_of(name)
     lengths = [len(r.prompt_ids) for r in p.reqs]
     l_max = max(lengths)
-    ins = {i: p.bundle.get(i, name, "in") for i in have}
+    ins = {i: p.bundle.get(i, name, Key.IN) for i in have}
     if group == "language_model":
         x = torch.zeros(len(p.reqs), l_max, ins[have[0]].shape[-1], dtype=p.torch_dtype)
         for i in have:
@@ -254,7 +254,7 @@ def replay(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
         if name not in rt.tables.shapes:
             continue
         step()
-        have = [i for i in range(len(p.reqs)) if p.bundle.has(i, name) and p.bundle.has(i, name, "in")]
+        have = [i for i in range(len(p.reqs)) if p.bundle.has(i, name) and p.bundle.has(i, name, Key.IN)]
         if not have:
             continue
         try:
@@ -265,10 +265,10 @@ def replay(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
         for i in have:
             # recorded on the reference's own input: the same PEFT module at high precision (output and base
             # output), and the base output at the run dtype
-            base = p.bundle.get(i, name, "base")
-            m = judge(pieces[i], p.bundle.get(i, name, "out"), p.bundle.get(i, name, "replay.truth_out"), r,
-                      (base, base, p.bundle.get(i, name, "replay.truth_base")),
-                      held_allowance(p, i, name, p.bundle.get(i, name, "in")))
+            base = p.bundle.get(i, name, Key.BASE)
+            m = judge(pieces[i], p.bundle.get(i, name, Key.OUT), p.bundle.get(i, name, Key.REPLAY_TRUTH_OUT), r,
+                      (base, base, p.bundle.get(i, name, Key.REPLAY_TRUTH_BASE)),
+                      held_allowance(p, i, name, p.bundle.get(i, name, Key.IN)))
             rows.append(make_row(p, "replay", i, name, m))
         del pieces
     return rows

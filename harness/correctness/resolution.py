@@ -14,12 +14,13 @@ that adapter there.
 
 from __future__ import annotations
 
+from harness.correctness.bundle import Key
 from harness.correctness.compare import judge
 from harness.correctness.modes import held_allowance
 from harness.correctness.rules import rule
 
 # where each mode's truth of a LoRA module lies in the reference bundle: (truth of the output, of the base output)
-_TRUTH = {"replay": ("replay.truth_out", "replay.truth_base"), "e2e": ("truth.out", "truth.base")}
+_TRUTH = {"replay": (Key.REPLAY_TRUTH_OUT, Key.REPLAY_TRUTH_BASE), "e2e": (Key.TRUTH_OUT, Key.TRUTH_BASE)}
 
 
 def dropped_adapter_margins(p, modes) -> dict[str, dict[str, dict[str, dict]]]:
@@ -38,14 +39,14 @@ def dropped_adapter_margins(p, modes) -> dict[str, dict[str, dict[str, dict]]]:
             for i, req in enumerate(p.reqs):
                 if not req.adapter or name not in p.adapters[req.adapter].modules:
                     continue  # the adapter does not target this module: nothing to drop here
-                if not all(p.bundle.has(i, name, k) for k in ("base", k_out, k_base)):
+                if not all(p.bundle.has(i, name, k) for k in (Key.BASE, k_out, k_base)):
                     continue  # no rows of this request reach the module (a text-only request in the tower)
-                base = p.bundle.get(i, name, "base")
+                base = p.bundle.get(i, name, Key.BASE)
                 truth, truth_base = p.bundle.get(i, name, k_out), p.bundle.get(i, name, k_base)
                 # replay's reference error carries the allowance for an adapter held at the run dtype, as the
                 # runtime's own judgement does (modes.replay); e2e's does not
-                held = held_allowance(p, i, name, p.bundle.get(i, name, "in")) if mode == "replay" else None
-                m = judge(base, p.bundle.get(i, name, "out"), truth, r, (base, base, truth_base), held)
+                held = held_allowance(p, i, name, p.bundle.get(i, name, Key.IN)) if mode == "replay" else None
+                m = judge(base, p.bundle.get(i, name, Key.OUT), truth, r, (base, base, truth_base), held)
                 slot = out.setdefault(req.adapter, {}).setdefault(group, {})
                 if mode not in slot or m.margin > slot[mode]["margin"]:
                     slot[mode] = {"margin": m.margin, "module": name, "request": i}

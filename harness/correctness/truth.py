@@ -43,18 +43,18 @@ def ieee_matmuls():
 
 
 # bytes at the truth dtype: a Linear / Embedding weight above this is upcast piecewise. 0: every one, so the
-# truth's extra memory is one chunk whatever the layer count (a whole-upcast CLIP-L tower layer held 100 MB of
-# float64 for the truth's whole forward)
+# truth's extra memory is one chunk whatever the layer count (upcast whole, a CLIP-L tower layer alone would hold
+# 100 MB of float64 for the truth's whole forward)
 BIG = 0
 CHUNK = 16 << 20  # bytes at the truth dtype of one upcast piece of a large Linear weight
 
 
 class ChunkBuffer:
-    """One buffer per device (at most a chunk) that every piece of every Linear weight is upcast into, instead
-    of a new tensor per piece: a fresh 16 MiB tensor per piece, freed a moment later between the forward's smaller
-    tensors, fragments the C heap (glibc raises its mmap threshold to the size of a freed block, so later
-    pieces land on the heap, between live activations), and a 4-layer LLaVA-7B truth held 1.1 GB more than
-    its 1-layer twin that way. A piece always starts at the buffer's start (the same alignment every time)."""
+    """One buffer per device (at most a chunk) that every piece of every Linear weight is upcast into. Not a
+    new tensor per piece: a fresh 16 MiB tensor, freed a moment later between the forward's smaller tensors,
+    fragments the C heap (glibc raises its mmap threshold to the size of a freed block, so later pieces land on
+    the heap, between live activations), enough for a 4-layer LLaVA-7B truth to hold 1.1 GB more than its
+    1-layer twin. A piece always starts at the buffer's start (the same alignment every time)."""
 
     def __init__(self, dtype: torch.dtype, chunk: int):
         self.dtype, self.chunk, self._flat = dtype, chunk, {}
@@ -243,8 +243,9 @@ def _upcast(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def truth_model(ckpt: Path, run_dtype: torch.dtype, device: torch.device, folders: dict[str, Path]):
     """A separate reference PeftModel at high precision (checkpoint loaded at the run dtype, adapters from the
-    very folders the reference loads, then every floating tensor upcast): the truth as it was computed before
-    `high_precision`, which tests hold the in-place truth to. Costs a second, upcast copy of the model."""
+    very folders the reference loads, then every floating tensor upcast): the truth computed on a fully
+    upcast copy, the plain way that tests hold the in-place truth of `high_precision` to. Costs a second,
+    upcast copy of the model."""
     arch, config, model = load_checkpoint(ckpt, dtype=run_dtype, device=device)
     arch.install_fixes(model)
     pm = load_adapters(model, folders) if folders else add_adapters(model, arch, default_specs(1))

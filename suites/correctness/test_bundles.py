@@ -182,11 +182,11 @@ def test_compare_holds_one_module_at_a_time(tmp_path):
 
 
 def test_tensors_read_back_as_safetensors_wrote_them(tmp_path):
-    """bundle._read_tensor (plain file reads, no memory map) against safetensors' own loader, on the dtypes and
+    """bundle.format.read_tensor (plain file reads, no memory map) against safetensors' own loader, on the dtypes and
     shapes a bundle may hold; a dtype a bundle never holds is a one-line BundleError naming it."""
     from safetensors.torch import load_file
 
-    from harness.correctness.bundle import BundleError, _read_tensor
+    from harness.correctness.bundle.format import BundleError, read_tensor
 
     gen = torch.Generator().manual_seed(3)
     tensors = {"bf16": torch.randn(3, 5, generator=gen).bfloat16(), "f64": torch.randn(4, generator=gen).double(),
@@ -196,8 +196,8 @@ def test_tensors_read_back_as_safetensors_wrote_them(tmp_path):
     save_file(tensors, str(path))
     want = load_file(str(path))
     for key, t in want.items():
-        got = _read_tensor(path, key)
+        got = read_tensor(path, key)
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), key
     save_file({"f8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "f8.safetensors"))
     with pytest.raises(BundleError, match="dtype F8_E4M3"):
-        _read_tensor(tmp_path / "f8.safetensors", "f8")
+        read_tensor(tmp_path / "f8.safetensors", "f8")

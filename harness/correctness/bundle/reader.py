@@ -1,0 +1,201 @@
+"""Reading a bundle: the manifest and every module file checked before any work, then tensors read one at a
+time; and the checks that an output bundle answers a reference's requests and modules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from harness.correctness.bundle.format import (
+    FORMAT,
+    MANIFEST,
+    READS,
+    ST_DTYPES,
+    VERSION,
+    BundleError,
+    Key,
+    Kind,
+    read_tensor,
+    tensor_name,
+)
+from harness.correctness.bundle.writer import request_entry
+
+
+class Bundle:
+    """A validated bundle; tensors are read one at a time (`get`), never the whole bundle."""
+
+    def __init__(self, folder: Path, manifest: dict, keys: dict[str, set[str]]):
+        self.folder, self.manifest, self._keys = folder, manifest, keys
+        self.modules = {m["name"]: m for m in manifest["modules"]}
+        self._reference = manifest.get("kind") == Kind.REFERENCE
+
+    @classmethod
+    def open(cls, folder: str | Path, verify: bool = True) -> Bundle:
+        """`verify=False` skips the sha256 of each module file (a bundle this process has just written)."""
+        folder = Path(folder)
+        where = f"bundle {str(folder)!r}"
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"{where}: no {MANIFEST} (not a bundle, or written incompletely)")
+        try:
+            m = json.loads(path.read_text(), parse_constant=_no_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+            raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({' '.join(str(e).split())})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise BundleError(f"{where}: {MANIFEST} has no \"format\": \"{FORMAT}\"")
+        if m.get("version") not in READS:
+            raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads "
+                              f"{', '.join(map(str, READS))}")
+        if m.get("kind") == Kind.REFERENCE and m["version"] != VERSION:
+            raise BundleError(f"{where}: a version {m['version']} reference bundle has no checksums of its "
+                              f"module files: re-record it with this harness (mmlora record)")
+        for key, kind in (("requests", list), ("modules", list)):
+            if not isinstance(m.get(key), kind):
+                raise BundleError(f"{where}: {MANIFEST} lacks the list {key!r}")
+        n = len(m["requests"])
+        keys: dict[str, set[str]] = {}
+        for k, mod in enumerate(m["modules"]):
+            if not isinstance(mod, dict) or not {"name", "file", "rows", "features"} <= set(mod):
+                raise BundleError(f"{where}: module entry {k} lacks one of name, file, rows, features")
+            name = mod["name"]
+            if name in keys:
+                raise BundleError(f"{where}: module {name!r} is listed twice")
+            if not isinstance(mod["rows"], list) or len(mod["rows"]) != n:
+                raise BundleError(f"{where}: module {name!r} gives rows for {len(mod['rows'])} requests, the "
+                                  f"manifest lists {n}")
+            if m.get("kind") == Kind.REFERENCE and not isinstance(mod.get("sha256"), str):
+                raise BundleError(f"{where}: module {name!r} has no sha256 in {MANIFEST}")
+            keys[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
+        return cls(folder, m, keys)
+
+    @property
+    def names(self) -> list[str]:
+        return [m["name"] for m in self.manifest["modules"]]
+
+    def has(self, i: int | None, name: str, key: str = Key.OUT) -> bool:
+        return tensor_name(key, i) in self._keys.get(name, ())
+
+    def get(self, i: int | None, name: str, key: str) -> torch.Tensor | None:
+        """One tensor (`key.i`, or `key` for per-module tensors with i None), read from its file alone. In a
+        reference bundle a NaN / Inf the writer did not see is refused: a reference, truth or bound from it
+        would be judged as if it were real."""
+        full = tensor_name(key, i)
+        if full not in self._keys.get(name, ()):
+            return None
+        mod = self.modules[name]
+        t = read_tensor(self.folder / mod["file"], full)
+        if self._reference and t.is_floating_point() and full not in (mod.get("nonfinite") or ()) \
+                and not torch.isfinite(t).all():
+            raise _not_recorded(f"bundle {str(self.folder)!r}", name, full)
+        return t
+
+
+def _check_finite(where: str, name: str, mod: dict, data: bytes) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except SafetensorError:
+        return  # named by the header check that follows
+    for key, t in sorted(tensors.items()):
+        if t.is_floating_point() and key not in (mod.get("nonfinite") or ()) and not torch.isfinite(t).all():
+            raise _not_recorded(where, name, key)
+
+
+def _not_recorded(where: str, name: str, key: str) -> BundleError:
+    return BundleError(f"{where}: module {name!r}: {key} holds NaN or Inf that the recording did not produce: "
+                       f"a corrupt bundle, re-record it")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"holds {name}, which JSON does not allow")
+
+
+def _check_file(where: str, folder: Path, mod: dict, verify: bool = True, reference: bool = False) -> set[str]:
+    """The module file exists, has the manifest's sha256 (where given), is safetensors (header and length),
+    and its out.<i> are floating, of the manifest's rows and dtype. With `verify`, a reference bundle's file
+    is also read whole (once, for its checksum too) and any NaN / Inf the recording did not see is refused
+    here, before any work."""
+    from safetensors import SafetensorError, safe_open
+
+    name, file = mod["name"], mod["file"]
+    path = folder / str(file)
+    if not path.is_file():
+        raise BundleError(f"{where}: module {name!r}: file {file!r} is missing")
+    sha = mod.get("sha256")
+    data = path.read_bytes() if verify and (sha is not None or reference) else None
+    if data is not None and sha is not None and hashlib.sha256(data).hexdigest() != sha:
+        raise BundleError(f"{where}: module {name!r}: {file!r} is another file (sha256 differs from the one in "
+                          f"{MANIFEST}): corrupt or edited")
+    if data is not None and reference:
+        _check_finite(where, name, mod, data)
+        del data
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{where}: module {name!r}: {file!r} is not a readable safetensors file "
+                          f"({' '.join(str(e).split())})") from None
+    want_dtype = mod.get("dtype")
+    for i, rows in enumerate(mod["rows"]):
+        out, inp = tensor_name(Key.OUT, i), tensor_name(Key.IN, i)
+        got = shapes.get(out)
+        want = [rows, mod["features"]] if rows else None
+        if got != want:
+            raise BundleError(f"{where}: module {name!r} request {i}: {out} has shape "
+                              f"{tuple(got) if got else 'none'}, the manifest says "
+                              f"{tuple(want) if want else 'none (0 rows)'}")
+        if inp in shapes and shapes[inp][0] != rows:
+            raise BundleError(f"{where}: module {name!r} request {i}: {inp} has {shapes[inp][0]} rows, "
+                              f"{out} {rows}")
+        if got is None:
+            continue
+        dt = ST_DTYPES.get(dtypes[out])
+        if dt is None or not dt.is_floating_point:
+            raise BundleError(f"{where}: module {name!r}: {out} has dtype {dtypes[out]}; a module's "
+                              f"output must be a floating tensor")
+        if want_dtype is not None and str(dt).removeprefix("torch.") != want_dtype:
+            raise BundleError(f"{where}: module {name!r}: the manifest's dtype {want_dtype!r} is not {out}'s "
+                              f"{str(dt).removeprefix('torch.')}")
+    return set(shapes)
+
+
+def check_outputs(ref: Bundle, got: Bundle) -> None:
+    """An output bundle answers the reference's requests module by module: same requests (geometry,
+    tokens, adapters), every module of the reference, the same rows and features per request."""
+    where = f"bundle {str(got.folder)!r}"
+    rq, gq = ref.manifest["requests"], got.manifest["requests"]
+    if len(gq) != len(rq):
+        raise BundleError(f"{where} holds {len(gq)} requests, the reference {len(rq)}")
+    for i, (a, b) in enumerate(zip(rq, gq)):
+        for key in ("geometry", "tokens", "adapter"):
+            if key not in b:
+                raise BundleError(f"{where}: request {i} lacks {key!r}")
+            if b[key] != a[key]:
+                raise BundleError(f"{where}: request {i} {key} {b[key]!r} differs from the reference's {a[key]!r}")
+    for name, m in ref.modules.items():
+        g = got.modules.get(name)
+        if g is None:
+            raise BundleError(f"{where} lacks module {name!r} (the reference bundle has it)")
+        if g["features"] != m["features"]:
+            raise BundleError(f"{where}: module {name!r} has {g['features']} features, the reference {m['features']}")
+        for i, (a, b) in enumerate(zip(m["rows"], g["rows"])):
+            if a != b:
+                raise BundleError(f"{where}: module {name!r} request {i} has {b} rows, the reference {a}")
+
+
+def check_requests(b: Bundle, reqs) -> None:
+    """The requests rebuilt from the recorded options are the recorded ones."""
+    where, recorded = f"bundle {str(b.folder)!r}", b.manifest["requests"]
+    rebuilt = [request_entry(r) for r in reqs]
+    if len(rebuilt) != len(recorded):
+        raise BundleError(f"{where}: {len(recorded)} requests recorded, {len(rebuilt)} rebuilt")
+    for i, (a, r) in enumerate(zip(recorded, rebuilt)):
+        for key in ("adapter", "geometry", "tokens", "prompt_sha256"):
+            if a.get(key) != r[key]:
+                raise BundleError(f"{where}: request {i} {key} {a.get(key)!r} recorded, {r[key]!r} rebuilt")

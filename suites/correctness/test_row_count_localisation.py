@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import re
 
-import pytest
-
 from harness.correctness.engine import Options, judge, prepare
 from harness.correctness.faults import get_fault
 

@@ -26,15 +26,14 @@ from runtime.kernels import (
 )
 from runtime.kernels import lora_config as lc
 from runtime.kernels._util import SUM, interpreted
-from runtime.kernels.lora import (
-    _block_s,
-    _expand_launch,
+from runtime.kernels.lora import _expand_launch, _shrink_launch
+from runtime.kernels.lora_grouping import (
     _group_blocks,
-    _shrink_launch,
     _tile_bound,
-    _tile_grid,
-    _tile_rows,
+    block_s,
     launch_as_on_gpu,
+    tile_grid,
+    tile_rows,
     token_grouping_torch,
 )
 from suites.helpers import DEV, assert_close_scaled, rel_tol
@@ -96,7 +95,7 @@ def test_bad_ids_raise_when_validating_and_are_never_touched_otherwise():
 @triton.jit
 def _probe_kernel(order_ptr, start_ptr, count_ptr, out_ptr, n_slots, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
-    slot, pos, m_mask, rows, valid = _tile_rows(pid, order_ptr, start_ptr, count_ptr, n_slots, BLOCK_M, BLOCK_S)
+    slot, pos, m_mask, rows, valid = tile_rows(pid, order_ptr, start_ptr, count_ptr, n_slots, BLOCK_M, BLOCK_S)
     first = tl.reduce(tl.where(tl.arange(0, BLOCK_M) == 0, pos, 0), 0, SUM)
     tl.store(out_ptr + pid * 4 + 0, slot)
     tl.store(out_ptr + pid * 4 + 1, valid.to(tl.int32))
@@ -128,7 +127,7 @@ def test_tile_schedule_covers_every_tile_once(counts, block_m):
     T = len(ids)
     grid = _tile_bound(T, block_m, S)  # the GPU's grid: programs past the last tile must find none
     out = torch.full((grid * 4,), -7, dtype=torch.int32, device=DEV)
-    _probe_kernel[(grid,)](*g, out, S, BLOCK_M=block_m, BLOCK_S=_block_s(S))
+    _probe_kernel[(grid,)](*g, out, S, BLOCK_M=block_m, BLOCK_S=block_s(S))
     got = out.view(grid, 4).tolist()
     tiles = [(s, first, n) for s, valid, first, n in got if valid]
     assert tiles == _schedule(counts, block_m)
@@ -136,7 +135,7 @@ def test_tile_schedule_covers_every_tile_once(counts, block_m):
     if counts == [3, 17, 17, 17, 0]:
         assert grid == len(tiles) == 6
     if interpreted():  # the interpreter launches the exact tile count (no program that exits)
-        assert _tile_grid(T, block_m, S, g) == max(1, len(tiles))
+        assert tile_grid(T, block_m, S, g) == max(1, len(tiles))
 
 
 # ----------------------------------------------------------------------------- forced small blocks

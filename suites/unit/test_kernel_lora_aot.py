@@ -119,7 +119,7 @@ def _shrink_constexprs(cfg: lc.ShrinkConfig, block_r: int, multi: bool = False) 
 
 def _expand_constexprs(cfg: lc.ExpandConfig, block_r: int, split: int, dtype: torch.dtype, multi: bool = False
                        ) -> tuple:
-    return tuple(sorted(dict(SPLIT=split, V_SORTED=True, MODE=L.HI_LO, LO=True, SCALE_ROWS=dtype == torch.float16,
+    return tuple(sorted(dict(SPLIT=split, V_SORTED=True, MODE=L.HI_LO, SCALE_ROWS=dtype == torch.float16,
                              Y_UNIT=True, MULTI=multi, ALIGNED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                              BLOCK_R=block_r, BLOCK_S=16, COL_SPLIT=cfg.col_split).items()))
 

@@ -51,9 +51,9 @@ IEEE_FP32, HI_LO, HI_LO_EMULATED = 0, 1, 2
 
 
 @triton.jit
-def _sum_partials(ws_ptr, pos, sl, offs_r, mask, stride_k, stride_n, stride_t, SPLIT: tl.constexpr):
-    """v at sorted positions `pos`: the split-K partials added in a fixed order, k = 0, 1, ..."""
-    ptrs = ws_ptr + sl * stride_n + pos.to(tl.int64)[:, None] * stride_t + offs_r[None, :]
+def _sum_partials(ws_ptr, idx, sl, offs_r, mask, stride_k, stride_n, stride_t, SPLIT: tl.constexpr):
+    """v at rows `idx` of slice `sl`: the SPLIT split-K partials added in a fixed order, k = 0, 1, ..."""
+    ptrs = ws_ptr + sl * stride_n + idx.to(tl.int64)[:, None] * stride_t + offs_r[None, :]
     acc = tl.load(ptrs, mask=mask, other=0.0)
     for k in tl.static_range(1, SPLIT):
         acc += tl.load(ptrs + k * stride_k, mask=mask, other=0.0)
@@ -163,14 +163,8 @@ def _expand_kernel(v_ptr, b_ptr, meta_ptr, y_ptr, order_ptr, start_ptr, count_pt
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     v_mask = m_mask[:, None] & r_mask[None, :]
-    if V_SORTED:  # lora_apply's workspace: split-K partials at sorted positions, added k = 0, 1, ... (as
-        # _sum_partials, inlined: the interpreter pays per nested jit call)
-        v_ptrs = v_ptr + sl * stride_vn + pos.to(tl.int64)[:, None] * stride_vt + offs_r[None, :]
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        for k in tl.static_range(1, SPLIT):
-            v += tl.load(v_ptrs + k * stride_vk, mask=v_mask, other=0.0)
-    else:
-        v = tl.load(v_ptr + sl * stride_vn + rows[:, None] * stride_vt + offs_r[None, :], mask=v_mask, other=0.0)
+    # lora_apply's workspace holds split-K partials at sorted positions; lora_expand's v is one "partial" by row id
+    v = _sum_partials(v_ptr, pos if V_SORTED else rows, sl, offs_r, v_mask, stride_vk, stride_vn, stride_vt, SPLIT)
     if SCALE_ROWS:  # fp16: bring each row's max |v| into [1, 2) by an exact power of two
         e = (tl.max(tl.abs(v), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
         e = tl.minimum(tl.maximum(e, 1), 253)

@@ -1,6 +1,8 @@
 """Triton kernels of the runtime, one file per kernel, each with its pure-torch twin (`<name>_torch`, the
-oracle) and its `KernelSpec` (`SPECS` in the file). `KERNELS` (name -> spec) is discovered from the files
-here: the bench, the roofline and the suites read it, so adding a kernel is one file plus its tests."""
+oracle) and its `KernelSpec` (`SPECS` in the file). The LoRA ops are larger and split: the ops and twins
+(`lora.py`), the per-batch token grouping and tile schedule (`lora_grouping.py`), the specs (`lora_specs.py`)
+and the launch configs (`lora_config.py`). `KERNELS` (name -> spec) is discovered from the files here: the
+bench, the roofline and the suites read it, so adding a kernel is one file plus its tests."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import pkgutil
 
 from runtime.kernels._util import interpreted
 from runtime.kernels.lora import (
-    TokenGrouping,
     lora_apply,
     lora_apply_torch,
     lora_block_sizes,
@@ -17,8 +18,8 @@ from runtime.kernels.lora import (
     lora_expand_torch,
     lora_shrink,
     lora_shrink_torch,
-    token_grouping,
 )
+from runtime.kernels.lora_grouping import TokenGrouping, token_grouping, token_grouping_torch
 from runtime.kernels.pixel_shuffle import pixel_shuffle, pixel_shuffle_torch
 from runtime.kernels.position_pool import position_pool, position_pool_bruteforce, position_pool_torch
 from runtime.kernels.rope_2d import rope_2d, rope_2d_torch
@@ -43,4 +44,5 @@ __all__ = [
     "KERNELS", "KernelSpec", "TokenGrouping", "interpreted", "lora_apply", "lora_apply_torch", "lora_block_sizes",
     "lora_expand", "lora_expand_torch", "lora_shrink", "lora_shrink_torch", "pixel_shuffle", "pixel_shuffle_torch",
     "position_pool", "position_pool_bruteforce", "position_pool_torch", "rope_2d", "rope_2d_torch", "token_grouping",
+    "token_grouping_torch",
 ]

@@ -5,19 +5,9 @@ Shapes (S = adapter slots, R = r_max, ranks zero-padded; alpha/r already folded 
   lora_expand(v[n,T,R], B_slices: n x [S,O_i,R], slot_ids, y[T,sum O_i], slice_offsets)  y[:, off_i:+O_i] += v_i B_i^T
   lora_apply(x, y, A_slices, B_slices, slot_ids, ...)                 both, two launches, v never leaves fp32
 
-Token grouping (`token_grouping`, built once per batch and group of modules, on the device, no host sync):
-a stable counting sort of the rows by slot, in two launches of a Triton kernel. Group 0 holds the -1 rows
-(no adapter), group s + 1 slot s, and group S + 1 every row whose id lies outside [-1, S-1]: those rows are
-never scheduled, so a bad id can never make a kernel read or write out of bounds. The public eager calls
-validate (one host read of that last count); the runtime validates the ids on the host where it builds the
-mapping (python ints) and skips the read, so every LoRA call of a batch can be captured in a CUDA graph.
-
-Tile schedule: the programs along grid axis 0 walk the (slot, row tile) pairs of the active slots in slot
-order; program p finds its pair from the per-slot counts (tiles_s = ceil(count_s / BLOCK_M), a cumulative
-sum over the S counts in registers, `_tile_rows`), so the schedule costs no launch and each kernel keeps
-its own BLOCK_M. The grid is min(T, ceil(T / BLOCK_M) + S - 1) programs along that axis, the most tiles any
-grouping can have; programs past the last tile exit at once (under the interpreter, where they are costly and
-the counts are on the host, the grid is the exact tile count). The -1 rows are never visited.
+Rows are visited slot by slot through the batch's token grouping and tile schedule
+(runtime/kernels/lora_grouping.py); the -1 rows are never visited. The specs (bench samples, bytes / flops,
+tolerances) are in runtime/kernels/lora_specs.py.
 
 Shrink: each program multiplies a tile of rows by its slot's A over a range of H (split-K). With one split
 it writes v directly; with more, each split writes an fp32 partial into a workspace [split, n, T, R] indexed
@@ -44,95 +34,26 @@ per (pointers, shapes), built on the first call (capture CUDA graphs after a war
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from runtime.kernels import lora_config
-from runtime.kernels._util import SUM, cast_rne, check_float, clamp_pow2, interpreted, next_pow2
+from runtime.kernels._util import cast_rne, check_float, clamp_pow2, interpreted
 from runtime.kernels.lora_config import ExpandConfig, ShrinkConfig
-from runtime.kernels.spec import DTYPES, ELEM, KernelSpec, Sweep, Variant, seeded
+from runtime.kernels.lora_grouping import TokenGrouping, block_s, grouping_for, tile_grid, tile_rows
 
 # expand's dot modes (constexpr MODE)
 IEEE_FP32, HI_LO, HI_LO_EMULATED = 0, 1, 2
 
 
-# ----------------------------------------------------------------------------- token grouping kernels
 @triton.jit
-def _group_count_kernel(slot_ptr, hist_ptr, T, n_slots, span, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr):
-    # program p counts the rows of each group in its span [p * span, (p + 1) * span)
-    pid = tl.program_id(0)
-    offs_g = tl.arange(0, BLOCK_G)
-    acc = tl.zeros((BLOCK_G,), dtype=tl.int32)
-    for i in range(0, span, BLOCK_T):
-        offs = pid * span + i + tl.arange(0, BLOCK_T)
-        mask = offs < T
-        s = tl.load(slot_ptr + offs, mask=mask, other=-1).to(tl.int64)
-        g = tl.where((s >= -1) & (s < n_slots), s + 1, n_slots + 1)  # group; S + 1: a bad id
-        acc += tl.reduce(((g[:, None] == offs_g[None, :]) & mask[:, None]).to(tl.int32), 0, SUM)  # tl.sum
-    tl.store(hist_ptr + pid * BLOCK_G + offs_g, acc)
-
-
-@triton.jit
-def _group_order_kernel(slot_ptr, hist_ptr, order_ptr, start_ptr, count_ptr, T, n_slots, n_prog, span,
-                        BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
-    # Stable placement: a row's position = start of its group + rows of the group in earlier spans + rows of
-    # the group earlier in this span. Every program reads all the counts ([n_prog, BLOCK_G] <= 4K).
-    pid = tl.program_id(0)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_p = tl.arange(0, BLOCK_P)
-    hist = tl.load(hist_ptr + offs_p[:, None] * BLOCK_G + offs_g[None, :], mask=(offs_p < n_prog)[:, None], other=0)
-    total = tl.reduce(hist, 0, SUM)  # tl.sum / tl.cumsum without a nested jit call (see _util.SUM)
-    starts = tl.associative_scan(total, 0, SUM) - total
-    if pid == 0:
-        g_mask = offs_g < n_slots + 2
-        tl.store(count_ptr + offs_g, total, mask=g_mask)
-        tl.store(start_ptr + offs_g, starts, mask=g_mask)
-    base = starts + tl.reduce(tl.where((offs_p < pid)[:, None], hist, 0), 0, SUM)
-    for i in range(0, span, BLOCK_T):
-        offs = pid * span + i + tl.arange(0, BLOCK_T)
-        mask = offs < T
-        s = tl.load(slot_ptr + offs, mask=mask, other=-1).to(tl.int64)
-        g = tl.where((s >= -1) & (s < n_slots), s + 1, n_slots + 1)  # group; S + 1: a bad id
-        onehot = ((g[:, None] == offs_g[None, :]) & mask[:, None]).to(tl.int32)
-        earlier = tl.reduce((tl.associative_scan(onehot, 0, SUM) - onehot) * onehot, 1, SUM)
-        pos = tl.reduce(onehot * base[None, :], 1, SUM) + earlier
-        tl.store(order_ptr + pos, offs.to(tl.int32), mask=mask)
-        base += tl.reduce(onehot, 0, SUM)
-
-
-# ----------------------------------------------------------------------------- the tile schedule
-@triton.jit
-def _tile_rows(pid, order_ptr, start_ptr, count_ptr, n_slots, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program `pid`'s tile: its slot, the rows' sorted positions, their mask, the row ids (int64) and
-    whether the program has a tile at all. Tiles run through the slots in order, ceil(count_s / BLOCK_M)
-    each (one helper, not two: the interpreter pays per nested call)."""
-    offs = tl.arange(0, BLOCK_S)
-    counts = tl.load(count_ptr + 1 + offs, mask=offs < n_slots, other=0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    end = tl.associative_scan(tiles, 0, SUM)  # cumulative tiles (tl.cumsum; see _util.SUM)
-    slot = tl.reduce((end <= pid).to(tl.int32), 0, SUM)
-    row0 = (pid - tl.reduce(tl.where(offs == slot, end - tiles, 0), 0, SUM)) * BLOCK_M
-    valid = slot < n_slots
-    slot = tl.minimum(slot, n_slots - 1)  # keeps the loads below in bounds for programs that exit
-    count = tl.where(valid, tl.load(count_ptr + 1 + slot), 0)
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < count
-    pos = tl.load(start_ptr + 1 + slot) + offs_m
-    rows = tl.load(order_ptr + pos, mask=m_mask, other=0).to(tl.int64)
-    return slot, pos, m_mask, rows, valid
-
-
-@triton.jit
-def _sum_partials(ws_ptr, pos, sl, offs_r, mask, stride_k, stride_n, stride_t, SPLIT: tl.constexpr):
-    """v at sorted positions `pos`: the split-K partials added in a fixed order, k = 0, 1, ..."""
-    ptrs = ws_ptr + sl * stride_n + pos.to(tl.int64)[:, None] * stride_t + offs_r[None, :]
+def _sum_partials(ws_ptr, idx, sl, offs_r, mask, stride_k, stride_n, stride_t, SPLIT: tl.constexpr):
+    """v at rows `idx` of slice `sl`: the SPLIT split-K partials added in a fixed order, k = 0, 1, ..."""
+    ptrs = ws_ptr + sl * stride_n + idx.to(tl.int64)[:, None] * stride_t + offs_r[None, :]
     acc = tl.load(ptrs, mask=mask, other=0.0)
     for k in tl.static_range(1, SPLIT):
         acc += tl.load(ptrs + k * stride_k, mask=mask, other=0.0)
@@ -153,7 +74,7 @@ def _shrink_kernel(x_ptr, a_ptr, meta_ptr, out_ptr, order_ptr, start_ptr, count_
                    BLOCK_S: tl.constexpr):
     pid_k = tl.program_id(1)
     sl = tl.program_id(2)
-    slot, pos, m_mask, rows, valid = _tile_rows(tl.program_id(0), order_ptr, start_ptr, count_ptr, n_slots,
+    slot, pos, m_mask, rows, valid = tile_rows(tl.program_id(0), order_ptr, start_ptr, count_ptr, n_slots,
                                                 BLOCK_M, BLOCK_S)
     if not valid:
         return
@@ -195,7 +116,7 @@ def _reduce_kernel(ws_ptr, out_ptr, order_ptr, start_ptr, count_ptr, R, n_slots,
                    stride_wt, stride_on, stride_ot, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     sl = tl.program_id(1)
-    slot, pos, m_mask, rows, valid = _tile_rows(tl.program_id(0), order_ptr, start_ptr, count_ptr, n_slots,
+    slot, pos, m_mask, rows, valid = tile_rows(tl.program_id(0), order_ptr, start_ptr, count_ptr, n_slots,
                                                 BLOCK_M, BLOCK_S)
     if not valid:
         return
@@ -210,12 +131,12 @@ def _reduce_kernel(ws_ptr, out_ptr, order_ptr, start_ptr, count_ptr, R, n_slots,
 def _expand_kernel(v_ptr, b_ptr, meta_ptr, y_ptr, order_ptr, start_ptr, count_ptr,
                    R, n_slots, width0, offset0, stride_bs, stride_bo, stride_vk, stride_vn, stride_vt,
                    stride_yt, stride_yo, SPLIT: tl.constexpr, V_SORTED: tl.constexpr, MODE: tl.constexpr,
-                   LO: tl.constexpr, SCALE_ROWS: tl.constexpr, Y_UNIT: tl.constexpr, MULTI: tl.constexpr,
+                   SCALE_ROWS: tl.constexpr, Y_UNIT: tl.constexpr, MULTI: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_S: tl.constexpr, COL_SPLIT: tl.constexpr):
     pid_n = tl.program_id(1)
     sl = tl.program_id(2)
-    slot, pos, m_mask, rows, valid = _tile_rows(tl.program_id(0), order_ptr, start_ptr, count_ptr, n_slots,
+    slot, pos, m_mask, rows, valid = tile_rows(tl.program_id(0), order_ptr, start_ptr, count_ptr, n_slots,
                                                 BLOCK_M, BLOCK_S)
     if not valid:
         return
@@ -242,14 +163,8 @@ def _expand_kernel(v_ptr, b_ptr, meta_ptr, y_ptr, order_ptr, start_ptr, count_pt
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     v_mask = m_mask[:, None] & r_mask[None, :]
-    if V_SORTED:  # lora_apply's workspace: split-K partials at sorted positions, added k = 0, 1, ... (as
-        # _sum_partials, inlined: the interpreter pays per nested jit call)
-        v_ptrs = v_ptr + sl * stride_vn + pos.to(tl.int64)[:, None] * stride_vt + offs_r[None, :]
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        for k in tl.static_range(1, SPLIT):
-            v += tl.load(v_ptrs + k * stride_vk, mask=v_mask, other=0.0)
-    else:
-        v = tl.load(v_ptr + sl * stride_vn + rows[:, None] * stride_vt + offs_r[None, :], mask=v_mask, other=0.0)
+    # lora_apply's workspace holds split-K partials at sorted positions; lora_expand's v is one "partial" by row id
+    v = _sum_partials(v_ptr, pos if V_SORTED else rows, sl, offs_r, v_mask, stride_vk, stride_vn, stride_vt, SPLIT)
     if SCALE_ROWS:  # fp16: bring each row's max |v| into [1, 2) by an exact power of two
         e = (tl.max(tl.abs(v), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
         e = tl.minimum(tl.maximum(e, 1), 253)
@@ -271,13 +186,11 @@ def _expand_kernel(v_ptr, b_ptr, meta_ptr, y_ptr, order_ptr, start_ptr, count_pt
             delta = tl.dot(v, bt.to(tl.float32), input_precision="ieee")
         elif MODE == 1:
             delta = tl.dot(v_hi, bt)
-            if LO:
-                delta = tl.dot(v_lo, bt, delta)
+            delta = tl.dot(v_lo, bt, delta)
         else:
             b32 = bt.to(tl.float32)
             delta = tl.dot(v_hi, b32, input_precision="ieee")
-            if LO:
-                delta = tl.dot(v_lo, b32, delta, input_precision="ieee")
+            delta = tl.dot(v_lo, b32, delta, input_precision="ieee")
         if SCALE_ROWS:
             delta = delta * unscale[:, None]
         mask = m_mask[:, None] & n_mask[None, :]
@@ -301,94 +214,6 @@ def _meta_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torc
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-class TokenGrouping(NamedTuple):
-    """Tokens in slot order, as the kernels read them: order[T] (int32 row ids, stable-sorted by group) and
-    per-group starts[S+2] / counts[S+2] into it; group 0 is slot -1 (no adapter), group s + 1 slot s, and
-    group S + 1 the rows whose slot id lies outside [-1, S-1] (never scheduled; 0 for valid ids)."""
-
-    order: torch.Tensor
-    starts: torch.Tensor
-    counts: torch.Tensor
-
-
-def _check_slot_ids(slot_ids: torch.Tensor, n_rows: int | None = None) -> None:
-    n = slot_ids.shape[0] if n_rows is None else n_rows
-    if slot_ids.dim() != 1 or slot_ids.shape[0] != n:
-        raise ValueError(f"slot_ids must have shape [{n}], got {tuple(slot_ids.shape)}")
-    if slot_ids.dtype.is_floating_point or slot_ids.dtype.is_complex or slot_ids.dtype == torch.bool:
-        raise ValueError(f"slot_ids must be an integer tensor, got {slot_ids.dtype}")
-
-
-def _group_blocks(T: int, n_slots: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_G, programs, span): each program a span of whole BLOCK_T chunks; the one-hot chunk
-    [BLOCK_T, BLOCK_G] and the per-program counts [programs, BLOCK_G] stay at 4K elements (32 per thread
-    of 4 warps: no spills at 256 groups, checked for sm_90 in suites/unit/test_kernel_lora_aot.py)."""
-    block_g = next_pow2(n_slots + 2)
-    block_t = max(16, min(256, 4096 // block_g))
-    n_prog = min(64, 4096 // block_g, triton.cdiv(T, block_t))
-    span = triton.cdiv(triton.cdiv(T, n_prog), block_t) * block_t
-    return block_t, block_g, n_prog, span
-
-
-MAX_KERNEL_GROUPS = 256  # above this many slots the one-hot would not fit: the torch path sorts instead
-
-
-def _group_tokens(slot_ids: torch.Tensor, n_slots: int) -> TokenGrouping:
-    """Stable counting sort on the device (two launches, no host sync; see TokenGrouping)."""
-    T, dev = slot_ids.shape[0], slot_ids.device
-    if T == 0 or n_slots + 2 > MAX_KERNEL_GROUPS:
-        return token_grouping_torch(slot_ids, n_slots)
-    if not slot_ids.is_contiguous():
-        slot_ids = slot_ids.contiguous()
-    block_t, block_g, n_prog, span = _group_blocks(T, n_slots)
-    hist = torch.empty((n_prog, block_g), dtype=torch.int32, device=dev)
-    order = torch.empty(T, dtype=torch.int32, device=dev)
-    starts = torch.empty(n_slots + 2, dtype=torch.int32, device=dev)
-    counts = torch.empty(n_slots + 2, dtype=torch.int32, device=dev)
-    _group_count_kernel[(n_prog,)](slot_ids, hist, T, n_slots, span, BLOCK_T=block_t, BLOCK_G=block_g)
-    _group_order_kernel[(n_prog,)](slot_ids, hist, order, starts, counts, T, n_slots, n_prog, span,
-                                   BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_P=max(2, next_pow2(n_prog)))
-    return TokenGrouping(order, starts, counts)
-
-
-def token_grouping_torch(slot_ids: torch.Tensor, n_slots: int) -> TokenGrouping:
-    """Twin of the grouping kernels in torch ops (stable argsort, integer scatter-add: no host sync either)."""
-    s = slot_ids.long()
-    g = torch.where((s >= -1) & (s < n_slots), s + 1, torch.full_like(s, n_slots + 1))
-    order = torch.argsort(g, stable=True).to(torch.int32)
-    counts = torch.zeros(n_slots + 2, dtype=torch.int64, device=s.device).scatter_add_(0, g, torch.ones_like(g))
-    starts = torch.cumsum(counts, 0) - counts
-    return TokenGrouping(order, starts.to(torch.int32), counts.to(torch.int32))
-
-
-def token_grouping(slot_ids: torch.Tensor, n_slots: int, *, validate: bool = True) -> TokenGrouping:
-    """The grouping `lora_apply(..., grouping=)` accepts: a runtime computes it once per batch and group of
-    modules instead of once per module. `validate=True` reads back one count (a host sync) and raises on ids
-    outside [-1, n_slots-1]; `validate=False` (ids already checked on the host) never syncs, and rows with
-    bad ids are then left untouched by every kernel."""
-    _check_slot_ids(slot_ids)
-    if n_slots < 0:
-        raise ValueError(f"n_slots must be >= 0, got {n_slots}")
-    grouping = _group_tokens(slot_ids, n_slots)
-    if validate and slot_ids.shape[0] and int(grouping.counts[n_slots + 1]) != 0:
-        lo, hi = torch.stack(torch.aminmax(slot_ids.long())).tolist()
-        raise ValueError(f"slot_ids must lie in [-1, {n_slots - 1}], got min {lo} max {hi}")
-    return grouping
-
-
-def _grouping_for(slot_ids: torch.Tensor, n_slots: int, n_rows: int, grouping: TokenGrouping | None
-                  ) -> TokenGrouping:
-    if grouping is None:
-        _check_slot_ids(slot_ids, n_rows)
-        return token_grouping(slot_ids, n_slots)
-    if grouping.order.shape[0] != n_rows:
-        raise ValueError(f"grouping was computed for {grouping.order.shape[0]} rows, the call has {n_rows}")
-    if grouping.counts.shape[0] != n_slots + 2:
-        raise ValueError(f"grouping was computed for {grouping.counts.shape[0] - 2} slots, the adapters have "
-                         f"{n_slots}")
-    return grouping
-
-
 def _check_slices(name: str, slices: Sequence[torch.Tensor], rank: int | None = None) -> None:
     if len(slices) == 0:
         raise ValueError(f"{name} must hold at least one slice")
@@ -399,44 +224,6 @@ def _check_slices(name: str, slices: Sequence[torch.Tensor], rank: int | None = 
                              f"., .] {s0.dtype} on {s0.device}")
         if rank is not None and t.shape[2] != rank:
             raise ValueError(f"{name}[{i}] has rank dim {t.shape[2]}, expected {rank}")
-
-
-_AS_ON_GPU: list[bool] = []
-
-
-@contextlib.contextmanager
-def launch_as_on_gpu():
-    """Inside, the interpreter launches the GPU's grid too (the tile bound, no count read back): for tests of
-    the schedule's exits and of the runtime path's freedom from host syncs."""
-    _AS_ON_GPU.append(True)
-    try:
-        yield
-    finally:
-        _AS_ON_GPU.pop()
-
-
-def _tile_bound(T: int, block_m: int, n_slots: int) -> int:
-    """The most tiles a grouping can have: sum_s ceil(c_s / BLOCK_M) over at most S slots with sum_s c_s <= T
-    is at most ceil(T / BLOCK_M) + S - 1, and never more than T (each tile holds a row)."""
-    return max(1, min(T, triton.cdiv(T, block_m) + n_slots - 1))
-
-
-def _tile_grid(T: int, block_m: int, n_slots: int, grouping: TokenGrouping) -> int:
-    """Programs along the tile axis: the bound (no host sync on a GPU; programs past the last tile exit).
-
-    Under the interpreter the grid is the exact tile count instead: the counts already sit in host memory
-    (reading them is no device sync), and each program past the last tile costs as much as a small real one
-    there (~30 ms of `_tile_rows`; with 8 slots and one active they were most of a correctness run's time).
-    A forced config (the tests of the kernel's paths) and `launch_as_on_gpu` keep the bound, so programs that
-    exit still run and nothing is read back."""
-    if interpreted() and not lora_config.is_forced() and not _AS_ON_GPU:
-        tiles = (grouping.counts[1:n_slots + 1].long() + block_m - 1) // block_m
-        return max(1, int(tiles.sum()))
-    return _tile_bound(T, block_m, n_slots)
-
-
-def _block_s(n_slots: int) -> int:
-    return max(2, next_pow2(n_slots))
 
 
 def _aligned(ptrs: Sequence[int], ints: Sequence[int] = ()) -> bool:
@@ -479,17 +266,17 @@ def _shrink_launch(x, A_slices, grouping: TokenGrouping, sorted_out: bool) -> tu
     dst = out if (sorted_out or split == 1) else ws
     ptrs = tuple(a.data_ptr() for a in A_slices)
     meta = _meta_table((ptrs,), x.device) if n > 1 else A_slices[0]  # one slice: no table (unused argument)
-    grid = (_tile_grid(T, cfg.block_m, S, grouping), split, n)
+    grid = (tile_grid(T, cfg.block_m, S, grouping), split, n)
     strides = (dst.stride(0), dst.stride(1), dst.stride(2)) if dst.dim() == 4 else (0, dst.stride(0), dst.stride(1))
     a0 = A_slices[0]
     _shrink_kernel[grid](x, a0, meta, dst, *grouping, H, R, S, k_span, x.stride(0), x.stride(1), a0.stride(0),
                          a0.stride(1), *strides, OUT_SORTED=dst.dim() == 4, FP32=fp32, X_UNIT=x.stride(1) == 1,
                          MULTI=n > 1, ALIGNED=_aligned(ptrs), BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-                         BLOCK_R=block_r, BLOCK_S=_block_s(S), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         BLOCK_R=block_r, BLOCK_S=block_s(S), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not sorted_out and split > 1:
-        _reduce_kernel[(_tile_grid(T, cfg.block_m, S, grouping), n)](
+        _reduce_kernel[(tile_grid(T, cfg.block_m, S, grouping), n)](
             ws, out, *grouping, R, S, ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0), out.stride(1),
-            SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_S=_block_s(S))
+            SPLIT=split, BLOCK_M=cfg.block_m, BLOCK_R=block_r, BLOCK_S=block_s(S))
     return out, split
 
 
@@ -519,10 +306,9 @@ def _offsets(B_slices, y, slice_offsets):
     return slice_offsets
 
 
-def _expand_launch(v, split: int, sorted_v: bool, B_slices, y, slice_offsets, grouping: TokenGrouping,
-                   lo: bool = True) -> torch.Tensor:
-    """v: [split, n, T, R] at sorted positions (sorted_v) or [n, T, R] by row id. `lo=False` drops v_lo (the
-    numerics test's seeded fault: the bound must catch it)."""
+def _expand_launch(v, split: int, sorted_v: bool, B_slices, y, slice_offsets, grouping: TokenGrouping
+                   ) -> torch.Tensor:
+    """v: [split, n, T, R] at sorted positions (sorted_v) or [n, T, R] by row id."""
     T = y.shape[0]
     B_slices = _unit_last(B_slices, (1,))  # stride_bo shared; each slot stride is in the table
     n, S, R = len(B_slices), B_slices[0].shape[0], B_slices[0].shape[2]
@@ -540,12 +326,12 @@ def _expand_launch(v, split: int, sorted_v: bool, B_slices, y, slice_offsets, gr
     col_split = min(cfg.col_split, triton.cdiv(max_w, cfg.block_n))
     vs = v.stride()[:3] if sorted_v else (0, *v.stride()[:2])
     b0 = B_slices[0]
-    grid = (_tile_grid(T, cfg.block_m, S, grouping), col_split, n)
+    grid = (tile_grid(T, cfg.block_m, S, grouping), col_split, n)
     _expand_kernel[grid](v, b0, meta, y, *grouping, R, S, b0.shape[1], slice_offsets[0], b0.stride(0), b0.stride(1),
-                         *vs, y.stride(0), y.stride(1), SPLIT=split, V_SORTED=sorted_v, MODE=mode, LO=lo,
+                         *vs, y.stride(0), y.stride(1), SPLIT=split, V_SORTED=sorted_v, MODE=mode,
                          SCALE_ROWS=b_dtype == torch.float16, Y_UNIT=y.stride(1) == 1, MULTI=n > 1, ALIGNED=aligned,
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=clamp_pow2(R, 16, 1 << 16),
-                         BLOCK_S=_block_s(S), COL_SPLIT=col_split, num_warps=cfg.num_warps,
+                         BLOCK_S=block_s(S), COL_SPLIT=col_split, num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
     return y
 
@@ -567,7 +353,7 @@ def lora_shrink(x: torch.Tensor, A_slices: Sequence[torch.Tensor], slot_ids: tor
     `grouping` (from `token_grouping(slot_ids, S)`) skips building it."""
     _check_shrink(x, A_slices)
     S = A_slices[0].shape[0]
-    grouping = _grouping_for(slot_ids, S, x.shape[0], grouping)
+    grouping = grouping_for(slot_ids, S, x.shape[0], grouping)
     if x.shape[0] == 0 or S == 0:
         return torch.zeros((len(A_slices), x.shape[0], A_slices[0].shape[1]), dtype=torch.float32, device=x.device)
     return _shrink_launch(x, A_slices, grouping, sorted_out=False)[0]
@@ -579,7 +365,7 @@ def lora_expand(v: torch.Tensor, B_slices: Sequence[torch.Tensor], slot_ids: tor
     _check_expand(v, B_slices, y)
     offsets = _offsets(B_slices, y, slice_offsets)
     S = B_slices[0].shape[0]
-    grouping = _grouping_for(slot_ids, S, y.shape[0], grouping)
+    grouping = grouping_for(slot_ids, S, y.shape[0], grouping)
     if y.shape[0] == 0 or S == 0:
         return y
     return _expand_launch(v, 1, False, B_slices, y, offsets, grouping)
@@ -601,7 +387,7 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.Tensor
     check_float("y", y)
     offsets = _offsets(B_slices, y, slice_offsets)  # validated before any work
     S = A_slices[0].shape[0]
-    grouping = _grouping_for(slot_ids, S, x.shape[0], grouping)
+    grouping = grouping_for(slot_ids, S, x.shape[0], grouping)
     if x.shape[0] == 0 or S == 0:
         return y
     ws, split = _shrink_launch(x, A_slices, grouping, sorted_out=True)
@@ -647,106 +433,3 @@ def lora_apply_torch(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.
                      slice_offsets: Sequence[int] | None = None, grouping: TokenGrouping | None = None) -> torch.Tensor:
     """Twin of lora_apply (`grouping` accepted for a common signature; the twin groups by itself)."""
     return lora_expand_torch(lora_shrink_torch(x, A_slices, slot_ids), B_slices, slot_ids, y, slice_offsets)
-
-
-# ---- specs: one per op (the bench case, the CSV rows and the tests use these names) ----
-
-def _lora_sample(op: str):
-    def sample(p: dict, device: torch.device):
-        T, H, Ow, n, r, s = p["T"], p["H"], p["O"], p["n_adapters"], p["rank"], p["slices"]
-        dt = DTYPES[p["dtype"]]
-        g = seeded()
-        S = n + 1  # the last slot is never used: a kernel must not read past the active ones
-        x = torch.randn(T, H, generator=g).to(device, dt)
-        A = [(torch.randn(S, r, H, generator=g) / math.sqrt(H)).to(device, dt) for _ in range(s)]
-        B = [(torch.randn(S, Ow, r, generator=g) / (4 * math.sqrt(r))).to(device, dt) for _ in range(s)]
-        # every token carries an adapter; adapters interleave as in a mixed batch
-        slots = (torch.arange(T) % n)[torch.randperm(T, generator=g)].to(torch.int32).to(device)
-        y = torch.zeros(T, s * Ow, dtype=dt, device=device)
-        if op == "shrink":
-            return (x, A, slots), {}
-        if op == "expand":
-            v = torch.randn(s, T, r, generator=seeded(1)).to(device)
-            return (v, B, slots, y), {}
-        return (x, y, A, B, slots), {}
-    return sample
-
-
-def lora_shrink_work(p: dict) -> tuple[float, float]:
-    """x[T,H] . A[H,r] per slice: 2THr flops; bytes e·T·H (x read once across slices) + per slice e·n·H·r
-    (the n adapters' A) + 4·T·r (the fp32 intermediate written)."""
-    T, H, n, r, s, e = p["T"], p["H"], p["n_adapters"], p["rank"], p["slices"], ELEM[p["dtype"]]
-    return e * T * H + s * (e * n * H * r + 4.0 * T * r), 2.0 * T * H * r * s
-
-
-def lora_expand_work(p: dict) -> tuple[float, float]:
-    """y[T,O] += v[T,r] . B[r,O] per slice: 2TrO flops; bytes 4·T·r (v read) + e·n·r·O (B) + 2·e·T·O (y read
-    and written)."""
-    T, Ow, n, r, s, e = p["T"], p["O"], p["n_adapters"], p["rank"], p["slices"], ELEM[p["dtype"]]
-    return s * (4.0 * T * r + e * n * r * Ow + 2.0 * e * T * Ow), 2.0 * T * r * Ow * s
-
-
-def lora_apply_work(p: dict) -> tuple[float, float]:
-    """Shrink + expand as two launches: the fp32 intermediate is written and read back."""
-    b1, f1 = lora_shrink_work(p)
-    b2, f2 = lora_expand_work(p)
-    return b1 + b2, f1 + f2
-
-
-# Kernel vs twin, max |err| <= rel * max |twin|. fp32: only fp32 summation order differs (over H for shrink,
-# over R for expand): ~1e-6 relative observed, 1e-5 leaves headroom without hiding a wrong index (errors
-# ~O(1)). fp16 / bf16: both sides round one fp32 value once; an order difference can flip that rounding by
-# one ulp at the largest element: 2^-10 ~ 9.8e-4 -> 2e-3 (fp16), 2^-7 ~ 7.8e-3 -> 1e-2 (bf16).
-LORA_REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-_LORA_PARAMS = ("dtype", "T", "H", "O", "n_adapters", "rank", "slices")
-_LORA_GPU = dict(dtype="bf16", T=4096, H=4096, O=4096, n_adapters=4, rank=16, slices=1)
-_LORA_GPU_AXES = dict(T=[1, 16, 128, 1024, 16384], n_adapters=[1, 8, 16, 32], rank=[8, 32, 64, 128], slices=[3],
-                      dtype=["fp16"])
-LORA_SWEEPS = {
-    # CPU: the interpreter runs each variant (kernel / eager / grouping): T and packed slices only (the
-    # unit suites cover adapters and ranks), and fp16: the one dtype vLLM's kernels run at on CPU (fp32 is
-    # refused by vLLM, bf16 by the interpreter)
-    "smoke": Sweep(dict(dtype="fp32", T=64, H=64, O=64, n_adapters=2, rank=8, slices=1),
-                   dict(T=[16, 256], slices=[3], dtype=["fp16"])),
-    "nightly": Sweep(_LORA_GPU, _LORA_GPU_AXES),
-    "full": Sweep(_LORA_GPU, _LORA_GPU_AXES, dict(T=[1, 16, 128, 1024, 4096, 16384], n_adapters=[1, 4, 8, 16, 32],
-                                                 rank=[8, 16, 64, 128])),
-}
-
-
-_SLOTS_ARG = {"shrink": 2, "expand": 2, "apply": 4}  # where slot_ids sit in each op's positional args
-
-
-def _lora_variants(op: str, fn) -> dict[str, Variant]:
-    """kernel: the op with the batch's grouping built beforehand (as the runtime calls it: once per batch
-    and group of modules), timed as a CUDA graph replay on GPU (no host work left in the timing);
-    eager: the public call, which builds and validates its own grouping (one host read);
-    grouping (lora_apply only): the device-built grouping alone, the part `eager` adds per call."""
-    k = _SLOTS_ARG[op]
-
-    def kernel(args, kwargs):
-        slots, n_slots = args[k], (args[1] if op != "apply" else args[2])[0].shape[0]
-        g = token_grouping(slots, n_slots)
-        return lambda: fn(*args, **kwargs, grouping=g)
-
-    def grouping(args, kwargs):
-        slots, n_slots = args[k], args[2][0].shape[0]
-        return lambda: token_grouping(slots, n_slots, validate=False)
-
-    out = {"kernel": Variant(kernel, graph=True, doc="grouping precomputed; CUDA graph replay on GPU"),
-           "eager": Variant(lambda args, kwargs: (lambda: fn(*args, **kwargs)), doc="the public call")}
-    if op == "apply":
-        out["grouping"] = Variant(grouping, graph=True, roofline=False, doc="the token grouping alone")
-    return out
-
-
-def _lora_spec(op: str, fn, twin, work) -> KernelSpec:
-    return KernelSpec(f"lora_{op}", fn, twin, _lora_sample(op), work, lambda p: p["T"], LORA_REL_TOL,
-                      LORA_SWEEPS, family="lora", params=_LORA_PARAMS, variants=_lora_variants(op, fn))
-
-
-SPECS = (
-    _lora_spec("shrink", lora_shrink, lora_shrink_torch, lora_shrink_work),
-    _lora_spec("expand", lora_expand, lora_expand_torch, lora_expand_work),
-    _lora_spec("apply", lora_apply, lora_apply_torch, lora_apply_work),
-)

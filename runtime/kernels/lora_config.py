@@ -199,7 +199,7 @@ def forced(shrink: ShrinkConfig | None = None, expand: ExpandConfig | None = Non
 
 
 def is_forced() -> bool:
-    """A `forced` block is in effect (the kernels then launch as on a GPU, see lora._tile_grid)."""
+    """A `forced` block is in effect (the kernels then launch as on a GPU, see lora_grouping.tile_grid)."""
     return bool(_FORCED)
 
 

@@ -17,14 +17,14 @@ from runtime.kernels import (
     lora_shrink,
     lora_shrink_torch,
     token_grouping,
+    token_grouping_torch,
 )
-from runtime.kernels.lora import token_grouping_torch
 from suites.helpers import DEV, assert_close_scaled, rel_tol
 
 # Examples follow the profile (default 50): tiny shapes keep an interpreted file well under 60 s.
 N_EX = settings.default.max_examples
 
-REL = rel_tol("lora_apply")  # justified beside the LoRA specs in runtime/kernels/lora.py
+REL = rel_tol("lora_apply")  # justified beside the LoRA specs in runtime/kernels/lora_specs.py
 
 
 

@@ -30,6 +30,7 @@ import torch
 
 from runtime.kernels import lora as L
 from runtime.kernels import lora_config as lc
+from runtime.kernels import lora_grouping as G
 
 triton = pytest.importorskip("triton")
 try:
@@ -71,7 +72,7 @@ def _compile(kernel_name: str, act: str, constexprs: tuple, num_warps: int, num_
     stores, STL / LDL, counted in the SASS: -res-usage reported LOCAL:0 for Triton cubins whose SASS spills,
     so the instructions are the evidence), `dyn_shared` (Triton's shared memory per program), the MMA
     instructions (HGMMA = Hopper warpgroup MMA, HMMA = the older warp MMA) and the global access widths."""
-    kernel = getattr(L, kernel_name)
+    kernel = getattr(G if kernel_name.startswith("_group_") else L, kernel_name)
     cx = dict(constexprs)
     sig = _signature(kernel, cx, act)
     # What Triton's JIT specialises on at run time: pointers 16-byte aligned (torch's allocations are) and
@@ -118,7 +119,7 @@ def _shrink_constexprs(cfg: lc.ShrinkConfig, block_r: int, multi: bool = False) 
 
 def _expand_constexprs(cfg: lc.ExpandConfig, block_r: int, split: int, dtype: torch.dtype, multi: bool = False
                        ) -> tuple:
-    return tuple(sorted(dict(SPLIT=split, V_SORTED=True, MODE=L.HI_LO, LO=True, SCALE_ROWS=dtype == torch.float16,
+    return tuple(sorted(dict(SPLIT=split, V_SORTED=True, MODE=L.HI_LO, SCALE_ROWS=dtype == torch.float16,
                              Y_UNIT=True, MULTI=multi, ALIGNED=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                              BLOCK_R=block_r, BLOCK_S=16, COL_SPLIT=cfg.col_split).items()))
 
@@ -160,7 +161,7 @@ def stored_cases() -> list[tuple[str, str, str, tuple, int, int]]:
 
 def support_cases() -> list[tuple[str, str, str, tuple, int, int]]:
     """The grouping kernels at their largest one-hot (256 groups, many rows), the reduce launch at rank 128."""
-    bt, bg, n_prog, _ = L._group_blocks(1 << 20, L.MAX_KERNEL_GROUPS - 2)
+    bt, bg, n_prog, _ = G._group_blocks(1 << 20, G.MAX_KERNEL_GROUPS - 2)
     bp = max(2, 1 << (n_prog - 1).bit_length())
     return [
         ("group_count G=256", "_group_count_kernel", "*i32", (("BLOCK_G", bg), ("BLOCK_T", bt)), 4, 3),

@@ -26,15 +26,14 @@ from runtime.kernels import (
 )
 from runtime.kernels import lora_config as lc
 from runtime.kernels._util import SUM, interpreted
-from runtime.kernels.lora import (
-    _block_s,
-    _expand_launch,
+from runtime.kernels.lora import _expand_launch, _shrink_launch
+from runtime.kernels.lora_grouping import (
     _group_blocks,
-    _shrink_launch,
     _tile_bound,
-    _tile_grid,
-    _tile_rows,
+    block_s,
     launch_as_on_gpu,
+    tile_grid,
+    tile_rows,
     token_grouping_torch,
 )
 from suites.helpers import DEV, assert_close_scaled, rel_tol
@@ -96,7 +95,7 @@ def test_bad_ids_raise_when_validating_and_are_never_touched_otherwise():
 @triton.jit
 def _probe_kernel(order_ptr, start_ptr, count_ptr, out_ptr, n_slots, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
-    slot, pos, m_mask, rows, valid = _tile_rows(pid, order_ptr, start_ptr, count_ptr, n_slots, BLOCK_M, BLOCK_S)
+    slot, pos, m_mask, rows, valid = tile_rows(pid, order_ptr, start_ptr, count_ptr, n_slots, BLOCK_M, BLOCK_S)
     first = tl.reduce(tl.where(tl.arange(0, BLOCK_M) == 0, pos, 0), 0, SUM)
     tl.store(out_ptr + pid * 4 + 0, slot)
     tl.store(out_ptr + pid * 4 + 1, valid.to(tl.int32))
@@ -128,7 +127,7 @@ def test_tile_schedule_covers_every_tile_once(counts, block_m):
     T = len(ids)
     grid = _tile_bound(T, block_m, S)  # the GPU's grid: programs past the last tile must find none
     out = torch.full((grid * 4,), -7, dtype=torch.int32, device=DEV)
-    _probe_kernel[(grid,)](*g, out, S, BLOCK_M=block_m, BLOCK_S=_block_s(S))
+    _probe_kernel[(grid,)](*g, out, S, BLOCK_M=block_m, BLOCK_S=block_s(S))
     got = out.view(grid, 4).tolist()
     tiles = [(s, first, n) for s, valid, first, n in got if valid]
     assert tiles == _schedule(counts, block_m)
@@ -136,7 +135,7 @@ def test_tile_schedule_covers_every_tile_once(counts, block_m):
     if counts == [3, 17, 17, 17, 0]:
         assert grid == len(tiles) == 6
     if interpreted():  # the interpreter launches the exact tile count (no program that exits)
-        assert _tile_grid(T, block_m, S, g) == max(1, len(tiles))
+        assert tile_grid(T, block_m, S, g) == max(1, len(tiles))
 
 
 # ----------------------------------------------------------------------------- forced small blocks
@@ -192,10 +191,22 @@ def test_forced_small_blocks_match_float64(name, dtype):
 
 
 # ----------------------------------------------------------------------------- expand numerics
-def _delta_errors(dtype, R, lo=True, seed=3):
+def _rounded_once(v, dtype):
+    """The seeded fault: v rounded once to the weights' 16-bit type, v_lo dropped (the plain tensor-core
+    expand). fp16 rows get the kernel's exact power-of-two scaling first (max |v| into [1, 2), undone after),
+    so the fault is the lost low part, not an overflow. The healthy kernel then splits the rounded v into
+    itself and a zero low part: the fault acts on the kernel's input, and the kernel has no switch for it."""
+    if dtype != torch.float16:
+        return v.to(dtype).float()
+    e = ((v.abs().amax(-1, keepdim=True).view(torch.int32) >> 23) & 0xFF).clamp(1, 253)  # the kernel's rule
+    return (v * ((254 - e) << 23).view(torch.float32)).to(dtype).float() * (e << 23).view(torch.float32)
+
+
+def _delta_errors(dtype, R, fault=False, seed=3):
     """Expand's delta (y = 0 in fp32, so y holds the delta exactly) against float64, per output element,
     relative to M_j = max_k |v_k| * sum_k |b_kj| (the scale every bound below is written in); and the same
-    figure for an fp32 GEMM of the same values (the yardstick of "near fp32")."""
+    figure for an fp32 GEMM of the same values (the yardstick of "near fp32"). `fault`: the kernel is given
+    v `_rounded_once`; the errors are still measured against the true v."""
     gen = torch.Generator().manual_seed(seed)
     T, n_out = 16, 32
     v = torch.randn(1, T, R, generator=gen)
@@ -204,7 +215,7 @@ def _delta_errors(dtype, R, lo=True, seed=3):
     B = torch.randn(1, n_out, R, generator=gen).to(dtype)
     y = torch.zeros(T, n_out, dtype=torch.float32, device=DEV)
     g = token_grouping(torch.zeros(T, dtype=torch.int32, device=DEV), 1)
-    _expand_launch(v.to(DEV), 1, False, [B.to(DEV)], y, [0], g, lo=lo)
+    _expand_launch((_rounded_once(v, dtype) if fault else v).to(DEV), 1, False, [B.to(DEV)], y, [0], g)
     exact = v[0].double() @ B[0].double().T
     scale = v[0].abs().double().amax(1, keepdim=True) * B[0].abs().double().sum(1)[None, :]
     fp32 = (v[0] @ B[0].float().T).double()
@@ -242,7 +253,7 @@ def test_expand_hi_lo_is_near_fp32(dtype, R):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_expand_bounds_catch_a_dropped_lo_part(dtype, R):
     """Seeded fault: v rounded to the 16-bit type once (v_lo dropped, the plain tensor-core expand)."""
-    err, fp32_err = _delta_errors(dtype, R, lo=False)
+    err, fp32_err = _delta_errors(dtype, R, fault=True)
     if R == 16 or dtype == torch.bfloat16:
         assert err > bound(dtype, R), f"dropping v_lo passed the bound ({err:.3g})"
     else:

@@ -61,7 +61,6 @@ class Options:
     seed: int = 0
     quantize: str | None = None  # "lm-int8": weight-only int8 of the runtime's LM Linears
     quantize_projector: bool = False  # also quantize the connector (against the registry's skip list)
-    quant_honour_skips: bool = True  # False only in tests: a quantizer that ignores the skip list
     geometries: Sequence[ImageGeometry] = ()  # the batch's image geometries in turn (default: the arch's mix)
     device_map: str | dict | None = None  # accelerate's placement over this node's devices (vlm.checkpoint)
     max_memory: dict | None = None  # the most accelerate may place per device (implies device_map "auto")
@@ -258,12 +257,12 @@ def _runtime(p: Prepared, opts: Options, offload: Path | None = None) -> Runtime
 def _quantize(rt: RuntimeModel, arch: ArchSpec, opts: Options) -> dict:
     from harness.correctness.quantize import quantize_model, skip_violations, snapshot
 
-    before = snapshot(rt.model)
-    done = quantize_model(rt.model, arch, opts.quantize, opts.quantize_projector, opts.quant_honour_skips)
+    before = snapshot(rt.model, arch, opts.quantize_projector)
+    done = quantize_model(rt.model, arch, opts.quantize, opts.quantize_projector)
     _log(f"  {arch.model_type}: {opts.quantize} on {len(done)} Linear layers"
          f"{' (projector too)' if opts.quantize_projector else ''}")
     return {"scheme": opts.quantize, "projector_quantized": opts.quantize_projector, "quantized_modules": len(done),
-            "violations": skip_violations(before, rt.model, arch, opts.quantize_projector)}
+            "violations": skip_violations(before, rt.model)}
 
 
 def _first(row: Row | None) -> dict | None:

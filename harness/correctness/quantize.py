@@ -7,6 +7,7 @@ weight-only GEMM computes up to its accumulation order, which is what the drift 
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -40,7 +41,7 @@ def int8_roundtrip(w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_model(model: torch.nn.Module, arch: ArchSpec, scheme: str = "lm-int8",
-                   include_projector: bool = False, honour_skips: bool = True) -> list[str]:
+                   include_projector: bool = False) -> list[str]:
     """Quantize `model`'s Linears; returns the HF names of the quantized layers. Each quantized Linear gets a
     new weight tensor: the one it held may be shared with the reference (vlm.checkpoint.shared_twin), which
     must keep the checkpoint's weights."""
@@ -48,22 +49,30 @@ def quantize_model(model: torch.nn.Module, arch: ArchSpec, scheme: str = "lm-int
         raise ValueError(f"unknown quantization {scheme!r}; expected one of {', '.join(SCHEMES)}")
     done = []
     for name, lin in _base_linears(model):
-        if should_quantize(arch, name, include_projector) or (not honour_skips and arch.group_or_none(name)):
+        if should_quantize(arch, name, include_projector):
             lin.weight = torch.nn.Parameter(int8_roundtrip(lin.weight), requires_grad=False)
             done.append(name)
     return done
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: lin.weight.detach().clone() for name, lin in _base_linears(model)}
+def _protected(arch: ArchSpec, name: str, include_projector: bool) -> bool:
+    """A module the skip list keeps at full precision (the connector is released by --quantize-projector)."""
+    return arch.is_quant_skipped(name) and not (include_projector and arch.group_or_none(name) == "connector")
 
 
-def skip_violations(before: dict[str, torch.Tensor], model: torch.nn.Module, arch: ArchSpec,
-                    include_projector: bool) -> list[str]:
+def _digest(w: torch.Tensor) -> bytes:
+    # one weight's bytes hashed where it lies (a GPU weight comes over one at a time): a fingerprint, so the
+    # check holds no second copy of the protected weights (the tower alone is ~0.6 GB at LLaVA-7B widths)
+    t = w.detach().contiguous().cpu()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").digest()
+
+
+def snapshot(model: torch.nn.Module, arch: ArchSpec, include_projector: bool) -> dict[str, bytes]:
+    """Fingerprints of the weights the skip list protects, taken before quantizing."""
+    return {name: _digest(lin.weight) for name, lin in _base_linears(model)
+            if _protected(arch, name, include_projector)}
+
+
+def skip_violations(before: dict[str, bytes], model: torch.nn.Module) -> list[str]:
     """Modules the skip list protects whose weights changed anyway (the run fails on any)."""
-    out = []
-    for name, lin in _base_linears(model):
-        allowed = include_projector and arch.group_or_none(name) == "connector"
-        if arch.is_quant_skipped(name) and not allowed and not torch.equal(before[name], lin.weight):
-            out.append(name)
-    return out
+    return [name for name, lin in _base_linears(model) if name in before and before[name] != _digest(lin.weight)]

@@ -35,9 +35,12 @@ def test_projector_quantized_shows_connector_drift(tmp_path):
     assert d["replay/connector"] > 1e-4 and d["replay/tower"] < 1e-5
 
 
-def test_quantizer_ignoring_the_skip_list_fails_the_run(tmp_path):
-    res = run_arch("llava", Options(archs=["llava"], quantize="lm-int8", quant_honour_skips=False,
-                                    modes=("replay",)), Path(tmp_path))
+def test_quantizer_ignoring_the_skip_list_fails_the_run(tmp_path, monkeypatch):
+    from harness.correctness import quantize
+
+    # a quantizer that ignores the skip list: every grouped Linear quantized, tower and connector too
+    monkeypatch.setattr(quantize, "should_quantize", lambda arch, name, include: arch.group_or_none(name) is not None)
+    res = run_arch("llava", Options(archs=["llava"], quantize="lm-int8", modes=("replay",)), Path(tmp_path))
     assert res.summary["ok"] is False
     v = res.summary["quantization"]["violations"]
     assert any(n.startswith("model.multi_modal_projector.") for n in v)

@@ -50,7 +50,7 @@ def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, b
             config) -> int:
     from harness.bench import baseline as bl
     from harness.bench import sweep
-    from harness.bench.cases import all_cases
+    from harness.bench.catalog import all_cases
     from harness.bench.report import print_headline, render_html
     from harness.output import write_json
 

@@ -23,7 +23,7 @@ import torch
 
 from harness.bench import schema
 from harness.bench.case import Case, Timed, Work
-from harness.bench.cases import all_cases
+from harness.bench.catalog import all_cases
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
 from harness.bench.timing import Timing, measure

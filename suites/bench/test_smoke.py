@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from harness.bench import schema
-from harness.bench.cases import all_cases
+from harness.bench.catalog import all_cases
 from harness.cli import main
 from runtime.kernels import interpreted
 from runtime.vllm_lora import unavailable_reason

@@ -18,7 +18,7 @@ def _flags(command: str) -> dict[str, argparse.Action]:
 
 def test_every_list_of_providers_is_the_registry():
     from harness.bench import report, schema
-    from harness.bench.cases import all_cases
+    from harness.bench.catalog import all_cases
 
     assert schema.PROVIDERS == tuple(PROVIDERS)
     assert all(set(c.providers) <= set(PROVIDERS) for c in all_cases().values())

@@ -89,7 +89,8 @@ def unavailable(provider: str) -> str | None:
 
 def skip(provider: str, params: dict) -> str | None:
     """Why a provider leaves out this point (a log line, no row): a dtype it refuses here, or None."""
-    reason = PROVIDERS[provider].unavailable(DTYPES.get(params.get("dtype")), None) if params.get("dtype") else None
+    dtype = DTYPES.get(params.get("dtype"))
+    reason = PROVIDERS[provider].unavailable(dtype, None) if dtype is not None else None
     return f"{provider}: {params['dtype']} points left out ({reason})" if reason else None
 
 

@@ -73,10 +73,12 @@ def _vllm_env() -> dict:
     return env
 
 
-def _wants_vllm(args, flag: str) -> bool:
-    """True when the command line names vllm as the value of `flag` (`--kernel vllm`, `--providers a,vllm`)."""
+def _wants_vllm(args, *flags: str) -> bool:
+    """True when the command line names vllm as the value of one of `flags` (`--provider vllm`, `--providers
+    a,vllm`). The noxfile runs before the project is installed, so it cannot read the provider registry: the
+    name is vLLM's, the package these sessions install."""
     args = list(args)
-    values = [v for i, a in enumerate(args) for v in
+    values = [v for i, a in enumerate(args) for flag in flags for v in
               ([args[i + 1]] if a == flag and i + 1 < len(args) else [a.split("=", 1)[1]] if a.startswith(flag + "=")
                else [])]
     return any("vllm" in v.split(",") for v in values)
@@ -142,9 +144,9 @@ def vllm_towers(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def correctness(session: nox.Session) -> None:
     """Layer-by-layer comparison of the runtime against HF + PEFT on the built-in tiny models
-    (`-- --kernel vllm --dtype fp16` installs vLLM's kernels first and judges them instead)."""
+    (`-- --provider vllm --dtype fp16` installs vLLM's kernels first and judges them instead)."""
     _install(session)
-    vllm = _wants_vllm(session.posargs, "--kernel")
+    vllm = _wants_vllm(session.posargs, "--provider", "--kernel")  # --kernel: --provider's old name
     if vllm:
         _install_vllm_kernels(session)
     session.run("python", "-m", "harness.cli", "correctness", *session.posargs,

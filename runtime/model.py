@@ -4,52 +4,20 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from runtime.hooks import NO_FAULT, RuntimeHooks
-from runtime.kernels import lora_apply, lora_apply_torch, token_grouping
 from runtime.mapping import SlotMapping, build_mapping
+from runtime.providers import DEFAULT, GroupedBatch, runtime_provider
 from runtime.slot_tables import SlotTables
 from runtime.substitutions import active, install
 from vlm.adapter_files import AdapterFile, read_adapter
 from vlm.arch import ArchSpec
 from vlm.capture import Captures, Recorder, Sink
 from vlm.requests import Request, build_batch
-
-
-@dataclass(frozen=True)
-class LoRAProvider:
-    """How a runtime computes y += B[slot] A[slot] x for a mixed batch."""
-
-    name: str
-    # (x[T,H], y[T,O], A slices, B slices, slots[T], grouping) -> y, in place
-    apply: Callable
-    # (slots, n_slots) -> the provider's per-batch grouping of these slots (built once per group per batch)
-    grouping: Callable[[torch.Tensor, int], object]
-    # (dtype, device) -> None, or ValueError with one line: what this provider cannot run, refused before any work
-    check: Callable[[torch.dtype, torch.device], None] = lambda dtype, device: None
-
-
-def _vllm(name: str):
-    # vLLM is optional (never in the default install) and slow to import: loaded on first use, not here
-    def call(*args, **kwargs):
-        from runtime import vllm_lora
-
-        return getattr(vllm_lora, name)(*args, **kwargs)
-    return call
-
-
-PROVIDERS: dict[str, LoRAProvider] = {
-    # slot ids are validated on the host where the mapping is built: the grouping never syncs
-    "triton": LoRAProvider("triton", lora_apply, lambda slots, n: token_grouping(slots, n, validate=False)),
-    "torch": LoRAProvider("torch", lora_apply_torch, lambda slots, n: None),
-    # vLLM's own Triton LoRA kernels (runtime/vllm_lora.py); without vLLM installed, check() says so in one line
-    "vllm": LoRAProvider("vllm", _vllm("lora_apply_vllm"), _vllm("vllm_grouping"), _vllm("check")),
-}
 
 
 class LoRALinear(torch.nn.Module):
@@ -88,11 +56,10 @@ class RuntimeModel:
     """Swap LoRA-target Linears of an HF model for `LoRALinear`; adapters live in `tables` slots."""
 
     def __init__(self, arch: ArchSpec, config, model: torch.nn.Module, *, max_slots: int = 8, r_max: int = 16,
-                 extra_targets: Iterable[str] = (), kernel: str = "triton", substitute: bool = True):
-        if kernel not in PROVIDERS:
-            raise ValueError(f"unknown kernel provider {kernel!r}; expected one of {', '.join(PROVIDERS)}")
+                 extra_targets: Iterable[str] = (), kernel: str = DEFAULT, substitute: bool = True):
+        """`kernel`: the LoRA provider's name (runtime/providers)."""
+        self.provider = runtime_provider(kernel)
         self.arch, self.config, self.model = arch, config, model.eval()
-        self.provider = PROVIDERS[kernel]
         p = next(model.parameters())
         # under an accelerate device map offloaded weights sit on the meta device: the runtime's device (slot
         # tables, mappings, inputs) is the first one holding weights
@@ -159,7 +126,7 @@ class RuntimeModel:
         apply = hooks.kernel("lora", self.provider.apply, module=name)
         # a module a device map put on another GPU: LoRA on the tables' device (`.to` is a no-op otherwise)
         x, y = x2.to(self.device), y2.to(self.device)
-        apply(x, y, [self.tables.A[name]], [self.tables.B[name]], slots, grouping=mapping.grouping(slots))
+        apply(GroupedBatch(x, y, [self.tables.A[name]], [self.tables.B[name]], slots, mapping.grouping(slots)))
         if y is not y2:
             y2.copy_(y)
 

@@ -47,7 +47,7 @@ DEVICE_NAME = "CPU_INTERPRETER"  # what vLLM's config loader is told the device 
 
 
 class VLLMUnavailable(ValueError):
-    """vLLM's kernels cannot run here (not installed, import fails, wrong dtype): bad input, exit 2."""
+    """vLLM's kernels cannot be imported here (not installed, import fails): bad input, exit 2."""
 
 
 class VLLMGrouping(NamedTuple):
@@ -120,35 +120,36 @@ def load() -> _Ops:
     except ImportError as e:
         missing = f"module {e.name!r} is missing" if e.name else " ".join(str(e).split())
         if e.name == "vllm":
-            raise VLLMUnavailable(f"--kernel vllm: vLLM is not installed; {INSTALL_HINT}") from None
-        raise VLLMUnavailable(f"--kernel vllm: importing vLLM's LoRA kernels failed ({missing}); {INSTALL_HINT}") \
-            from None
+            raise VLLMUnavailable(f"vLLM is not installed; {INSTALL_HINT}") from None
+        raise VLLMUnavailable(f"importing vLLM's LoRA kernels failed ({missing}); {INSTALL_HINT}") from None
     if not HAS_TRITON:
-        raise VLLMUnavailable("--kernel vllm: vLLM disabled Triton (it was imported before CUDA_VISIBLE_DEVICES was "
-                              "set, or no Triton driver is active)")
+        raise VLLMUnavailable("vLLM disabled Triton (it was imported before CUDA_VISIBLE_DEVICES was set, or no "
+                              "Triton driver is active)")
     if interpreted():
         _prime_interpreter_configs(vllm_utils)
     return _Ops(lora_shrink, lora_expand, LoRAKernelMeta, getattr(vllm, "__version__", "?"))
 
 
 def unavailable_reason() -> str | None:
-    """Why vLLM's kernels cannot run here, or None when they can."""
+    """Why vLLM's kernels cannot run here (one line), or None when they can."""
     try:
         load()
     except VLLMUnavailable as e:
-        return str(e).removeprefix("--kernel vllm: ")
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - any failure to import vLLM means its kernels cannot run here
+        return f"import vllm failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return None
 
 
-def check(dtype: torch.dtype, device: torch.device | str) -> None:
-    """Refuse, before any work, what vLLM's kernels cannot do here (one line; exit 2 from the CLI)."""
+def refusal(dtype: torch.dtype) -> str | None:
+    """Why vLLM's kernels cannot run at `dtype` here (one line), or None."""
     if dtype not in (torch.float16, torch.bfloat16):
-        raise VLLMUnavailable(f"--kernel vllm: dtype {str(dtype).removeprefix('torch.')} is not supported: vLLM's "
-                              "lora_shrink accepts only fp16 / bf16 inputs (use --dtype fp16)")
+        return (f"dtype {str(dtype).removeprefix('torch.')} is not supported: vLLM's lora_shrink accepts only "
+                "fp16 / bf16 inputs")
     if dtype == torch.bfloat16 and interpreted():
-        raise VLLMUnavailable("--kernel vllm: bf16 cannot be judged in the Triton interpreter (its bf16 tl.dot "
-                              "returns garbage); on CPU use --dtype fp16, bf16 on a CUDA device")
-    load()
+        return ("bf16 cannot be judged in the Triton interpreter (its bf16 tl.dot returns garbage); on CPU use "
+                "fp16, bf16 on a CUDA device")
+    return None
 
 
 def vllm_grouping(slot_ids: torch.Tensor, n_slots: int) -> VLLMGrouping:

@@ -4,15 +4,10 @@ outside the timed call."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-
-class Unavailable(Exception):
-    """The provider cannot run here (not installed, not implemented); recorded as status unavailable."""
 
 
 @dataclass(frozen=True)
@@ -74,16 +69,3 @@ class Case:
             out.append("peak_mem_mib")
         return tuple(out)
 
-
-def vllm_unavailable() -> str | None:
-    """Why vLLM's kernels cannot be used here, or None. Goes through runtime.vllm_lora, which sets what vLLM
-    must see before its first import on a CPU machine (importing vllm here first would lock in a Triton
-    placeholder)."""
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (import vllm fails)"
-    from runtime.vllm_lora import unavailable_reason
-
-    try:
-        return unavailable_reason()
-    except Exception as e:  # noqa: BLE001 - any failure to import means unavailable
-        return f"import vllm failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"

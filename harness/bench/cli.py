@@ -50,7 +50,7 @@ def _finish(args, out, store, name, profile, env, device_name, rep_ms, counts, b
             config) -> int:
     from harness.bench import baseline as bl
     from harness.bench import sweep
-    from harness.bench.cases import all_cases
+    from harness.bench.catalog import all_cases
     from harness.bench.report import print_headline, render_html
     from harness.output import write_json
 
@@ -164,13 +164,14 @@ def cmd_bench(args) -> int:
 
 def register(sub) -> None:
     from harness.flags import finite_float
+    from runtime.providers import PROVIDERS, describe
 
     b = sub.add_parser("bench", help="kernel and end-to-end timings, GB/s, %% of roofline; results.csv + index.html")
     b.add_argument("--gpu", default="auto", help="roofline profile: h100 | h200 | a100 | auto (detect; none on CPU)")
     b.add_argument("--preset", default="auto",
                    help="smoke (CPU-sized) | nightly | full (GPU only) | auto (nightly with CUDA, else smoke)")
     b.add_argument("--providers", action="append", metavar="P[,P...]",
-                   help="subset of triton,torch,peft,vllm,grouped_mm,matmul_floor (default: every provider a case has)")
+                   help=f"LoRA providers, a subset of {describe(PROVIDERS)} (default: every provider a case has)")
     b.add_argument("--cases", action="append", metavar="C[,C...]", help="subset of the preset's cases")
     b.add_argument("--filter", action="append", metavar="PARAM=VALUE",
                    help="keep points whose parameter equals VALUE (repeatable; the repro column uses it)")

@@ -5,12 +5,14 @@ Models come from the registry's tiny config with overrides: `<arch>/tiny` as is,
 arch file declares in `bench_models` (e.g. `llama4/scout`, `gemma3/so400m`). Real-size variants keep the
 tiny 2-layer language model at the real hidden size, so `prefill` there is tower + connector + an LM stub.
 
-One image per request, adapters a0..a{n-1} assigned round-robin (n_adapters = 0: no LoRA at all).
-  triton / torch  the runtime (RuntimeModel, slot tables filled with random A / B) on one mixed batch
-  peft            HF + PEFT (random non-zero adapters from the registry's recipes): requests grouped by
-                  adapter, each group run with set_adapter (the no-adapter group inside disable_adapter);
-                  PEFT 0.21's adapter_names cannot reach a tower (tower rows are not requests)
-  vllm            not implemented end to end (it needs the whole engine): always a row marked unavailable
+One image per request, adapters a0..a{n-1} assigned round-robin (n_adapters = 0: no LoRA at all). The LoRA
+providers of runtime/providers, each as it declares:
+  a provider the runtime runs: the runtime (RuntimeModel with it, slot tables filled with random A / B) on
+    one mixed batch
+  the reference's (HF + PEFT): random non-zero adapters from the registry's recipes, requests grouped by
+    adapter, each group run with set_adapter (the no-adapter group inside disable_adapter); PEFT 0.21's
+    adapter_names cannot reach a tower (tower rows are not requests)
+  one that declares `e2e_unavailable` (e.g. it needs a whole engine): a row marked unavailable
 Requests, batches, mappings and groups are built outside the timed call.
 """
 
@@ -22,7 +24,8 @@ import warnings
 
 import torch
 
-from harness.bench.case import Case, Unavailable, Work, vllm_unavailable
+from harness.bench.case import Case, Work
+from runtime.providers import PROVIDERS, LoRAProvider, Unavailable
 from vlm.checkpoint import DTYPES
 
 GROUPS = {"tower_connector": ("tower", "connector"), "prefill": ("tower", "connector", "language_model")}
@@ -123,7 +126,7 @@ def _runtime(case: str, p: dict, provider: str, device: torch.device):
     return fn, _work(case, arch, cfg, reqs, batch)
 
 
-def _peft(case: str, p: dict, device: torch.device):
+def _reference(case: str, p: dict, device: torch.device):
     from reference.adapters import AdapterSpec, add_adapters
     from vlm.requests import build_batch
 
@@ -138,7 +141,7 @@ def _peft(case: str, p: dict, device: torch.device):
             pm = add_adapters(model, arch, specs)
         return arch, cfg, pm
 
-    arch, cfg, pm = _cached(("peft", p["model"], p["dtype"], case, r, k, str(device)), make)
+    arch, cfg, pm = _cached(("reference", p["model"], p["dtype"], case, r, k, str(device)), make)
     reqs = _requests(arch, cfg, p["images"], n)
     by_adapter: dict = {}
     for q in reqs:
@@ -175,26 +178,32 @@ def _e2e(case: str):
     def build(p: dict, provider: str, device: torch.device):
         if p["images"] < 1 or p["n_adapters"] < 0 or p["rank"] < 1:
             raise ValueError(f"{case} needs images >= 1, n_adapters >= 0, rank >= 1, got {p}")
-        if provider in ("triton", "torch"):
-            return _runtime(case, p, provider, device)
-        if provider == "peft":
-            return _peft(case, p, device)
-        if provider == "vllm":
-            raise Unavailable(vllm_unavailable() or "vllm end-to-end tower benchmarks are not implemented "
-                                                    "(they need the vLLM engine)")
-        raise ValueError(f"unknown provider {provider!r} for {case}")
+        if provider not in E2E_PROVIDERS:
+            raise ValueError(f"unknown provider {provider!r} for {case}")
+        reason = _unavailable(provider)
+        if reason:
+            raise Unavailable(reason)
+        if PROVIDERS[provider].reference:
+            return _reference(case, p, device)
+        return _runtime(case, p, provider, device)
     return build
 
 
+def _listed(p: LoRAProvider) -> bool:
+    return p.reference or p.runtime or p.bench.e2e_unavailable is not None
+
+
+# the providers end-to-end cases list, in the registry's order
+E2E_PROVIDERS: tuple[str, ...] = tuple(name for name, p in PROVIDERS.items() if _listed(p))
+
+
 def _unavailable(provider: str) -> str | None:
-    if provider == "vllm":
-        return vllm_unavailable() or "vllm end to end is not implemented (it needs the vLLM engine)"
-    return None
+    p = PROVIDERS[provider]
+    return p.unavailable(None, None) or p.bench.e2e_unavailable
 
 
 E2E_CASES: dict[str, Case] = {
-    "tower_connector": Case("tower_connector", "e2e", ("triton", "torch", "peft", "vllm"), "images",
-                            _e2e("tower_connector"), unavailable=_unavailable),
-    "prefill": Case("prefill", "e2e", ("triton", "torch", "peft", "vllm"), "images", _e2e("prefill"),
-                    unavailable=_unavailable),
+    "tower_connector": Case("tower_connector", "e2e", E2E_PROVIDERS, "images", _e2e("tower_connector"),
+                            unavailable=_unavailable),
+    "prefill": Case("prefill", "e2e", E2E_PROVIDERS, "images", _e2e("prefill"), unavailable=_unavailable),
 }

@@ -238,7 +238,7 @@ def _log(msg: str) -> None:
 def cmd_merge(args) -> int:
     import runtime  # noqa: F401 - sets TRITON_INTERPRET before the case registry imports triton (CPU machines)
     from harness.bench import baseline as bl
-    from harness.bench.cases import all_cases
+    from harness.bench.catalog import all_cases
     from harness.bench.report import render_html
     from harness.bench.store import Store
     from harness.output import atomic_dir, check_out, write_json

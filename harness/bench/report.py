@@ -1,6 +1,7 @@
 """index.html of a bench run: self-contained, plots as inline PNGs (harness.output.png_data_uri).
 
-Plots: latency vs the case's x parameter per provider, % of roofline, speed-up over peft. Each panel
+Plots: latency vs the case's x parameter per provider, % of roofline, speed-up over the reference's
+provider (HF + PEFT). Each panel
 is one case (and one model for end-to-end cases); its lines hold the other parameters at the base
 combination (the one swept over the most x values), one line per (provider and variant, GPU), so a CSV
 holding several GPUs draws one line per GPU instead of mixing them, and the LoRA kernel / eager /
@@ -18,16 +19,30 @@ from harness.bench import schema
 from harness.bench.baseline import Comparison
 from harness.bench.roofline import profile_for_device
 from harness.output import PAGE, esc, png_data_uri
+from runtime.providers import DEFAULT, PROVIDERS, REFERENCE, TWIN_PROVIDER
 
 _OTHER = [c for c in schema.PARAM_COLUMNS if c not in ("model", "variant")]
+_TAB10 = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+          "tab:olive", "tab:cyan")
+
+
+def _colors() -> dict[str, str]:
+    """One colour per provider: the one it declares, else the first no provider claims (registry order)."""
+    free = [c for c in _TAB10 if c not in {p.bench.color for p in PROVIDERS.values()}]
+    out = {}
+    for name, p in PROVIDERS.items():
+        out[name] = p.bench.color or (free.pop(0) if free else None)
+    return out
+
+
 # one colour per provider; a provider's variants (what is timed) differ by line style, GPUs by marker
-COLORS = {"triton": "tab:blue", "torch": "tab:orange", "peft": "tab:green", "vllm": "tab:red",
-          "grouped_mm": "tab:purple", "matmul_floor": "tab:gray"}
+COLORS = _colors()
 LINESTYLES = {"": "-", "kernel": "-", "eager": "--", "grouping": ":"}
 GPU_MARKERS = ("o", "s", "^", "D")
-# the headline: the runtime against each other provider, like for like (a kernel launch against a kernel
-# launch, a public call against a public call): the runtime's variant each comparator's variant is held to
-VERSUS = ("torch", "peft", "vllm", "grouped_mm")
+# the headline: the runtime (its default provider; the twins where that was not timed) against each other
+# provider, like for like (a kernel launch against a kernel launch, a public call against a public call): the
+# runtime's variant each comparator's variant is held to
+VERSUS = tuple(name for name, p in PROVIDERS.items() if p.bench.versus and name != DEFAULT)
 
 
 def _label(r: dict) -> str:
@@ -158,23 +173,24 @@ def plots(rows: list[dict], cases: dict) -> list[str]:
                               "(CPU, or a GPU without a profile; see --gpu). Achieved GB/s instead:"))
         if gbps:
             parts.append(f"<img alt='achieved GB/s' src='{_plot(gbps, 'GB/s (p50)', lambda r, x, p, g: _num(r['p50']), 'achieved GB/s (bytes from each kernel spec)', True)}'>")
-    peft = {k: v for k, v in lat.items() if any(prov.split()[0] == "peft" for prov, _ in v["series"])}
-    if peft:
+    ref_panels = {k: v for k, v in lat.items() if any(prov.split()[0] == REFERENCE for prov, _ in v["series"])}
+    title = f"Speed-up over {REFERENCE}"
+    if ref_panels:
         sp: dict = {}
-        for key, p in peft.items():
+        for key, p in ref_panels.items():
             series = {}
             for (prov, gpu), pts in p["series"].items():
-                ref = next((v for (pv, g), v in p["series"].items() if pv.split()[0] == "peft" and g == gpu), {})
-                if prov.split()[0] == "peft":
+                ref = next((v for (pv, g), v in p["series"].items() if pv.split()[0] == REFERENCE and g == gpu), {})
+                if prov.split()[0] == REFERENCE:
                     continue
                 series[(prov, gpu)] = {x: {"ratio": _num(ref[x]["p50"]) / _num(r["p50"])}
                                        for x, r in pts.items() if x in ref}
             sp[key] = {**p, "series": series}
-        img = _plot(sp, "speed-up over peft (x)", lambda r, x, p, g: r["ratio"], "speed-up over HF + PEFT "
-                    "(peft p50 / provider p50)", True, hline=1.0)
-        parts.append(_section("Speed-up over peft", img))
+        img = _plot(sp, f"speed-up over {REFERENCE} (x)", lambda r, x, p, g: r["ratio"], "speed-up over HF + PEFT "
+                    f"({REFERENCE} p50 / provider p50)", True, hline=1.0)
+        parts.append(_section(title, img))
     else:
-        parts.append(_section("Speed-up over peft", None, "no peft rows in this run"))
+        parts.append(_section(title, None, f"no {REFERENCE or 'reference'} rows in this run"))
     return parts
 
 
@@ -190,13 +206,13 @@ def _point_rows(rows: list[dict]) -> dict[tuple, dict]:
 def headline(rows: list[dict], cases: dict) -> list[dict]:
     """Per panel (case, model) and GPU, the largest point of its base combination: the runtime's p50, its
     speed-up over each other provider (their p50 / the runtime's, like for like: see VERSUS) and its % of
-    roofline. The runtime is triton; torch (the runtime's twins) where triton was not timed (e2e on a CPU)."""
+    roofline. The runtime is its default provider; the kernels' twins where that was not timed (e2e on a CPU)."""
     by_point = _point_rows(rows)
     out = []
     for (case, model), p in sorted(_panels(_ok(rows, "latency_ms"), cases).items()):
         for gpu in sorted({g for _, g in p["series"]}):
             series = {label: pts for (label, g), pts in p["series"].items() if g == gpu}
-            runtime = "triton" if any(lb.split()[0] == "triton" for lb in series) else "torch"
+            runtime = DEFAULT if any(lb.split()[0] == DEFAULT for lb in series) else TWIN_PROVIDER
             mine = {lb: pts for lb, pts in series.items() if lb.split()[0] == runtime}
             if not mine:
                 continue
@@ -249,10 +265,11 @@ def headline_html(heads: list[dict]) -> str:
         + "".join(f"<td>{esc(_speedup(h, o))}</td>" for o in VERSUS)
         + f"<td>{esc(_pct(h))}</td></tr>"
         for h in heads)
+    by_variant = {v: " / ".join(o for o in VERSUS if PROVIDERS[o].bench.variant == v) for v in ("kernel", "eager")}
     return ("<h2>Headline</h2><p>per case, its largest point: the runtime's p50 and its speed-up over each other "
             "provider (their p50 / the runtime's; &gt; 1: the runtime is faster), like for like: the runtime's "
-            "kernel launch against vllm / grouped_mm kernels, its public call against torch / PEFT (eager). "
-            "- : not timed at that point.</p>"
+            f"kernel launch against {esc(by_variant['kernel'])} kernels, its public call against "
+            f"{esc(by_variant['eager'])} (eager). - : not timed at that point.</p>"
             f"<div class='scroll'><table><tr>{hdr}</tr>{body}</table></div>")
 
 
@@ -282,9 +299,14 @@ def interpreter_banner(rows: list[dict]) -> str:
     cpu = [r for r in rows if (r.get("gpu_name") or "").startswith("cpu")]
     if not cpu:
         return ""
-    return ("CPU run: triton and vllm rows are Triton interpreter timings (tiny shapes; they check the plumbing, "
-            "not the kernels' speed); torch, PEFT and grouped_mm rows are real CPU timings; no GPU profile applies, "
-            "so no % of roofline")
+    triton = [n for n, p in PROVIDERS.items() if p.triton]
+    return (f"CPU run: {_and(triton)} rows are Triton interpreter timings (tiny shapes; they check the plumbing, "
+            f"not the kernels' speed); {_and([n for n in PROVIDERS if n not in triton])} rows are real CPU timings; "
+            "no GPU profile applies, so no % of roofline")
+
+
+def _and(names: list[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def _status_text(status: Counter) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from runtime.providers import PROVIDERS as _REGISTRY
+
 # case parameters (docs/bench.md documents each)
 PARAM_COLUMNS: tuple[str, ...] = (
     "model",       # e2e: registry arch / size, e.g. llama4/scout, gemma3/tiny
@@ -33,7 +35,8 @@ KEY_COLUMNS: tuple[str, ...] = ("case", "provider", *PARAM_COLUMNS)
 COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "metric", "unit", "p50", "p20", "p80", "status", "note", *ENV_COLUMNS,
                             "repro")
 STATUSES: tuple[str, ...] = ("ok", "oom", "unavailable", "error")
-PROVIDERS: tuple[str, ...] = ("triton", "torch", "peft", "vllm", "grouped_mm", "matmul_floor")
+# the `provider` column's values: the LoRA providers of runtime/providers, in their order
+PROVIDERS: tuple[str, ...] = tuple(_REGISTRY)
 
 # metric -> unit; latency is the measured one, the others are derived from it
 UNITS: dict[str, str] = {

@@ -22,17 +22,20 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.bench import schema
-from harness.bench.case import Case, Timed, Unavailable, Work
-from harness.bench.cases import all_cases
-from harness.bench.lora_providers import INTERPRETER_NOTE
+from harness.bench.case import Case, Timed, Work
+from harness.bench.catalog import all_cases
 from harness.bench.presets import Preset
 from harness.bench.roofline import GpuProfile
 from harness.bench.timing import Timing, measure
 from harness.output import one_line
 from runtime.kernels import interpreted
+from runtime.providers import INTERPRETER_NOTE, PROVIDERS, Unavailable
 
-# providers whose kernels are Triton programs: run by the Triton interpreter on a machine without a GPU
-INTERPRETED_PROVIDERS = ("triton", "vllm")
+
+def _triton(provider: str) -> bool:
+    """The provider's kernels are Triton programs: run by the Triton interpreter on a machine without a GPU."""
+    p = PROVIDERS.get(provider)
+    return p is not None and p.triton
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,14 @@ def plan(preset: Preset, cases: Sequence[str] | None, providers: Sequence[str] |
         for prov in case.providers:
             if providers and prov not in providers:
                 continue
-            if prov == "triton" and case.kind == "e2e" and not cuda:
-                notes.append(f"{name}: triton provider skipped on CPU (the Triton interpreter takes ~0.5 s per tiny "
-                             f"forward); no rows written for it")
-                continue
             reason = case.unavailable(prov)
             if reason:
                 if _matches({}, filters):
                     mine.append(Point(name, prov, {}, reason))
+                continue
+            if _triton(prov) and case.kind == "e2e" and not cuda:
+                notes.append(f"{name}: {prov} provider skipped on CPU (the Triton interpreter takes ~0.5 s per tiny "
+                             f"forward); no rows written for it")
                 continue
             for p in plist:
                 why = case.skip(prov, p)
@@ -218,7 +221,7 @@ def run_point(point: Point, case: Case, ctx: Context) -> list[dict]:
         _free(case)
         return [_row(point, ctx, "latency_ms", None, "error", one_line(e))]
     notes = [n for n in (note, t.note) if n]
-    if point.provider in INTERPRETED_PROVIDERS and interpreted() and not any("interpreter" in n for n in notes):
+    if _triton(point.provider) and interpreted() and not any("interpreter" in n for n in notes):
         notes.insert(0, INTERPRETER_NOTE)  # a Triton kernel timed on a CPU: never read as a GPU figure
     if t.spread > schema.NOISY_RATIO:
         notes.append(f"noisy: p80/p20 {t.spread:.2f} > {schema.NOISY_RATIO}")

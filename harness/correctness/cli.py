@@ -99,7 +99,7 @@ def _options(args):
     from harness.correctness import MODES, Options
     from harness.correctness.engine import check_fault
     from harness.correctness.faults import get_fault
-    from runtime.model import PROVIDERS
+    from harness.provider_flags import check_provider
     from vlm.arch import REGISTRY, get_arch
     from vlm.checkpoint import (
         check_device,
@@ -110,7 +110,7 @@ def _options(args):
     )
 
     # the LoRA provider refuses what it cannot run (vLLM missing, its dtypes) before any work
-    PROVIDERS[args.kernel].check(parse_dtype(args.dtype), check_device(args.device))
+    check_provider(args.kernel, parse_dtype(args.dtype), check_device(args.device))
     device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
     check_map_devices(device_map, args.device_map)
     fault = get_fault(args.inject_fault) if args.inject_fault else None
@@ -284,7 +284,7 @@ def cmd_compare(args) -> int:
     from harness.correctness.bundle import Bundle, check_outputs
     from harness.correctness.engine import check_fault, judge, judge_outputs, load
     from harness.correctness.faults import get_fault
-    from runtime.model import PROVIDERS
+    from harness.provider_flags import check_provider
     from vlm.checkpoint import parse_device_map, parse_max_memory
 
     # the flags first: reading a bundle of a real checkpoint hashes its files (minutes)
@@ -315,7 +315,7 @@ def cmd_compare(args) -> int:
         got = Bundle.open(args.got)
         check_outputs(p.bundle, got)
     else:
-        PROVIDERS[args.kernel].check(p.torch_dtype, p.device)
+        check_provider(args.kernel, p.torch_dtype, p.device)
     opts = Options(archs=[p.arch.model_type], model=str(p.ckpt),
                    adapters={n: str(e["path"]) for n, e in p.bundle.manifest["adapters"].items()},
                    dtype=p.dtype, device=str(p.device), modes=modes, fault=args.inject_fault, kernel=args.kernel,
@@ -351,7 +351,8 @@ def overwrite_arg(c) -> None:
 
 def register(sub) -> None:
     from harness.correctness.rules import DEFAULT_ADAPTER_SCALE
-    from runtime.model import PROVIDERS
+    from harness.provider_flags import add_provider_flag
+    from runtime.providers import DEFAULT
 
     def reference_args(c, one_arch: bool = False) -> None:
         c.add_argument("--arch", action="append", help="architecture" + (
@@ -387,8 +388,7 @@ def register(sub) -> None:
                        help="e2e: each side feeds itself (shows drift); replay: every runtime module is fed the "
                             "reference's recorded input (localises the faulty module); both (default)")
         c.add_argument("--inject-fault", help="a seeded fault from `mmlora faults`")
-        c.add_argument("--kernel", default="triton", choices=sorted(PROVIDERS),
-                       help="the runtime's LoRA provider: " + ", ".join(sorted(PROVIDERS)))
+        add_provider_flag(c)
         c.add_argument("--quantize", choices=["lm-int8"], help="weight-only int8 on the runtime's LM Linears "
                        "(registry skip list honoured); reports drift per group, fails only on a skip violation")
         c.add_argument("--quantize-projector", action="store_true",
@@ -404,7 +404,7 @@ def register(sub) -> None:
     reference_args(r, one_arch=True)
     r.add_argument("--out", required=True, help="the bundle folder to write (docs/bundles.md); " + OUT_RULE)
     overwrite_arg(r)
-    r.set_defaults(func=cmd_record, kernel="triton", inject_fault=None, mode="both", quantize=None,
+    r.set_defaults(func=cmd_record, kernel=DEFAULT, inject_fault=None, mode="both", quantize=None,
                    quantize_projector=False)
     m = sub.add_parser("compare", help="the runtime (or an output bundle GOT) against a recorded reference bundle; "
                        "exit 0 ok, 1 divergence, 2 bad bundle")
@@ -422,7 +422,7 @@ def register(sub) -> None:
     f.add_argument("--adapter-scale", default=f"{DEFAULT_ADAPTER_SCALE},1.0",
                    help="with --power: generated adapters' delta / base ratios, comma-separated (realistic, large)")
     f.add_argument("--device", default="cpu", help="with --power: cpu | cuda")
-    f.add_argument("--kernel", default="triton", choices=sorted(PROVIDERS), help="with --power: LoRA provider")
+    add_provider_flag(f, "with --power: the runtime's LoRA provider")
     f.add_argument("--out", help="with --power: folder for power.csv and power.md (default reports/power/<timestamp>); "
                    + OUT_RULE)
     overwrite_arg(f)

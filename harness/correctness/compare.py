@@ -1,6 +1,6 @@
 """Per-module comparison of the runtime against the reference and the high-precision truth.
 
-Every compared tensor is [rows, features] for one request. `judge` applies the rule of `rules.py` to the
+Every compared tensor is [rows, features] for one request. `judge_tensor` applies the rule of `rules.py` to the
 output and, for a LoRA module, to its delta (output minus the base Linear's output on the same input, so a
 delta that is 5% of the output is still checked to a fraction of itself), and names the first row whose
 error breaks the bound. Figures against the reference itself (max abs, cosine) are kept for reading.
@@ -131,9 +131,9 @@ class Metrics:
         return -1
 
 
-def judge(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rule: Rule,
-          bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-          held: torch.Tensor | None = None) -> Metrics:
+def judge_tensor(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, rule: Rule,
+                 bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 held: torch.Tensor | None = None) -> Metrics:
     """Compare one [rows, F] tensor; `bases` = the base Linear's output on (got's, ref's, truth's) inputs;
     `held` = the held-adapter allowance on this tensor (`held_adapter`), None where no adapter acts."""
     if got.shape != ref.shape or truth.shape != ref.shape:

@@ -30,6 +30,7 @@ from harness.progress import Progress, counting
 from reference.adapters import add_adapters, calibrate, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
 from runtime.model import RuntimeModel
+from runtime.providers import DEFAULT
 from vlm.adapter_files import AdapterFile, read_adapter
 from vlm.arch import ArchSpec, ImageGeometry, get_arch
 from vlm.checkpoint import (
@@ -57,7 +58,7 @@ class Options:
     device: str = "cpu"
     modes: Sequence[str] = MODES
     fault: str | None = None
-    kernel: str = "triton"
+    kernel: str = DEFAULT  # the runtime's LoRA provider (runtime/providers)
     seed: int = 0
     quantize: str | None = None  # "lm-int8": weight-only int8 of the runtime's LM Linears
     quantize_projector: bool = False  # also quantize the connector (against the registry's skip list)

@@ -17,6 +17,7 @@ import torch
 
 from runtime.hooks import RuntimeHooks
 from runtime.model import RuntimeModel
+from runtime.providers import GroupedBatch
 from vlm.arch import ArchSpec, ImageGeometry, get_arch
 
 
@@ -238,11 +239,11 @@ def _v_slice_offset(rt):
         if name != "lora" or module != target:
             return fn
 
-        def shifted(x, y, A, B, slots, grouping=None):
-            delta = torch.zeros_like(y)
-            fn(x, delta, A, B, slots, grouping=grouping)
-            y += torch.roll(delta, 1, dims=-1)  # the slice lands one column off
-            return y
+        def shifted(batch: GroupedBatch):
+            delta = torch.zeros_like(batch.y)
+            fn(batch._replace(y=delta))
+            batch.y.add_(torch.roll(delta, 1, dims=-1))  # the slice lands one column off
+            return batch.y
         return shifted
     _hooks(rt, kernel=kernel)
 
@@ -315,8 +316,8 @@ def _middle_tower_module(rt) -> str | None:
 def _lora_missing_on_one(rt):
     target = _middle_tower_module(rt)
 
-    def skip(x, y, A, B, slots, grouping=None):
-        return y
+    def skip(batch: GroupedBatch):
+        return batch.y
     _hooks(rt, kernel=lambda name, fn, module=None: skip if name == "lora" and module == target else fn)
 
 
@@ -360,7 +361,8 @@ def _image_wrong_adapter(rt):
 def _per_slot(delta: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
     """A LoRA provider computing each slot's rows in torch with `delta(x, A, B)` (x in the activation dtype,
     A and B in fp32; an fp32 result), one rounding into y."""
-    def lora(x, y, A, B, slots, grouping=None):
+    def lora(batch: GroupedBatch):
+        x, y, A, B, slots = batch.x, batch.y, batch.A, batch.B, batch.slots
         for s in slots[slots >= 0].unique().tolist():
             rows = (slots == s).nonzero().squeeze(1)
             d = delta(x[rows], A[0][s].float(), B[0][s].float())

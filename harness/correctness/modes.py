@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from harness.correctness.bundle import Key, stream_outputs
-from harness.correctness.compare import Metrics, Row, check, error_metrics, held_adapter, judge
+from harness.correctness.compare import Metrics, Row, check, error_metrics, held_adapter, judge_tensor
 from harness.correctness.rules import rule
 from harness.output import one_line
 from runtime.mapping import MappingError, rows_phrase
@@ -165,8 +165,8 @@ def compare_outputs(p, got) -> list[Row]:
                 with torch.no_grad():  # the reference's base Linear on the runtime's input
                     got_base = F.linear(g_in.to(p.device), *base).cpu()
                 bases = (got_base, p.bundle.get(i, name, Key.BASE), p.bundle.get(i, name, Key.TRUTH_BASE))
-            m = judge(got.get(i, name, Key.OUT), p.bundle.get(i, name, Key.OUT),
-                      p.bundle.get(i, name, Key.TRUTH_OUT), r, bases)
+            m = judge_tensor(got.get(i, name, Key.OUT), p.bundle.get(i, name, Key.OUT),
+                             p.bundle.get(i, name, Key.TRUTH_OUT), r, bases)
             rows.append(make_row(p, "e2e", i, name, m))
             del g_in, bases
         del base
@@ -272,9 +272,10 @@ def replay(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
             # its own base output: the runtime's batched base GEMM may round a few elements one ulp apart
             # from the reference's per-request one (seen at fp16 on CPUs with AMX: 0.8% of a no-adapter
             # request's elements, margin 1.07 on its delta's rms), a difference of the base, not of the LoRA
-            m = judge(pieces[i], p.bundle.get(i, name, Key.OUT), p.bundle.get(i, name, Key.REPLAY_TRUTH_OUT), r,
-                      (bases[i], p.bundle.get(i, name, Key.BASE), p.bundle.get(i, name, Key.REPLAY_TRUTH_BASE)),
-                      held_allowance(p, i, name, p.bundle.get(i, name, Key.IN)))
+            m = judge_tensor(pieces[i], p.bundle.get(i, name, Key.OUT), p.bundle.get(i, name, Key.REPLAY_TRUTH_OUT),
+                             r, (bases[i], p.bundle.get(i, name, Key.BASE),
+                                 p.bundle.get(i, name, Key.REPLAY_TRUTH_BASE)),
+                             held_allowance(p, i, name, p.bundle.get(i, name, Key.IN)))
             rows.append(make_row(p, "replay", i, name, m))
         del pieces, bases
     return rows

@@ -38,7 +38,7 @@ def _reason(v: dict, dtype: str) -> str:
 
 def _plan(args):
     from harness.correctness.faults import FAULTS, get_fault
-    from runtime.model import PROVIDERS
+    from harness.provider_flags import check_provider
     from vlm.arch import get_arch
     from vlm.checkpoint import check_device, parse_dtype
 
@@ -47,7 +47,7 @@ def _plan(args):
     device = check_device(args.device)
     for d in dtypes:
         # the provider refuses what it cannot run (vLLM missing, its dtypes) now, not as an error row per run
-        PROVIDERS[args.kernel].check(parse_dtype(d), device)
+        check_provider(args.kernel, parse_dtype(d), device)
     try:
         scales = [float(x) for x in args.adapter_scale.split(",") if x.strip()]
     except ValueError:

@@ -3,7 +3,7 @@
 A verdict of "agrees" means something only if a wrong runtime would have failed on the same batch. The most
 basic wrong runtime drops an adapter: its LoRA modules return the base Linear's output. Its replay error at a
 module is then the delta itself, and the reference bundle already holds everything to judge it by the very
-rule a runtime is judged by (compare.judge): the base output at the run dtype (what such a runtime returns),
+rule a runtime is judged by (compare.judge_tensor): the base output at the run dtype (what such a runtime returns),
 the reference's output, and the truth of the same module on the same inputs. No model is run.
 
 Per adapter and group the largest such margin over the group's LoRA modules and the adapter's requests is the
@@ -15,7 +15,7 @@ that adapter there.
 from __future__ import annotations
 
 from harness.correctness.bundle import Key
-from harness.correctness.compare import judge
+from harness.correctness.compare import judge_tensor
 from harness.correctness.modes import held_allowance
 from harness.correctness.rules import rule
 
@@ -46,7 +46,7 @@ def dropped_adapter_margins(p, modes) -> dict[str, dict[str, dict[str, dict]]]:
                 # replay's reference error carries the allowance for an adapter held at the run dtype, as the
                 # runtime's own judgement does (modes.replay); e2e's does not
                 held = held_allowance(p, i, name, p.bundle.get(i, name, Key.IN)) if mode == "replay" else None
-                m = judge(base, p.bundle.get(i, name, Key.OUT), truth, r, (base, base, truth_base), held)
+                m = judge_tensor(base, p.bundle.get(i, name, Key.OUT), truth, r, (base, base, truth_base), held)
                 slot = out.setdefault(req.adapter, {}).setdefault(group, {})
                 if mode not in slot or m.margin > slot[mode]["margin"]:
                     slot[mode] = {"margin": m.margin, "module": name, "request": i}

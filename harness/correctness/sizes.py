@@ -2,7 +2,7 @@
 arch, dtype and mode, and the worst margin each reached (error over bound; a healthy run must stay below 1).
 
     python -m harness.correctness.sizes [--arch A ...] [--dtype fp32,fp16,bf16]
-        [--adapter-scale 0.01,0.03,0.1,0.3,1,mix] [--kernel torch|triton] --out DIR
+        [--adapter-scale 0.01,0.03,0.1,0.3,1,mix] [--provider P] --out DIR
 
 `mix`: adapters calibrated to scale 1 and then each module's B multiplied by a seeded factor drawn
 log-uniformly in [0.01, 1], so one adapter holds modules at every size of that range.
@@ -96,6 +96,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from harness.provider_flags import add_provider_flag
+    from runtime.providers import TWIN_PROVIDER
     from vlm.arch import REGISTRY, get_arch
 
     ap = argparse.ArgumentParser(prog="python -m harness.correctness.sizes", description=__doc__.split("\n")[0])
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32,fp16,bf16", help="dtypes, comma-separated")
     ap.add_argument("--adapter-scale", default="0.01,0.03,0.1,0.3,1,mix", help="scales, comma-separated; "
                     "'mix': per-module sizes from 0.01 to 1")
-    ap.add_argument("--kernel", default="torch", choices=["torch", "triton"], help="the runtime's LoRA provider")
+    # the twins by default: fast on a CPU, where the Triton kernels run in the interpreter
+    add_provider_flag(ap, default=TWIN_PROVIDER)
     ap.add_argument("--out", required=True, help="folder for sizes.csv and sizes.md")
     args = ap.parse_args(argv)
     archs = args.arch or sorted(REGISTRY)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from harness.bench import roofline, schema, sweep
-from harness.bench.cases import all_cases
+from harness.bench.catalog import all_cases
 from harness.bench.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]

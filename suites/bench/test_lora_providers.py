@@ -1,16 +1,19 @@
-"""The LoRA-only bench providers compute what they claim: each bench callable (built exactly as the sweep
+"""The LoRA providers the bench times compute what they claim: each bench callable (built exactly as the sweep
 builds it, from the kernel spec's sample) against the spec's torch twin; grouped_mm with -1 rows and the last
-slot; the floor; and the plan's handling of points and machines a provider cannot serve."""
+slot; the floor; the plan's handling of points and machines a provider cannot serve; and the registry itself
+(every name, help text and report colour comes from it)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from harness.bench import lora_providers, sweep
-from harness.bench.case import Unavailable
+from harness.bench import sweep
+from harness.bench.kernel_cases import provider_call
 from harness.bench.presets import PRESETS
+from runtime import vllm_lora
 from runtime.kernels import KERNELS, lora_apply_torch
+from runtime.providers import PROVIDERS, Unavailable, grouped_mm
 from suites.helpers import DEV, assert_close_scaled, need_vllm
 
 # fp32: the grouped GEMM and the twin differ only in fp32 summation order (the spec's 1e-5). fp16: grouped_mm
@@ -26,7 +29,7 @@ def _run(op: str, provider: str, dtype: str):
     p = {**POINT, "dtype": dtype}
     args, _ = spec.sample(p, torch.device(DEV))
     fresh, _ = spec.sample(p, torch.device(DEV))  # the same seeded inputs, untouched, for the twin
-    fn = lora_providers.build(spec.name, provider, p, args, torch.device(DEV))
+    fn = provider_call(PROVIDERS[provider], op, args, p, torch.device(DEV))
     if op == "shrink":
         return fn(), spec.twin(*fresh)
     y, y0 = (args[3], fresh[3]) if op == "expand" else (args[1], fresh[1])
@@ -53,11 +56,11 @@ def test_grouped_mm_apply_leaves_no_adapter_rows_and_uses_the_last_slot(dtype):
     y = torch.randn(T, 24, generator=g).to(DEV, dt)
     slots = torch.tensor([(-1, 3, 0, -1, 2, 3)[t % 6] for t in range(T)], dtype=torch.int32, device=DEV)
     want = lora_apply_torch(x, y.clone(), A, B, slots)
-    got = lora_providers.lora_apply_grouped_mm(x, y.clone(), A, B, slots)
+    got = grouped_mm.lora_apply_grouped_mm(x, y.clone(), A, B, slots)
     none = slots < 0
     assert torch.equal(got[none], y[none])
     assert_close_scaled(got, want, REL[dtype], f"grouped_mm apply {dtype}")
-    assert torch.equal(lora_providers.lora_apply_grouped_mm(x, y.clone(), A, B, torch.full_like(slots, -1)), y)
+    assert torch.equal(grouped_mm.lora_apply_grouped_mm(x, y.clone(), A, B, torch.full_like(slots, -1)), y)
 
 
 def test_matmul_floor_is_the_twin_with_every_token_on_one_adapter():
@@ -66,7 +69,7 @@ def test_matmul_floor_is_the_twin_with_every_token_on_one_adapter():
     (x, y, A, B, slots), _ = spec.sample(p, torch.device(DEV))
     zeros = torch.zeros_like(slots)
     want = lora_apply_torch(x, y.clone(), A, B, zeros)
-    lora_providers.build("lora_apply", "matmul_floor", p, (x, y, A, B, zeros), torch.device(DEV))()
+    provider_call(PROVIDERS["matmul_floor"], "apply", (x, y, A, B, zeros), p, torch.device(DEV))()
     assert_close_scaled(y, want, REL["fp32"], "matmul_floor")
 
 
@@ -75,18 +78,18 @@ def test_grouped_mm_misaligned_stride_is_unavailable_not_an_error():
     p = {**POINT, "H": 30, "dtype": "fp16"}  # 30 x 2 bytes: not a multiple of 16
     args, _ = spec.sample(p, torch.device(DEV))
     with pytest.raises(Unavailable, match="16 bytes"):
-        lora_providers.build("lora_apply", "grouped_mm", p, args, torch.device(DEV))
+        provider_call(PROVIDERS["grouped_mm"], "apply", args, p, torch.device(DEV))
 
 
 def test_torch_without_grouped_gemm_gives_one_unavailable_row_per_case(monkeypatch):
-    monkeypatch.setattr(lora_providers, "_grouped_mm_fn", lambda: None)
+    monkeypatch.setattr(grouped_mm, "_grouped_mm_fn", lambda: None)
     plan = sweep.plan(PRESETS["smoke"], None, ["grouped_mm"], {}, cuda=False)
     assert {pt.case for pt in plan.points} == {"lora_shrink", "lora_expand", "lora_apply"}
     assert all(pt.params == {} and "grouped_mm" in pt.unavailable for pt in plan.points)
 
 
 def test_vllm_points_it_cannot_run_are_left_out_with_a_log_line(monkeypatch):
-    monkeypatch.setattr(lora_providers, "vllm_unavailable", lambda: None)  # as where vLLM is installed
+    monkeypatch.setattr(vllm_lora, "unavailable_reason", lambda: None)  # as where vLLM is installed
     plan = sweep.plan(PRESETS["smoke"], ["lora_apply"], ["vllm"], {}, cuda=False)
     assert plan.points and all(pt.params["dtype"] == "fp16" for pt in plan.points)
     assert any("fp32 points left out" in n for n in plan.notes)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness.bench import report, schema
-from harness.bench.cases import all_cases
+from harness.bench.catalog import all_cases
 
 H100 = "NVIDIA H100 80GB HBM3"
 

@@ -14,14 +14,14 @@ from collections import Counter
 import pytest
 
 from harness.bench import schema
-from harness.bench.case import vllm_unavailable
-from harness.bench.cases import all_cases
+from harness.bench.catalog import all_cases
 from harness.cli import main
 from runtime.kernels import interpreted
+from runtime.vllm_lora import unavailable_reason
 from suites.bench.helpers import expected_keys, header, keys, read_rows
 
 CASES = tuple(all_cases())  # one case per kernel spec plus the end-to-end cases
-VLLM_MISSING = vllm_unavailable() is not None
+VLLM_MISSING = unavailable_reason() is not None
 
 
 @pytest.fixture(scope="module")

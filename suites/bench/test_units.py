@@ -10,7 +10,7 @@ import torch
 
 from harness.bench import roofline, schema
 from harness.bench.case import Work
-from harness.bench.cases import all_cases
+from harness.bench.catalog import all_cases
 from harness.bench.kernel_cases import KERNEL_CASES
 from harness.bench.report import render_html
 from harness.bench.store import Store

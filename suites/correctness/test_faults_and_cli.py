@@ -119,7 +119,7 @@ def test_an_exception_inside_the_runtime_is_its_failure_exit_1_with_a_report(tmp
     naming the module and request, the report written."""
     from harness.correctness import faults as catalog
 
-    def corrupted(x, y, A, B, slots, grouping=None):
+    def corrupted(batch):
         raise ValueError("slot table corrupted")
 
     def raising(rt):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 
 from harness.cli import main
 
@@ -63,7 +64,8 @@ def test_ctrl_c_writes_the_rows_measured_so_far(tmp_path, monkeypatch):
     assert (tmp_path / "p" / "power.md").read_text().startswith("Partial: interrupted after 1 of 2 runs.")
 
 
-def test_a_kernel_that_cannot_run_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flag", ["--provider", "--kernel"])  # --kernel: the old name, still accepted
+def test_a_provider_that_cannot_run_is_refused_before_any_run(tmp_path, monkeypatch, capsys, flag):
     """Bad input is exit 2 at once (one line), not one HARNESS ERROR row per run after hours of references."""
     import harness.correctness.engine as engine
 
@@ -71,6 +73,6 @@ def test_a_kernel_that_cannot_run_is_refused_before_any_run(tmp_path, monkeypatc
         raise AssertionError("a reference was prepared")
     monkeypatch.setattr(engine, "prepare", never)
     capsys.readouterr()
-    assert _power(tmp_path / "p", "--kernel", "vllm") == 2  # vLLM's kernels take fp16 / bf16 only
-    assert "--kernel vllm: dtype float32 is not supported" in capsys.readouterr().err
+    assert _power(tmp_path / "p", flag, "vllm") == 2  # vLLM's kernels take fp16 / bf16 only
+    assert "--provider vllm: dtype float32 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.correctness.compare import check, judge
+from harness.correctness.compare import check, judge_tensor
 from harness.correctness.rules import RULES, Rule
 
 RULE = Rule(k_max=3.0, k_rms=1.5, floor_max=1e-4, floor_rms=1e-5, why="test")
@@ -66,7 +66,7 @@ def test_the_delta_is_judged_against_its_own_size():
     got = base + 1.2 * delta
     ref = truth.float().double()
     fp32 = RULES[("fp32", "replay")]
-    m = judge(got, ref, truth, fp32, (base, base, base))
+    m = judge_tensor(got, ref, truth, fp32, (base, base, base))
     assert m.status == "mismatch" and m.delta is not None and not m.delta.ok
 
 
@@ -84,7 +84,7 @@ def test_nonfinite_is_reported_as_such():
     truth = base + delta
     got = truth.clone()
     got[0, 0] = float("nan")
-    m = judge(got, truth, truth, RULE)
+    m = judge_tensor(got, truth, truth, RULE)
     assert m.status == "nonfinite" and m.nonfinite_got == 1 and not m.ok
 
 

@@ -139,13 +139,14 @@ def _one_line_value_error(fn, needle):
 
 
 def test_refusals_are_one_line():
-    from runtime.vllm_lora import check as vllm_check
+    from runtime.providers import PROVIDERS
     from runtime.vllm_lora import lora_apply_vllm, vllm_grouping
 
+    check = PROVIDERS["vllm"].check
     x, y, A, B, s = make_case(4, 8, 32, [16], 2, 16, [16, 16], [0, 1] * 4, torch.float16)
-    _one_line_value_error(lambda: vllm_check(torch.float32, "cpu"), "float32")
+    _one_line_value_error(lambda: check(torch.float32, "cpu"), "float32")
     if interpreted():
-        _one_line_value_error(lambda: vllm_check(torch.bfloat16, "cpu"), "interpreter")
+        _one_line_value_error(lambda: check(torch.bfloat16, "cpu"), "interpreter")
     _one_line_value_error(lambda: lora_apply_vllm(x.float(), y.float(), [a.float() for a in A],
                                                   [b.float() for b in B], s), "torch.float32")
     _one_line_value_error(lambda: vllm_grouping(torch.tensor([0, 2], device=DEV), 2), "max 2")

@@ -18,7 +18,7 @@ class RuntimeHooks:
     def row_count(self, group: str, image: int, counts: TokenCounts) -> int:
         """Rows the batch's `image`-th image contributes to the tower / connector slot mapping; `counts` are
         the registry's formulas for that image."""
-        return counts.encoder_rows if group == "tower" else counts.connector_rows
+        return counts.rows(group)
 
     def slot_mapping(self, slots: dict[str, torch.Tensor], requests: Sequence, lengths: Sequence[int]
                      ) -> dict[str, torch.Tensor]:

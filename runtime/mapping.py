@@ -109,8 +109,8 @@ def build_mapping(arch: ArchSpec, config, requests: Sequence[Request], slots: Se
     for r, (req, slot) in enumerate(zip(requests, slots, strict=True)):
         for j, g in enumerate(req.images):
             counts = arch.counts(config, g)  # the registry's formulas; the hooks see them per image
-            for group, expected in (("tower", counts.encoder_rows), ("connector", counts.connector_rows)):
-                n = hooks.row_count(group, image, counts)
+            for group in ("tower", "connector"):
+                expected, n = counts.rows(group), hooks.row_count(group, image, counts)
                 out[group] += [slot] * n
                 images[group].append(ImageRows(r, j, expected, n))
             image += 1

@@ -22,11 +22,8 @@ BOUNDARY_GROUP = {TOWER_OUT: "connector", LM_IMAGE_EMBEDS: "connector", LOGITS: 
 
 
 def group_row_counts(arch: ArchSpec, config, requests: Sequence[Request], group: str) -> list[int]:
-    if group == "tower":
-        return [sum(arch.encoder_rows(config, g) for g in r.images) for r in requests]
-    if group == "connector":
-        return [sum(arch.connector_rows(config, g) for g in r.images) for r in requests]
-    raise ValueError(f"group {group!r} is split by tokens, not by image rows")
+    """Rows of `group` (tower / connector) per request: its images' rows summed."""
+    return [sum(arch.image_rows(config, g, group) for g in r.images) for r in requests]
 
 
 def rows_per_request(x: torch.Tensor, group: str, counts: Sequence[int] | None, lengths: Sequence[int],

@@ -27,6 +27,7 @@ import torch
 from harness.bench.case import Case, Work
 from runtime.providers import PROVIDERS, LoRAProvider, Unavailable
 from vlm.checkpoint import DTYPES
+from vlm.rows import group_row_counts
 
 GROUPS = {"tower_connector": ("tower", "connector"), "prefill": ("tower", "connector", "language_model")}
 
@@ -168,7 +169,7 @@ def _reference(case: str, p: dict, device: torch.device):
 def _work(case, arch, cfg, reqs, batch) -> Work:
     images = sum(len(q.images) for q in reqs)
     if case == "tower_connector":
-        tokens = sum(arch.encoder_rows(cfg, g) for q in reqs for g in q.images)
+        tokens = sum(group_row_counts(arch, cfg, reqs, "tower"))
     else:
         tokens = sum(batch.lengths)
     return Work(tokens=float(tokens), images=float(images))

@@ -19,6 +19,7 @@ from runtime.hooks import RuntimeHooks
 from runtime.model import RuntimeModel
 from runtime.providers import GroupedBatch
 from vlm.arch import ArchSpec, ImageGeometry, get_arch
+from vlm.rows import group_row_counts
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def _hooks(rt: RuntimeModel, **overrides: Callable) -> None:
 
 # ---------------------------------------------------------------- mapping faults
 def _tower_from_lm(rt):
-    _hooks(rt, row_count=lambda group, image, c: c.lm_tokens if group == "tower" else c.connector_rows)
+    _hooks(rt, row_count=lambda group, image, c: c.lm_tokens if group == "tower" else c.rows(group))
 
 
 def _first_image_counts(group: str):
@@ -117,8 +118,7 @@ def _first_image_counts(group: str):
         def row_count(g, image, counts):
             if image == 0:
                 first[g] = counts
-            c = first[g] if g == group else counts
-            return c.encoder_rows if g == "tower" else c.connector_rows
+            return (first[g] if g == group else counts).rows(g)
         _hooks(rt, row_count=row_count)
     return apply
 
@@ -126,14 +126,13 @@ def _first_image_counts(group: str):
 def _counts_differ(group: str) -> Callable[[ArchSpec], bool]:
     def differ(arch) -> bool:
         cfg = arch.tiny_config()
-        rows = {arch.encoder_rows(cfg, g) if group == "tower" else arch.connector_rows(cfg, g)
-                for g in arch.mixed_geometries(cfg)}
+        rows = {arch.image_rows(cfg, g, group) for g in arch.mixed_geometries(cfg)}
         return len(rows) > 1
     return differ
 
 
 def _cls_dropped(rt):
-    _hooks(rt, row_count=lambda group, image, c: c.encoder_rows - 1 if group == "tower" else c.connector_rows)
+    _hooks(rt, row_count=lambda group, image, c: c.encoder_rows - 1 if group == "tower" else c.rows(group))
 
 
 def _cls_once_per_image(rt):
@@ -143,7 +142,7 @@ def _cls_once_per_image(rt):
 
     def row_count(group, image, c):
         if group != "tower":
-            return c.connector_rows
+            return c.rows(group)
         return c.encoder_rows - (c.encoder_rows // one_tile - 1)
     _hooks(rt, row_count=row_count)
 
@@ -185,7 +184,7 @@ def _none_gets_slot0(rt):
 
 def _connector_order_reversed(rt):
     def slot_mapping(slots, requests, lengths):
-        per_req = [sum(rt.arch.connector_rows(rt.config, g) for g in r.images) for r in requests]
+        per_req = group_row_counts(rt.arch, rt.config, requests, "connector")
         pieces = list(torch.split(slots["connector"], per_req))
         fixed = [torch.full_like(p, int(q[0]) if q.numel() else -1) for p, q in zip(pieces, reversed(pieces))]
         return {**slots, "connector": torch.cat(fixed) if fixed else slots["connector"]}
@@ -342,10 +341,10 @@ def _image_wrong_adapter(rt):
     # connector rows both: the engine's per-image bookkeeping is what breaks)
     def slot_mapping(slots, requests, lengths):
         out = dict(slots)
-        for group, rows_of in (("tower", rt.arch.encoder_rows), ("connector", rt.arch.connector_rows)):
+        for group in ("tower", "connector"):
             start = 0
             for r in requests:
-                counts = [rows_of(rt.config, g) for g in r.images]
+                counts = [rt.arch.image_rows(rt.config, g, group) for g in r.images]
                 if len(counts) >= 2 and r.adapter is not None:
                     s = out[group].clone()
                     lo = start + counts[0]

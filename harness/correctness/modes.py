@@ -39,10 +39,8 @@ def _image_counts(p, req, name: str, group: str) -> list[int] | None:
     """Rows each image of the request contributes to this capture (None for token-indexed captures)."""
     if name == LM_IMAGE_EMBEDS:
         return [p.arch.lm_tokens(p.config, g) for g in req.images]
-    if group == "tower":
-        return [p.arch.encoder_rows(p.config, g) for g in req.images]
-    if group == "connector":
-        return [p.arch.connector_rows(p.config, g) for g in req.images]
+    if group in ("tower", "connector"):
+        return [p.arch.image_rows(p.config, g, group) for g in req.images]
     return None
 
 
@@ -69,7 +67,7 @@ def _first_differing_image(p, flat: torch.Tensor, mode: str) -> tuple[int, int, 
         ref, tru = p.bundle.get(i, TOWER_OUT, Key.OUT), p.bundle.get(i, TOWER_OUT, Key.TRUTH_OUT)
         start = 0
         for j, g in enumerate(req.images):
-            n = p.arch.connector_rows(p.config, g)
+            n = p.arch.image_rows(p.config, g, "connector")
             got = flat[pos: pos + n]
             if got.shape[0] < n or not check(got, ref[start: start + n], tru[start: start + n], r).ok:
                 return i, j, n

@@ -57,6 +57,15 @@ class TokenCounts:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    def rows(self, group: str) -> int:
+        """Rows this image contributes to a row-indexed group: `tower` -> encoder_rows, `connector` ->
+        connector_rows (the language model is indexed by tokens, not by image rows)."""
+        if group == "tower":
+            return self.encoder_rows
+        if group == "connector":
+            return self.connector_rows
+        raise ValueError(f"group {group!r} is split by tokens, not by image rows")
+
 
 @dataclass(frozen=True)
 class KernelSite:
@@ -227,6 +236,10 @@ class ArchSpec:
 
     def lm_tokens(self, config: Any, geom: ImageGeometry) -> int:
         return self.counts(config, geom).lm_tokens
+
+    def image_rows(self, config: Any, geom: ImageGeometry, group: str) -> int:
+        """Rows of `group` (tower / connector) for one image of this geometry."""
+        return self.counts(config, geom).rows(group)
 
     def default_geometry(self, config: Any) -> ImageGeometry:  # pragma: no cover - overridden
         raise NotImplementedError

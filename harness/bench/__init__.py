@@ -19,4 +19,5 @@ One job per module:
   shards    `--shard I/N`: which points a shard runs (a hash of each point's key)
   merge     the `bench-merge` subcommand: the shards' folders into one results.csv + index.html
   cli       the `bench` subcommand
+  tune      `python -m harness.bench.tune`: the LoRA kernels' launch configs tuned on this GPU, as a config file
 """

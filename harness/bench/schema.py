@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from runtime.kernels import KERNELS
 from runtime.providers import PROVIDERS as _REGISTRY
 
-# case parameters (docs/bench.md documents each)
-PARAM_COLUMNS: tuple[str, ...] = (
+# case parameters (docs/bench.md documents each), in the order stored CSVs hold them
+_DOCUMENTED: tuple[str, ...] = (
     "model",       # e2e: registry arch / size, e.g. llama4/scout, gemma3/tiny
     "dtype",       # fp32 | fp16 | bf16
     "T",           # rows: LoRA tokens, patches per image (position_pool, pixel_shuffle), sequence (rope_2d)
@@ -29,6 +30,10 @@ PARAM_COLUMNS: tuple[str, ...] = (
     "variant",     # LoRA kernels: what is timed: kernel (grouping precomputed; CUDA graph on GPU) | eager (the
                    # public call) | grouping (the token grouping alone); empty for every other case
 )
+# every parameter a kernel spec declares (runtime/kernels) is a column too: a kernel added with a parameter of
+# its own keys its rows by it, placed before `variant`, instead of having it dropped from the key
+_DECLARED = tuple(dict.fromkeys(p for spec in KERNELS.values() for p in spec.params if p not in _DOCUMENTED))
+PARAM_COLUMNS: tuple[str, ...] = (*_DOCUMENTED[:-1], *_DECLARED, _DOCUMENTED[-1])
 ENV_COLUMNS: tuple[str, ...] = ("gpu_name", "driver", "cuda", "torch", "triton", "transformers", "peft", "git_sha",
                                 "timestamp")
 KEY_COLUMNS: tuple[str, ...] = ("case", "provider", *PARAM_COLUMNS)
@@ -67,6 +72,10 @@ def fmt(v) -> str:
 
 
 def point_key(case: str, provider: str, params: Mapping) -> tuple[str, ...]:
+    unknown = [k for k in params if k not in PARAM_COLUMNS]
+    if unknown:  # a parameter no column holds would vanish from the key: two points would share one row
+        raise ValueError(f"{case}: parameter(s) {', '.join(unknown)} are no column of results.csv; declare them "
+                         f"in the kernel spec's params (runtime/kernels) or in harness/bench/schema.py")
     return (case, provider, *(fmt(params.get(c)) for c in PARAM_COLUMNS))
 
 

@@ -18,13 +18,10 @@ and memory stays one model plus a chunk plus the small tensors (norms, biases, b
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
-from reference.adapters import add_adapters, default_specs, load_adapters
 from reference.run import run_reference
-from vlm.checkpoint import load_checkpoint
 
 
 def truth_dtype(device: torch.device) -> torch.dtype:
@@ -239,18 +236,6 @@ def _upcast(module: torch.nn.Module, dtype: torch.dtype) -> None:
     for t in list(module.parameters()) + list(module.buffers()):
         if t.is_floating_point():
             t.data = t.data.to(dtype)
-
-
-def truth_model(ckpt: Path, run_dtype: torch.dtype, device: torch.device, folders: dict[str, Path]):
-    """A separate reference PeftModel at high precision (checkpoint loaded at the run dtype, adapters from the
-    very folders the reference loads, then every floating tensor upcast): the truth computed on a fully
-    upcast copy, the plain way that tests hold the in-place truth of `high_precision` to. Costs a second,
-    upcast copy of the model."""
-    arch, config, model = load_checkpoint(ckpt, dtype=run_dtype, device=device)
-    arch.install_fixes(model)
-    pm = load_adapters(model, folders) if folders else add_adapters(model, arch, default_specs(1))
-    _upcast(pm, truth_dtype(device))
-    return pm
 
 
 def run_truth(pm, arch, config, reqs, device: torch.device, run_dtype: torch.dtype, sink=None):

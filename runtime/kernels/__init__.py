@@ -13,7 +13,6 @@ from runtime.kernels._util import interpreted
 from runtime.kernels.lora import (
     lora_apply,
     lora_apply_torch,
-    lora_block_sizes,
     lora_expand,
     lora_expand_torch,
     lora_shrink,
@@ -41,7 +40,7 @@ def _discover() -> dict[str, KernelSpec]:
 KERNELS: dict[str, KernelSpec] = _discover()
 
 __all__ = [
-    "KERNELS", "KernelSpec", "TokenGrouping", "interpreted", "lora_apply", "lora_apply_torch", "lora_block_sizes",
+    "KERNELS", "KernelSpec", "TokenGrouping", "interpreted", "lora_apply", "lora_apply_torch",
     "lora_expand", "lora_expand_torch", "lora_shrink", "lora_shrink_torch", "pixel_shuffle", "pixel_shuffle_torch",
     "position_pool", "position_pool_bruteforce", "position_pool_torch", "rope_2d", "rope_2d_torch", "token_grouping",
     "token_grouping_torch",

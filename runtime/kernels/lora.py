@@ -394,17 +394,6 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, A_slices: Sequence[torch.Tensor
     return _expand_launch(ws, split, True, B_slices, y, offsets, grouping)
 
 
-def lora_block_sizes(op: str, n_rows: int, width: int, rank: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_W, BLOCK_R) of the config a call on this device gets, W tiling H (shrink) or the slice
-    width (expand), at bf16 and one slice (see lora_config for the whole config)."""
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if op == "shrink":
-        cfg = lora_config.shrink_config(n_rows, width, rank, 1, torch.bfloat16, dev)
-        return cfg.block_m, cfg.block_k, clamp_pow2(rank, 16, 1 << 16)
-    cfg = lora_config.expand_config(n_rows, width, rank, 1, torch.bfloat16, dev)
-    return cfg.block_m, cfg.block_n, clamp_pow2(rank, 16, 1 << 16)
-
-
 # ---- pure-torch twins (the oracles): per-slot gather + matmul, fp32 accumulation ----
 
 def lora_shrink_torch(x: torch.Tensor, A_slices: Sequence[torch.Tensor], slot_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ the counts are on the host, the grid is the exact tile count). The -1 rows are n
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -184,20 +183,6 @@ def tile_rows(pid, order_ptr, start_ptr, count_ptr, n_slots, BLOCK_M: tl.constex
     return slot, pos, m_mask, rows, valid
 
 
-_AS_ON_GPU: list[bool] = []
-
-
-@contextlib.contextmanager
-def launch_as_on_gpu():
-    """Inside, the interpreter launches the GPU's grid too (the tile bound, no count read back): for tests of
-    the schedule's exits and of the runtime path's freedom from host syncs."""
-    _AS_ON_GPU.append(True)
-    try:
-        yield
-    finally:
-        _AS_ON_GPU.pop()
-
-
 def _tile_bound(T: int, block_m: int, n_slots: int) -> int:
     """The most tiles a grouping can have: sum_s ceil(c_s / BLOCK_M) over at most S slots with sum_s c_s <= T
     is at most ceil(T / BLOCK_M) + S - 1, and never more than T (each tile holds a row)."""
@@ -210,9 +195,9 @@ def tile_grid(T: int, block_m: int, n_slots: int, grouping: TokenGrouping) -> in
     Under the interpreter the grid is the exact tile count instead: the counts already sit in host memory
     (reading them is no device sync), and each program past the last tile costs as much as a small real one
     there (~30 ms of `tile_rows`; with 8 slots and one active they were most of a correctness run's time).
-    A forced config (the tests of the kernel's paths) and `launch_as_on_gpu` keep the bound, so programs that
-    exit still run and nothing is read back."""
-    if interpreted() and not lora_config.is_forced() and not _AS_ON_GPU:
+    A forced config (the tuner, the tests of the kernel's paths) keeps the bound, so programs that exit still
+    run and nothing is read back."""
+    if interpreted() and not lora_config.is_forced():
         tiles = (grouping.counts[1:n_slots + 1].long() + block_m - 1) // block_m
         return max(1, int(tiles.sum()))
     return _tile_bound(T, block_m, n_slots)

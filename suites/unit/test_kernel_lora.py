@@ -11,7 +11,6 @@ from runtime.kernels import (
     interpreted,
     lora_apply,
     lora_apply_torch,
-    lora_block_sizes,
     lora_expand,
     lora_expand_torch,
     lora_shrink,
@@ -180,7 +179,11 @@ def test_lora_rejects_bad_slot_ids():
 
 
 def test_lora_block_sizes_follow_device():
-    bm, bw, br = lora_block_sizes("shrink", 100, 64, 8)
+    from runtime.kernels import lora_config
+
+    dev = torch.device(DEV)
+    cfg = lora_config.shrink_config(100, 64, 8, 1, torch.bfloat16, dev)
+    bm, bw, br = cfg.block_m, cfg.block_k, 16  # rank 8 padded to the kernels' smallest rank block
     if interpreted():  # one block spans rows and H: few programs is what the interpreter needs
         assert (bm, bw, br) == (128, 64, 16)
     else:

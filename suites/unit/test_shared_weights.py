@@ -11,12 +11,23 @@ import torch
 
 from harness.correctness import engine
 from harness.correctness.quantize import quantize_model
-from harness.correctness.truth import _linear_in_chunks, high_precision, truth_model
-from reference.adapters import DEFAULT_SPECS, add_adapters, save_adapters
+from harness.correctness.truth import _linear_in_chunks, _upcast, high_precision, truth_dtype
+from reference.adapters import DEFAULT_SPECS, add_adapters, default_specs, load_adapters, save_adapters
 from reference.run import run_reference
 from vlm.adapter_files import read_adapter
 from vlm.checkpoint import build_tiny, load_checkpoint, save_checkpoint, shared_twin
 from vlm.requests import make_request
+
+
+def truth_model(ckpt, run_dtype: torch.dtype, device: torch.device, folders):
+    """A separate reference PeftModel at high precision (checkpoint loaded at the run dtype, adapters from the
+    very folders the reference loads, then every floating tensor upcast): the truth computed on a fully
+    upcast copy, the plain way the in-place truth of `high_precision` is held to here."""
+    arch, config, model = load_checkpoint(ckpt, dtype=run_dtype, device=device)
+    arch.install_fixes(model)
+    pm = load_adapters(model, folders) if folders else add_adapters(model, arch, default_specs(1))
+    _upcast(pm, truth_dtype(device))
+    return pm
 
 
 def _loaded(tmp_path, arch_name="llava", specs=DEFAULT_SPECS[:2]):

@@ -145,7 +145,7 @@ def refusal(dtype: torch.dtype) -> str | None:
     """Why vLLM's kernels cannot run at `dtype` here (one line), or None."""
     if dtype not in (torch.float16, torch.bfloat16):
         return (f"dtype {str(dtype).removeprefix('torch.')} is not supported: vLLM's lora_shrink accepts only "
-                "fp16 / bf16 inputs")
+                f"fp16 / bf16 inputs (use --dtype {'fp16' if interpreted() else 'bf16'})")
     if dtype == torch.bfloat16 and interpreted():
         return ("bf16 cannot be judged in the Triton interpreter (its bf16 tl.dot returns garbage); on CPU use "
                 "fp16, bf16 on a CUDA device")

@@ -1,12 +1,14 @@
 """`mmlora compare REF GOT` against what an engine may hand in (docs/bundles.md): inputs and outputs at any float
 dtype are judged, not crashed; module files that lead outside their bundle folder and unknown format versions
-are one line, exit 2, for the reference as for the output bundle."""
+are one line, exit 2, for the reference as for the output bundle; compare speaks as itself, times itself,
+refuses the runtime's flags and names the engine it judged."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,46 @@ def test_an_unknown_format_version_is_refused_naming_it(ref, tmp_path, capsys, w
     _write_manifest(folder, m)
     _refused(["compare", str(r), str(got)], tmp_path, capsys, f"bundle {str(folder)!r}",
              f"format version {version!r}", "this harness reads versions 1, 2")
+
+
+# --- compare speaks as itself ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", [["--provider", "triton"], ["--kernel", "torch"]])
+def test_a_runtime_flag_with_an_output_bundle_is_refused(ref, tmp_path, capsys, flag):
+    got = _got(ref, tmp_path / "got")
+    _refused(["compare", str(ref), str(got), *flag], tmp_path, capsys, "mmlora compare REF GOT runs no runtime",
+             "--provider / --kernel")
+
+
+def test_compare_speaks_as_itself_times_itself_and_names_the_engine(ref, tmp_path, capsys):
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    m["seconds"] = 10_000.0  # what the recording took is not what the comparison takes
+    _write_manifest(r, m)
+    named = _got(ref, tmp_path / "named", engine={"name": "some-engine", "version": "1.2.3"})
+    plain = _got(ref, tmp_path / "plain")
+    summaries = {}
+    for name, argv in (("named", [str(named)]), ("plain", [str(plain)]), ("runtime", ["--mode", "e2e"])):
+        capsys.readouterr()
+        t0 = time.time()
+        assert main(["compare", str(r), *argv, "--out", str(tmp_path / f"o-{name}")]) == 0
+        wall = time.time() - t0
+        err = capsys.readouterr().err
+        assert "mmlora compare: every module within the rule" in err and "mmlora correctness" not in err, err
+        s = summaries[name] = json.loads((tmp_path / f"o-{name}" / "summary.json").read_text())
+        assert 0 < s["archs"][ARCH]["seconds"] <= wall
+        assert "<h1>mmlora compare: " in (tmp_path / f"o-{name}" / "index.html").read_text()
+    assert summaries["named"]["engine"] == "some-engine 1.2.3"
+    assert summaries["plain"]["engine"] == f"output bundle {plain}"
+    assert summaries["runtime"]["engine"] == "mmlora runtime, LoRA provider triton"
+    # no provider ran for an output bundle; the runtime's stays in its options
+    assert summaries["named"]["options"]["kernel"] is None and summaries["runtime"]["options"]["kernel"] == "triton"
+    assert set(summaries["named"]) == set(summaries["plain"]) == set(summaries["runtime"])
+    assert set(summaries["named"]["options"]) == set(summaries["runtime"]["options"])
+
+
+@pytest.mark.parametrize("engine", ["vllm", {"version": "1"}, {"name": "x", "version": 2}])
+def test_a_malformed_engine_entry_is_refused(ref, tmp_path, capsys, engine):
+    got = _got(ref, tmp_path / "got", engine=engine)
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"engine" is')

@@ -225,6 +225,19 @@ def check_outputs(ref: Bundle, got: Bundle) -> None:
                                   f"features, the reference's {r_in[-1]}")
 
 
+def engine_of(got: Bundle) -> str:
+    """What wrote an output bundle, for the report: its manifest's optional `"engine": {"name", "version"}`,
+    else the bundle's folder."""
+    e = got.manifest.get("engine")
+    if e is None:
+        return f"output bundle {str(got.folder)}"
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"] \
+            or not isinstance(e.get("version", ""), str):
+        raise BundleError(f"bundle {str(got.folder)!r}: \"engine\" is {e!r}, expected "
+                          f"{{\"name\": str, \"version\": str}} (version optional)")
+    return f"{e['name']} {e['version']}" if e.get("version") else e["name"]
+
+
 def check_requests(b: Bundle, reqs) -> None:
     """The requests rebuilt from the recorded options are the recorded ones."""
     where, recorded = f"bundle {str(b.folder)!r}", b.manifest["requests"]

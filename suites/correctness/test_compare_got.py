@@ -52,6 +52,14 @@ def _got(ref: Path, folder: Path, dtype: torch.dtype | None = None, **extra) -> 
     return folder
 
 
+def _pair(ref: Path, tmp_path: Path, which: str) -> tuple[Path, Path, Path]:
+    """A copy of the reference and an honest output bundle: (ref, got, the one of them `which` names)."""
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    got = _got(ref, tmp_path / "got")
+    return r, got, r if which == "ref" else got
+
+
 def _lora(m: dict) -> dict:
     return next(x for x in m["modules"] if not x["name"].startswith("@") and x["rows"][0])
 
@@ -127,10 +135,7 @@ LEAKS = {"dotdot": (_dotdot, "leads outside the bundle folder"), "absolute": (_a
 @pytest.mark.parametrize("which", ["ref", "got"])
 @pytest.mark.parametrize("leak", sorted(LEAKS))
 def test_a_module_file_outside_the_bundle_folder_is_refused_naming_it(ref, tmp_path, capsys, which, leak):
-    r = tmp_path / "ref"
-    shutil.copytree(ref, r)
-    got = _got(ref, tmp_path / "got")
-    folder = r if which == "ref" else got
+    r, got, folder = _pair(ref, tmp_path, which)
     m = _manifest(folder)
     entry = _lora(m)
     spoil, needle = LEAKS[leak]
@@ -155,10 +160,7 @@ def test_a_symlink_to_a_file_inside_the_folder_is_read(ref, tmp_path):
 @pytest.mark.parametrize("which", ["ref", "got"])
 @pytest.mark.parametrize("version", [3, 0, True, "2"])
 def test_an_unknown_format_version_is_refused_naming_it(ref, tmp_path, capsys, which, version):
-    r = tmp_path / "ref"
-    shutil.copytree(ref, r)
-    got = _got(ref, tmp_path / "got")
-    folder = r if which == "ref" else got
+    r, got, folder = _pair(ref, tmp_path, which)
     m = _manifest(folder)
     m["version"] = version
     _write_manifest(folder, m)

@@ -178,7 +178,12 @@ def _repro(args, results) -> None:
         r.summary["repro"] = {m: repro_command(args.argv, None if one_arch else r.arch, m) for m in failing}
 
 
-def _write_report(args, out: Path, results, opts, ok: bool, exit_code: int) -> dict:
+def runtime_engine(opts) -> str:
+    """summary.json's "engine" where the project's runtime is judged (an output bundle names its own)."""
+    return f"mmlora runtime, LoRA provider {opts.kernel}"
+
+
+def _write_report(args, out: Path, results, opts, ok: bool, exit_code: int, engine: str) -> dict:
     from harness.correctness.report import render_html
     from harness.correctness.rules import RULES
     from harness.provenance import provenance
@@ -186,23 +191,23 @@ def _write_report(args, out: Path, results, opts, ok: bool, exit_code: int) -> d
     _repro(args, results)
     with atomic_dir(out, args.cmd, args.overwrite) as tmp:
         write_csv(tmp / "layers.csv", [row.as_dict() for r in results for row in r.rows], CSV_COLUMNS)
-        summary = {"ok": ok, "exit_code": exit_code, "strict": args.strict,
+        summary = {"ok": ok, "exit_code": exit_code, "strict": args.strict, "engine": engine,
                    "provenance": provenance(opts.device, args.argv), "options": _options_table(opts),
                    "rules": {f"{d}/{m}": vars(r) for (d, m), r in RULES.items() if d == opts.dtype},
                    "warnings": [f"{r.arch}: {w}" for r in results for w in r.summary.get("warnings", [])],
                    "archs": {r.arch: r.summary for r in results}}
         write_json(tmp / "summary.json", summary)
-        (tmp / "index.html").write_text(render_html(results, summary))
+        (tmp / "index.html").write_text(render_html(results, summary, f"mmlora {args.cmd}"))
     return summary
 
 
-def _print_verdict(out: Path, results, opts, ok: bool, warnings: list[str]) -> None:
+def _print_verdict(who: str, out: Path, results, opts, ok: bool, warnings: list[str]) -> None:
     if opts.quantize:
         verdict = ("quantized run ok: skip list honoured, unquantized groups within the rule (drift below)" if ok
                    else "QUANTIZED RUN FAILED: a skip-list violation, or an unquantized group / error row")
     else:
         verdict = "every module within the rule" if ok else "DIVERGENCE"
-    print(f"mmlora correctness: {verdict}; report in {out}", file=sys.stderr)
+    print(f"{who}: {verdict}; report in {out}", file=sys.stderr)
     for r in results:
         q = r.summary.get("quantization")
         if q:
@@ -230,22 +235,24 @@ def cmd_correctness(args) -> int:
     return _finish(args, out, run(opts), opts)
 
 
-def _finish(args, out: Path, results, opts) -> int:
-    """Exit code, report, verdict lines: the same for `correctness` and `compare`."""
+def _finish(args, out: Path, results, opts, engine: str | None = None) -> int:
+    """Exit code, report, verdict lines: the same for `correctness` and `compare`, each speaking as itself.
+    `engine`: what was judged, for summary.json (default: the project's runtime with its provider)."""
+    who = f"mmlora {args.cmd}"
     ok = all(r.summary["ok"] for r in results)
     warnings = [f"{r.arch}: {w}" for r in results for w in r.summary.get("warnings", [])]
     exit_code = 0 if ok and not (args.strict and warnings) else 1
-    _write_report(args, out, results, opts, ok, exit_code)
-    _print_verdict(out, results, opts, ok, warnings)
+    _write_report(args, out, results, opts, ok, exit_code, engine or runtime_engine(opts))
+    _print_verdict(who, out, results, opts, ok, warnings)
     if ok and exit_code:
-        print("mmlora correctness: --strict: a warning is a failure (a trivial comparison, or an adapter this run "
+        print(f"{who}: --strict: a warning is a failure (a trivial comparison, or an adapter this run "
               "could not tell from none: warnings above)", file=sys.stderr)
-    _print_recap(out, results)
+    _print_recap(who, out, results)
     print_fault_headlines(results)
     return exit_code
 
 
-def _print_recap(out: Path, results) -> None:
+def _print_recap(who: str, out: Path, results) -> None:
     """A multi-arch run's last word: how many passed and failed, the worst margin and where, the report."""
     if len(results) < 2:
         return
@@ -256,7 +263,7 @@ def _print_recap(out: Path, results) -> None:
     if rows:
         m, arch, row = max(rows, key=lambda x: x[0])
         worst = f"; worst margin {m:.3g} ({arch} {row.mode}, {row.module})"
-    print(f"mmlora correctness: {len(results)} archs: {len(results) - len(failed)} passed, {len(failed)} failed"
+    print(f"{who}: {len(results)} archs: {len(results) - len(failed)} passed, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else "") + f"{worst}; report in {out}", file=sys.stderr)
 
 
@@ -280,21 +287,28 @@ def cmd_record(args) -> int:
 def cmd_compare(args) -> int:
     """`mmlora compare BUNDLE`: the runtime against a recorded reference; `mmlora compare REF GOT`: an output
     bundle (any engine's, docs/bundles.md) against it, e2e."""
+    import time
+
     from harness.correctness import MODES, Options
-    from harness.correctness.bundle import Bundle, check_outputs
+    from harness.correctness.bundle import Bundle, check_outputs, engine_of
     from harness.correctness.engine import check_fault, judge, judge_outputs, load
     from harness.correctness.faults import get_fault
     from harness.provider_flags import check_provider
+    from runtime.providers import DEFAULT
     from vlm.checkpoint import parse_device_map, parse_max_memory
 
+    t0 = time.time()
     # the flags first: reading a bundle of a real checkpoint hashes its files (minutes)
     modes = MODES if args.mode == "both" else (args.mode,)
     if args.got is not None:
         if args.mode == "replay":
             raise ValueError("mmlora compare REF GOT: an output bundle holds outputs only, compared e2e; "
                              "--mode replay needs the runtime (mmlora compare REF)")
-        if args.inject_fault or args.quantize:
-            raise ValueError("mmlora compare REF GOT runs no runtime: --inject-fault / --quantize do not apply")
+        given = [flag for flag, value in (("--provider / --kernel", args.kernel), ("--inject-fault", args.inject_fault),
+                                          ("--quantize", args.quantize)) if value]
+        if given:
+            raise ValueError(f"mmlora compare REF GOT runs no runtime: {' and '.join(given)} "
+                             f"{'does' if len(given) == 1 else 'do'} not apply")
         if args.device_map is not None or args.max_memory is not None:
             raise ValueError("mmlora compare REF GOT loads no model: --device-map / --max-memory do not apply")
         modes = ("e2e",)
@@ -310,19 +324,22 @@ def cmd_compare(args) -> int:
     p = load(args.bundle)
     check_map_keys(device_map, args.device_map, p.arch, p.config)
     check_fault(fault, p.arch.model_type)
-    got = None
+    got = engine = None
     if args.got is not None:
         got = Bundle.open(args.got)
         check_outputs(p.bundle, got)
+        engine = engine_of(got)
     else:
+        args.kernel = args.kernel or DEFAULT
         check_provider(args.kernel, p.torch_dtype, p.device)
+    p.seconds = time.time() - t0  # this run's own: opening and checking the bundles, not their recording
     opts = Options(archs=[p.arch.model_type], model=str(p.ckpt),
                    adapters={n: str(e["path"]) for n, e in p.bundle.manifest["adapters"].items()},
                    dtype=p.dtype, device=str(p.device), modes=modes, fault=args.inject_fault, kernel=args.kernel,
                    quantize=args.quantize, quantize_projector=args.quantize_projector, device_map=device_map,
                    max_memory=max_memory)
     result = judge_outputs(p, got, opts) if got is not None else judge(p, opts, fault)
-    return _finish(args, out, [result], opts)
+    return _finish(args, out, [result], opts, engine)
 
 
 def cmd_faults(args) -> int:
@@ -412,7 +429,8 @@ def register(sub) -> None:
     m.add_argument("got", nargs="?", help="an output bundle of an engine (docs/bundles.md): compared e2e")
     runtime_args(m)
     placement_args(m, "the runtime's checkpoint; not with GOT")
-    m.set_defaults(func=cmd_compare)
+    # None when not given: with GOT a provider given at all is refused (no runtime runs), without it the default
+    m.set_defaults(func=cmd_compare, kernel=None)
     f = sub.add_parser("faults", help="list the seeded-fault catalog; --power measures what the verdict catches")
     f.add_argument("--power", action="store_true",
                    help="run fault x dtype x adapter scale x arch and write the detection-power table")

@@ -58,7 +58,7 @@ class Options:
     device: str = "cpu"
     modes: Sequence[str] = MODES
     fault: str | None = None
-    kernel: str = DEFAULT  # the runtime's LoRA provider (runtime/providers)
+    kernel: str | None = DEFAULT  # the runtime's LoRA provider (runtime/providers); None: no runtime runs
     seed: int = 0
     quantize: str | None = None  # "lm-int8": weight-only int8 of the runtime's LM Linears
     quantize_projector: bool = False  # also quantize the connector (against the registry's skip list)
@@ -95,6 +95,8 @@ class Prepared:
     ratios: dict[str, dict[str, float]]  # adapter -> group -> rms(delta) / rms(base)
     warnings: list[str]  # adapters whose comparison is trivial
     fixes: list[str]  # reference fixes in force (HF code replaced where it is wrong on valid inputs)
+    # this process's time on the reference side before the judge: recording it (`prepare`), or opening and
+    # checking the bundles (`mmlora compare`); never the seconds a bundle's manifest says its recording took
     seconds: float = 0.0
     # in one `correctness` process: the checkpoint's model as loaded, before the reference's fixes and PEFT;
     # the runtime is a twin of it over the very same weight tensors (vlm.checkpoint.shared_twin). None when a
@@ -220,17 +222,17 @@ def load(folder: str | Path, verify: bool = True) -> Prepared:
     torch_dtype, device = parse_dtype(m["dtype"]), check_device(m["device"])
     return Prepared(arch=arch, config=config, ckpt=ckpt, dtype=m["dtype"], torch_dtype=torch_dtype,
                     truth_dtype=truth_dtype(device), device=device, reqs=reqs, adapters=adapters, bundle=b,
-                    order=b.names, notes=m["notes"], ratios=m["ratios"], warnings=m["warnings"], fixes=m["fixes"],
-                    seconds=m.get("seconds", 0.0))
+                    order=b.names, notes=m["notes"], ratios=m["ratios"], warnings=m["warnings"], fixes=m["fixes"])
 
 
 def prepare(arch_name: str, opts: Options, workdir: Path) -> Prepared:
     """The reference and truth runs recorded into a bundle in `workdir`, read back as the judge needs them:
     `mmlora correctness` is `mmlora record` then `mmlora compare`, except that the runtime shares the
     reference's loaded weights (one copy in memory) instead of loading the checkpoint again."""
+    t0 = time.time()
     out, base = _record(arch_name, opts, workdir, workdir / arch_name / "bundle")
     p = load(out, verify=False)  # recorded a moment ago from the files it would hash again
-    p.base = base
+    p.base, p.seconds = base, time.time() - t0
     return p
 
 

@@ -160,8 +160,11 @@ def compare_outputs(p, got) -> list[Row]:
             if not name.startswith("@") and g_in is not None and p.bundle.has(None, name, Key.WEIGHT) \
                     and p.bundle.has(i, name, Key.BASE) and p.bundle.has(i, name, Key.TRUTH_BASE):
                 base = base or _base_weight(p, name)
-                with torch.no_grad():  # the reference's base Linear on the runtime's input
-                    got_base = F.linear(g_in.to(p.device), *base).cpu()
+                # the reference's base Linear on the engine's input, at the run dtype: an input stored at another
+                # float dtype (docs/bundles.md) is rounded to the one the reference's own base output was taken at,
+                # so the engine's delta is measured against the base output the reference would give on it
+                with torch.no_grad():
+                    got_base = F.linear(g_in.to(p.device, base[0].dtype), *base).cpu()
                 bases = (got_base, p.bundle.get(i, name, Key.BASE), p.bundle.get(i, name, Key.TRUTH_BASE))
             m = judge_tensor(got.get(i, name, Key.OUT), p.bundle.get(i, name, Key.OUT),
                              p.bundle.get(i, name, Key.TRUTH_OUT), r, bases)

@@ -96,7 +96,7 @@ def provenance_html(summary: dict, results) -> str:
     if not p:
         return ""
     versions = ", ".join(f"{k} {v or '(not installed)'}" for k, v in p["versions"].items())
-    head = _kv_table({"command": p["command"], "git": p["git_sha"] + (" (uncommitted changes)" if p["git_dirty"]
+    head = _kv_table({"engine judged": summary.get("engine", ""), "command": p["command"], "git": p["git_sha"] + (" (uncommitted changes)" if p["git_dirty"]
                                                                        else ""),
                       "libraries": versions, "device": p["device"], "date": p["date"]})
     rows = []
@@ -161,10 +161,11 @@ def _headlines(results) -> list[str]:
     return out
 
 
-def render_html(results, summary) -> str:
+def render_html(results, summary, who: str = "mmlora correctness") -> str:
+    """`who`: the command that judged, as its terminal lines name it."""
     modes = summary["options"]["modes"]
     verdict = ("every module within the rule" if summary["ok"] else "DIVERGENCE")
-    parts = [_CSS, f"<h1>mmlora correctness: {_verdict(summary['ok'])} &mdash; {esc(verdict)} "
+    parts = [_CSS, f"<h1>{esc(who)}: {_verdict(summary['ok'])} &mdash; {esc(verdict)} "
              f"(exit {summary['exit_code']})</h1>"]
     parts += _headlines(results)
     parts.append(provenance_html(summary, results))
@@ -195,7 +196,7 @@ def render_html(results, summary) -> str:
         parts.append(_power(r))
         parts.append(_margin_plots(r, modes))
         parts.append(_table(r))
-    return PAGE.format(title="mmlora correctness", body="\n".join(parts))
+    return PAGE.format(title=esc(who), body="\n".join(parts))
 
 
 def _fault(f: dict) -> str:

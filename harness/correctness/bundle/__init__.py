@@ -15,10 +15,10 @@ from the reference and its truth) and `outputs` (an output bundle from the runti
 
 from harness.correctness.bundle.format import HELD, BundleError, Key, Kind
 from harness.correctness.bundle.outputs import stream_outputs
-from harness.correctness.bundle.reader import Bundle, check_outputs, check_requests
+from harness.correctness.bundle.reader import Bundle, check_outputs, check_requests, engine_of
 from harness.correctness.bundle.record import finish_reference, write_reference
 from harness.correctness.bundle.sources import open_reference
 from harness.correctness.bundle.stage import Stage, captured
 
 __all__ = ["HELD", "Bundle", "BundleError", "Key", "Kind", "Stage", "captured", "check_outputs",
-           "check_requests", "finish_reference", "open_reference", "stream_outputs", "write_reference"]
+           "check_requests", "engine_of", "finish_reference", "open_reference", "stream_outputs", "write_reference"]

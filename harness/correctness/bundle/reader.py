@@ -27,8 +27,8 @@ from harness.correctness.bundle.writer import request_entry
 class Bundle:
     """A validated bundle; tensors are read one at a time (`get`), never the whole bundle."""
 
-    def __init__(self, folder: Path, manifest: dict, keys: dict[str, set[str]]):
-        self.folder, self.manifest, self._keys = folder, manifest, keys
+    def __init__(self, folder: Path, manifest: dict, shapes: dict[str, dict[str, list[int]]]):
+        self.folder, self.manifest, self._shapes = folder, manifest, shapes
         self.modules = {m["name"]: m for m in manifest["modules"]}
         self._reference = manifest.get("kind") == Kind.REFERENCE
 
@@ -46,9 +46,10 @@ class Bundle:
             raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({' '.join(str(e).split())})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise BundleError(f"{where}: {MANIFEST} has no \"format\": \"{FORMAT}\"")
-        if m.get("version") not in READS:
-            raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads "
-                              f"{', '.join(map(str, READS))}")
+        # an int, not a bool: `true == 1` would read a manifest saying "version": true as version 1
+        if type(m.get("version")) is not int or m["version"] not in READS:
+            raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads versions "
+                              f"{', '.join(map(str, READS))} (a reference bundle: {VERSION})")
         if m.get("kind") == Kind.REFERENCE and m["version"] != VERSION:
             raise BundleError(f"{where}: a version {m['version']} reference bundle has no checksums of its "
                               f"module files: re-record it with this harness (mmlora record)")
@@ -56,34 +57,37 @@ class Bundle:
             if not isinstance(m.get(key), kind):
                 raise BundleError(f"{where}: {MANIFEST} lacks the list {key!r}")
         n = len(m["requests"])
-        keys: dict[str, set[str]] = {}
+        shapes: dict[str, dict[str, list[int]]] = {}
         for k, mod in enumerate(m["modules"]):
             if not isinstance(mod, dict) or not {"name", "file", "rows", "features"} <= set(mod):
                 raise BundleError(f"{where}: module entry {k} lacks one of name, file, rows, features")
             name = mod["name"]
-            if name in keys:
+            if name in shapes:
                 raise BundleError(f"{where}: module {name!r} is listed twice")
             if not isinstance(mod["rows"], list) or len(mod["rows"]) != n:
                 raise BundleError(f"{where}: module {name!r} gives rows for {len(mod['rows'])} requests, the "
                                   f"manifest lists {n}")
             if m.get("kind") == Kind.REFERENCE and not isinstance(mod.get("sha256"), str):
                 raise BundleError(f"{where}: module {name!r} has no sha256 in {MANIFEST}")
-            keys[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
-        return cls(folder, m, keys)
+            shapes[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
+        return cls(folder, m, shapes)
 
     @property
     def names(self) -> list[str]:
         return [m["name"] for m in self.manifest["modules"]]
 
     def has(self, i: int | None, name: str, key: str = Key.OUT) -> bool:
-        return tensor_name(key, i) in self._keys.get(name, ())
+        return tensor_name(key, i) in self._shapes.get(name, ())
+
+    def shape(self, i: int | None, name: str, key: str) -> list[int] | None:
+        return self._shapes.get(name, {}).get(tensor_name(key, i))
 
     def get(self, i: int | None, name: str, key: str) -> torch.Tensor | None:
         """One tensor (`key.i`, or `key` for per-module tensors with i None), read from its file alone. In a
         reference bundle a NaN / Inf the writer did not see is refused: a reference, truth or bound from it
         would be judged as if it were real."""
         full = tensor_name(key, i)
-        if full not in self._keys.get(name, ()):
+        if full not in self._shapes.get(name, ()):
             return None
         mod = self.modules[name]
         t = read_tensor(self.folder / mod["file"], full)
@@ -115,15 +119,35 @@ def _no_constant(name: str):
     raise ValueError(f"holds {name}, which JSON does not allow")
 
 
-def _check_file(where: str, folder: Path, mod: dict, verify: bool = True, reference: bool = False) -> set[str]:
-    """The module file exists, has the manifest's sha256 (where given), is safetensors (header and length),
-    and its out.<i> are floating, of the manifest's rows and dtype. With `verify`, a reference bundle's file
-    is also read whole (once, for its checksum too) and any NaN / Inf the recording did not see is refused
-    here, before any work."""
+def _inside(where: str, folder: Path, name: str, file) -> Path:
+    """The module file's path, which must lie inside the bundle folder once symlinks are followed: a manifest
+    is the only thing that names the files `compare` reads, and it may come from anyone (an engine's bundle)."""
+    if not isinstance(file, str) or not file:
+        raise BundleError(f"{where}: module {name!r}: file {file!r} is not a path relative to the bundle folder")
+    if Path(file).is_absolute():
+        raise BundleError(f"{where}: module {name!r}: file {file!r} is an absolute path; a module file lies "
+                          f"inside the bundle folder")
+    path = folder / file
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise BundleError(f"{where}: module {name!r}: file {file!r} cannot be resolved "
+                          f"({' '.join(str(e).split())})") from None
+    if not inside:
+        raise BundleError(f"{where}: module {name!r}: file {file!r} leads outside the bundle folder")
+    return path
+
+
+def _check_file(where: str, folder: Path, mod: dict, verify: bool = True,
+                reference: bool = False) -> dict[str, list[int]]:
+    """The module file lies inside the folder, exists, has the manifest's sha256 (where given), is safetensors
+    (header and length), and its out.<i> and in.<i> are floating, of the manifest's rows (out.<i>: and dtype).
+    With `verify`, a reference bundle's file is also read whole (once, for its checksum too) and any NaN / Inf
+    the recording did not see is refused here, before any work. Returns the file's tensor shapes by name."""
     from safetensors import SafetensorError, safe_open
 
     name, file = mod["name"], mod["file"]
-    path = folder / str(file)
+    path = _inside(where, folder, name, file)
     if not path.is_file():
         raise BundleError(f"{where}: module {name!r}: file {file!r} is missing")
     sha = mod.get("sha256")
@@ -150,19 +174,26 @@ def _check_file(where: str, folder: Path, mod: dict, verify: bool = True, refere
             raise BundleError(f"{where}: module {name!r} request {i}: {out} has shape "
                               f"{tuple(got) if got else 'none'}, the manifest says "
                               f"{tuple(want) if want else 'none (0 rows)'}")
-        if inp in shapes and shapes[inp][0] != rows:
-            raise BundleError(f"{where}: module {name!r} request {i}: {inp} has {shapes[inp][0]} rows, "
-                              f"{out} {rows}")
+        if inp in shapes:
+            if len(shapes[inp]) != 2 or shapes[inp][0] != rows:
+                raise BundleError(f"{where}: module {name!r} request {i}: {inp} has shape {tuple(shapes[inp])}, "
+                                  f"expected ({rows}, in_features)")
+            _check_float(where, name, inp, dtypes[inp], "input")
         if got is None:
             continue
-        dt = ST_DTYPES.get(dtypes[out])
-        if dt is None or not dt.is_floating_point:
-            raise BundleError(f"{where}: module {name!r}: {out} has dtype {dtypes[out]}; a module's "
-                              f"output must be a floating tensor")
+        dt = _check_float(where, name, out, dtypes[out], "output")
         if want_dtype is not None and str(dt).removeprefix("torch.") != want_dtype:
             raise BundleError(f"{where}: module {name!r}: the manifest's dtype {want_dtype!r} is not {out}'s "
                               f"{str(dt).removeprefix('torch.')}")
-    return set(shapes)
+    return shapes
+
+
+def _check_float(where: str, name: str, key: str, st_dtype: str, what: str) -> torch.dtype:
+    dt = ST_DTYPES.get(st_dtype)
+    if dt is None or not dt.is_floating_point:
+        raise BundleError(f"{where}: module {name!r}: {key} has dtype {st_dtype}; a module's {what} must be a "
+                          f"floating tensor ({', '.join(k for k, v in ST_DTYPES.items() if v.is_floating_point)})")
+    return dt
 
 
 def check_outputs(ref: Bundle, got: Bundle) -> None:
@@ -187,6 +218,24 @@ def check_outputs(ref: Bundle, got: Bundle) -> None:
         for i, (a, b) in enumerate(zip(m["rows"], g["rows"])):
             if a != b:
                 raise BundleError(f"{where}: module {name!r} request {i} has {b} rows, the reference {a}")
+            # an input the reference's base Linear will be applied to must have its in_features
+            g_in, r_in = got.shape(i, name, Key.IN), ref.shape(i, name, Key.IN)
+            if g_in is not None and r_in is not None and g_in[-1] != r_in[-1]:
+                raise BundleError(f"{where}: module {name!r} request {i}: {tensor_name(Key.IN, i)} has {g_in[-1]} "
+                                  f"features, the reference's {r_in[-1]}")
+
+
+def engine_of(got: Bundle) -> str:
+    """What wrote an output bundle, for the report: its manifest's optional `"engine": {"name", "version"}`,
+    else the bundle's folder."""
+    e = got.manifest.get("engine")
+    if e is None:
+        return f"output bundle {str(got.folder)}"
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"] \
+            or not isinstance(e.get("version", ""), str):
+        raise BundleError(f"bundle {str(got.folder)!r}: \"engine\" is {e!r}, expected "
+                          f"{{\"name\": str, \"version\": str}} (version optional)")
+    return f"{e['name']} {e['version']}" if e.get("version") else e["name"]
 
 
 def check_requests(b: Bundle, reqs) -> None:

@@ -1,0 +1,211 @@
+"""`mmlora compare REF GOT` against what an engine may hand in (docs/bundles.md): inputs and outputs at any float
+dtype are judged, not crashed; module files that lead outside their bundle folder and unknown format versions
+are one line, exit 2, for the reference as for the output bundle; compare speaks as itself, times itself,
+refuses the runtime's flags and names the engine it judged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness.cli import main
+
+ARCH = "llava"
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """A bf16 reference: a run dtype below float32, so an engine's float32 / float64 tensors are another dtype."""
+    root = tmp_path_factory.mktemp("compare-got")
+    assert main(["record", "--arch", ARCH, "--adapters", "1", "--dtype", "bf16", "--out", str(root / "ref")]) == 0
+    return root / "ref"
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _write_manifest(folder: Path, m: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _got(ref: Path, folder: Path, dtype: torch.dtype | None = None, **extra) -> Path:
+    """An honest engine's output bundle (the spec alone, version 1): the reference's own out.<i> and in.<i>,
+    stored at `dtype` (the run dtype when None)."""
+    m = _manifest(ref)
+    folder.mkdir()
+    modules = []
+    for k, x in enumerate(m["modules"]):
+        t = {key: v if dtype is None else v.to(dtype) for key, v in load_file(str(ref / x["file"])).items()
+             if key.startswith(("out.", "in."))}
+        save_file(t, str(folder / f"m{k}.safetensors"))
+        modules.append({"name": x["name"], "file": f"m{k}.safetensors", "rows": x["rows"], "features": x["features"]})
+    _write_manifest(folder, {"format": "mmlora-bundle", "version": 1, "requests": m["requests"], "modules": modules,
+                             **extra})
+    return folder
+
+
+def _pair(ref: Path, tmp_path: Path, which: str) -> tuple[Path, Path, Path]:
+    """A copy of the reference and an honest output bundle: (ref, got, the one of them `which` names)."""
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    got = _got(ref, tmp_path / "got")
+    return r, got, r if which == "ref" else got
+
+
+def _lora(m: dict) -> dict:
+    return next(x for x in m["modules"] if not x["name"].startswith("@") and x["rows"][0])
+
+
+def _refused(argv, tmp_path, capsys, *needles: str) -> str:
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
+    assert not (tmp_path / "o").exists()
+    return err
+
+
+def _csv(folder: Path) -> list[str]:
+    return (folder / "layers.csv").read_text().splitlines()
+
+
+# --- dtypes ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inputs_and_outputs_at_another_float_dtype_are_judged_as_at_the_run_dtype(ref, tmp_path, dtype):
+    native = _got(ref, tmp_path / "native")
+    wide = _got(ref, tmp_path / "wide", dtype)
+    stored = load_file(str(wide / _lora(_manifest(wide))["file"]))
+    assert {t.dtype for t in stored.values()} == {dtype} and "in.0" in stored
+    assert main(["compare", str(ref), str(native), "--out", str(tmp_path / "a")]) == 0
+    assert main(["compare", str(ref), str(wide), "--out", str(tmp_path / "b")]) == 0
+    rows = _csv(tmp_path / "b")
+    # the bf16 values widened exactly: the same figures, the LoRA deltas judged through the reference's weights
+    assert rows == _csv(tmp_path / "a")
+    head = rows[0].split(",")
+    deltas = [r for r in rows[1:] if r.split(",")[head.index("kind")] == "lora"
+              and r.split(",")[head.index("delta_err")] not in ("", "nan")]
+    assert deltas, "no LoRA delta was judged"
+
+
+def test_an_input_that_is_not_a_float_is_a_bad_bundle(ref, tmp_path, capsys):
+    got = _got(ref, tmp_path / "got")
+    entry = _lora(_manifest(got))
+    path = got / entry["file"]
+    t = load_file(str(path))
+    save_file({**t, "in.0": (t["in.0"].float() * 100).to(torch.int32)}, str(path))
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, entry["name"], "in.0 has dtype I32")
+
+
+# --- module files outside the bundle folder -------------------------------------------------------------------
+
+def _outside(folder: Path, entry: dict) -> Path:
+    """A valid copy of the module's file next to the bundle folder (same bytes, so its sha256 still matches)."""
+    copy = folder.parent / f"outside-{folder.name}.safetensors"
+    shutil.copyfile(folder / entry["file"], copy)
+    return copy
+
+
+def _dotdot(folder: Path, entry: dict) -> None:
+    entry["file"] = f"../{_outside(folder, entry).name}"
+
+
+def _absolute(folder: Path, entry: dict) -> None:
+    entry["file"] = str(_outside(folder, entry).resolve())
+
+
+def _symlink(folder: Path, entry: dict) -> None:
+    target = _outside(folder, entry)
+    (folder / entry["file"]).unlink()
+    os.symlink(target.resolve(), folder / entry["file"])
+
+
+LEAKS = {"dotdot": (_dotdot, "leads outside the bundle folder"), "absolute": (_absolute, "is an absolute path"),
+         "symlink": (_symlink, "leads outside the bundle folder")}
+
+
+@pytest.mark.parametrize("which", ["ref", "got"])
+@pytest.mark.parametrize("leak", sorted(LEAKS))
+def test_a_module_file_outside_the_bundle_folder_is_refused_naming_it(ref, tmp_path, capsys, which, leak):
+    r, got, folder = _pair(ref, tmp_path, which)
+    m = _manifest(folder)
+    entry = _lora(m)
+    spoil, needle = LEAKS[leak]
+    spoil(folder, entry)
+    _write_manifest(folder, m)
+    _refused(["compare", str(r), str(got)], tmp_path, capsys, f"bundle {str(folder)!r}", entry["name"],
+             repr(entry["file"]), needle)
+
+
+def test_a_symlink_to_a_file_inside_the_folder_is_read(ref, tmp_path):
+    got = _got(ref, tmp_path / "got")
+    m = _manifest(got)
+    entry = _lora(m)
+    (got / "inner").mkdir()
+    (got / entry["file"]).rename(got / "inner" / "x.safetensors")
+    os.symlink(Path("inner") / "x.safetensors", got / entry["file"])
+    assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 0
+
+
+# --- format versions ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["ref", "got"])
+@pytest.mark.parametrize("version", [3, 0, True, "2"])
+def test_an_unknown_format_version_is_refused_naming_it(ref, tmp_path, capsys, which, version):
+    r, got, folder = _pair(ref, tmp_path, which)
+    m = _manifest(folder)
+    m["version"] = version
+    _write_manifest(folder, m)
+    _refused(["compare", str(r), str(got)], tmp_path, capsys, f"bundle {str(folder)!r}",
+             f"format version {version!r}", "this harness reads versions 1, 2")
+
+
+# --- compare speaks as itself ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", [["--provider", "triton"], ["--kernel", "torch"]])
+def test_a_runtime_flag_with_an_output_bundle_is_refused(ref, tmp_path, capsys, flag):
+    got = _got(ref, tmp_path / "got")
+    _refused(["compare", str(ref), str(got), *flag], tmp_path, capsys, "mmlora compare REF GOT runs no runtime",
+             "--provider / --kernel")
+
+
+def test_compare_speaks_as_itself_times_itself_and_names_the_engine(ref, tmp_path, capsys):
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    m["seconds"] = 10_000.0  # what the recording took is not what the comparison takes
+    _write_manifest(r, m)
+    named = _got(ref, tmp_path / "named", engine={"name": "some-engine", "version": "1.2.3"})
+    plain = _got(ref, tmp_path / "plain")
+    summaries = {}
+    for name, argv in (("named", [str(named)]), ("plain", [str(plain)]), ("runtime", ["--mode", "e2e"])):
+        capsys.readouterr()
+        t0 = time.time()
+        assert main(["compare", str(r), *argv, "--out", str(tmp_path / f"o-{name}")]) == 0
+        wall = time.time() - t0
+        err = capsys.readouterr().err
+        assert "mmlora compare: every module within the rule" in err and "mmlora correctness" not in err, err
+        s = summaries[name] = json.loads((tmp_path / f"o-{name}" / "summary.json").read_text())
+        assert 0 < s["archs"][ARCH]["seconds"] <= wall
+        assert "<h1>mmlora compare: " in (tmp_path / f"o-{name}" / "index.html").read_text()
+    assert summaries["named"]["engine"] == "some-engine 1.2.3"
+    assert summaries["plain"]["engine"] == f"output bundle {plain}"
+    assert summaries["runtime"]["engine"] == "mmlora runtime, LoRA provider triton"
+    # no provider ran for an output bundle; the runtime's stays in its options
+    assert summaries["named"]["options"]["kernel"] is None and summaries["runtime"]["options"]["kernel"] == "triton"
+    assert set(summaries["named"]) == set(summaries["plain"]) == set(summaries["runtime"])
+    assert set(summaries["named"]["options"]) == set(summaries["runtime"]["options"])
+
+
+@pytest.mark.parametrize("engine", ["vllm", {"version": "1"}, {"name": "x", "version": 2}])
+def test_a_malformed_engine_entry_is_refused(ref, tmp_path, capsys, engine):
+    got = _got(ref, tmp_path / "got", engine=engine)
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"engine" is')

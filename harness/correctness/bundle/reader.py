@@ -18,10 +18,11 @@ from harness.correctness.bundle.format import (
     BundleError,
     Key,
     Kind,
+    inside,
     read_tensor,
     tensor_name,
 )
-from harness.correctness.bundle.writer import request_entry
+from harness.correctness.bundle.inputs import check_inputs, read_inputs
 
 
 class Bundle:
@@ -51,8 +52,10 @@ class Bundle:
             raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads versions "
                               f"{', '.join(map(str, READS))} (a reference bundle: {VERSION})")
         if m.get("kind") == Kind.REFERENCE and m["version"] != VERSION:
-            raise BundleError(f"{where}: a version {m['version']} reference bundle has no checksums of its "
-                              f"module files: re-record it with this harness (mmlora record)")
+            lacks = "checksums of its module files nor " if m["version"] < 2 else ""
+            raise BundleError(f"{where}: a version {m['version']} reference bundle has no {lacks}inputs of its "
+                              f"requests (this harness reads version {VERSION} references): re-record it with "
+                              f"this harness (mmlora record)")
         for key, kind in (("requests", list), ("modules", list)):
             if not isinstance(m.get(key), kind):
                 raise BundleError(f"{where}: {MANIFEST} lacks the list {key!r}")
@@ -70,6 +73,11 @@ class Bundle:
             if m.get("kind") == Kind.REFERENCE and not isinstance(mod.get("sha256"), str):
                 raise BundleError(f"{where}: module {name!r} has no sha256 in {MANIFEST}")
             shapes[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
+        if m.get("kind") == Kind.REFERENCE:
+            for i, entry in enumerate(m["requests"]):
+                if not isinstance(entry, dict):
+                    raise BundleError(f"{where}: request entry {i} is not an object")
+                check_inputs(where, folder, i, entry, verify)
         return cls(folder, m, shapes)
 
     @property
@@ -81,6 +89,10 @@ class Bundle:
 
     def shape(self, i: int | None, name: str, key: str) -> list[int] | None:
         return self._shapes.get(name, {}).get(tensor_name(key, i))
+
+    def inputs(self, i: int) -> dict[str, torch.Tensor]:
+        """Request i's forward inputs by keyword, as the reference ran them (a reference bundle)."""
+        return read_inputs(self.folder, self.manifest["requests"][i])
 
     def get(self, i: int | None, name: str, key: str) -> torch.Tensor | None:
         """One tensor (`key.i`, or `key` for per-module tensors with i None), read from its file alone. In a
@@ -119,25 +131,6 @@ def _no_constant(name: str):
     raise ValueError(f"holds {name}, which JSON does not allow")
 
 
-def _inside(where: str, folder: Path, name: str, file) -> Path:
-    """The module file's path, which must lie inside the bundle folder once symlinks are followed: a manifest
-    is the only thing that names the files `compare` reads, and it may come from anyone (an engine's bundle)."""
-    if not isinstance(file, str) or not file:
-        raise BundleError(f"{where}: module {name!r}: file {file!r} is not a path relative to the bundle folder")
-    if Path(file).is_absolute():
-        raise BundleError(f"{where}: module {name!r}: file {file!r} is an absolute path; a module file lies "
-                          f"inside the bundle folder")
-    path = folder / file
-    try:
-        inside = path.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError) as e:  # a symlink loop
-        raise BundleError(f"{where}: module {name!r}: file {file!r} cannot be resolved "
-                          f"({' '.join(str(e).split())})") from None
-    if not inside:
-        raise BundleError(f"{where}: module {name!r}: file {file!r} leads outside the bundle folder")
-    return path
-
-
 def _check_file(where: str, folder: Path, mod: dict, verify: bool = True,
                 reference: bool = False) -> dict[str, list[int]]:
     """The module file lies inside the folder, exists, has the manifest's sha256 (where given), is safetensors
@@ -147,7 +140,7 @@ def _check_file(where: str, folder: Path, mod: dict, verify: bool = True,
     from safetensors import SafetensorError, safe_open
 
     name, file = mod["name"], mod["file"]
-    path = _inside(where, folder, name, file)
+    path = inside(where, folder, f"module {name!r}", file)
     if not path.is_file():
         raise BundleError(f"{where}: module {name!r}: file {file!r} is missing")
     sha = mod.get("sha256")
@@ -236,15 +229,3 @@ def engine_of(got: Bundle) -> str:
         raise BundleError(f"bundle {str(got.folder)!r}: \"engine\" is {e!r}, expected "
                           f"{{\"name\": str, \"version\": str}} (version optional)")
     return f"{e['name']} {e['version']}" if e.get("version") else e["name"]
-
-
-def check_requests(b: Bundle, reqs) -> None:
-    """The requests rebuilt from the recorded options are the recorded ones."""
-    where, recorded = f"bundle {str(b.folder)!r}", b.manifest["requests"]
-    rebuilt = [request_entry(r) for r in reqs]
-    if len(rebuilt) != len(recorded):
-        raise BundleError(f"{where}: {len(recorded)} requests recorded, {len(rebuilt)} rebuilt")
-    for i, (a, r) in enumerate(zip(recorded, rebuilt)):
-        for key in ("adapter", "geometry", "tokens", "prompt_sha256"):
-            if a.get(key) != r[key]:
-                raise BundleError(f"{where}: request {i} {key} {a.get(key)!r} recorded, {r[key]!r} rebuilt")

@@ -353,11 +353,15 @@ def _judge(p: Prepared, opts: Options, fault: Fault | None, rt: RuntimeModel, t0
     return ArchResult(p.arch.model_type, rows, summary)
 
 
-def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options) -> ArchResult:
-    """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model."""
+def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options, warnings: Sequence[str] = ()) -> ArchResult:
+    """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model. `warnings`:
+    what checking the output bundle found (modules the reference lacks), reported beside the verdict."""
     t0 = time.time()
     rows = modes.compare_outputs(p, got)
     summary = _summarize(p, rows, opts, ("e2e",))
+    for w in warnings:
+        _log(f"  {p.arch.model_type}: WARNING: {w}")
+    summary["warnings"] = summary["warnings"] + list(warnings)
     summary["seconds"] = round(p.seconds + time.time() - t0, 2)
     _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(p.arch.model_type, rows, summary)

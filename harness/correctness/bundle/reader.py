@@ -28,8 +28,9 @@ from harness.correctness.bundle.inputs import check_inputs, read_inputs
 class Bundle:
     """A validated bundle; tensors are read one at a time (`get`), never the whole bundle."""
 
-    def __init__(self, folder: Path, manifest: dict, shapes: dict[str, dict[str, list[int]]]):
+    def __init__(self, folder: Path, manifest: dict, shapes: dict[str, dict[str, list[int]]], sha256: str):
         self.folder, self.manifest, self._shapes = folder, manifest, shapes
+        self.sha256 = sha256  # of the manifest.json bytes: what an output bundle's "reference" names
         self.modules = {m["name"]: m for m in manifest["modules"]}
         self._reference = manifest.get("kind") == Kind.REFERENCE
 
@@ -41,8 +42,9 @@ class Bundle:
         path = folder / MANIFEST
         if not path.is_file():
             raise BundleError(f"{where}: no {MANIFEST} (not a bundle, or written incompletely)")
+        data = path.read_bytes()
         try:
-            m = json.loads(path.read_text(), parse_constant=_no_constant)
+            m = json.loads(data.decode(), parse_constant=_no_constant)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
             raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({' '.join(str(e).split())})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -78,7 +80,7 @@ class Bundle:
                 if not isinstance(entry, dict):
                     raise BundleError(f"{where}: request entry {i} is not an object")
                 check_inputs(where, folder, i, entry, verify)
-        return cls(folder, m, shapes)
+        return cls(folder, m, shapes, hashlib.sha256(data).hexdigest())
 
     @property
     def names(self) -> list[str]:
@@ -189,10 +191,15 @@ def _check_float(where: str, name: str, key: str, st_dtype: str, what: str) -> t
     return dt
 
 
-def check_outputs(ref: Bundle, got: Bundle) -> None:
-    """An output bundle answers the reference's requests module by module: same requests (geometry,
-    tokens, adapters), every module of the reference, the same rows and features per request."""
+def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
+    """An output bundle answers the reference's requests module by module: the reference it names (if it
+    names one), same requests (geometry, tokens, adapters), every module of the reference, the same rows and
+    features per request. Returns a warning per module the reference lacks (not judged)."""
     where = f"bundle {str(got.folder)!r}"
+    named = got.manifest.get("reference")
+    if named is not None and named != ref.sha256:
+        raise BundleError(f"{where} answers the reference whose manifest.json has sha256 {named!r}, not "
+                          f"{str(ref.folder)!r} (sha256 {ref.sha256!r})")
     rq, gq = ref.manifest["requests"], got.manifest["requests"]
     if len(gq) != len(rq):
         raise BundleError(f"{where} holds {len(gq)} requests, the reference {len(rq)}")
@@ -216,6 +223,8 @@ def check_outputs(ref: Bundle, got: Bundle) -> None:
             if g_in is not None and r_in is not None and g_in[-1] != r_in[-1]:
                 raise BundleError(f"{where}: module {name!r} request {i}: {tensor_name(Key.IN, i)} has {g_in[-1]} "
                                   f"features, the reference's {r_in[-1]}")
+    return [f"output bundle {str(got.folder)!r}: module {name!r} is not in the reference bundle (not judged)"
+            for name in got.modules if name not in ref.modules]
 
 
 def engine_of(got: Bundle) -> str:

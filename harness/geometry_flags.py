@@ -36,13 +36,14 @@ def geometry_from_args(args) -> dict:
     return geom
 
 
-# geometry flag -> (ImageGeometry field, parser of its value); `--geometry NAME=VALUE` takes the same names
+# geometry flag -> (ImageGeometry field, separator, count of integers); `--geometry NAME=VALUE` takes the same
+# names, and `geometry_text` writes them back
 _GEOMETRY = {
-    "tiles": ("tiles", lambda v, f: _ints(v, ",", 1, f)[0]),
-    "grid": ("grid", lambda v, f: _ints(v, ",", 3, f)),
-    "patches": ("patches", lambda v, f: _ints(v, "x", 2, f)),
-    "image-size": ("size", lambda v, f: _ints(v, "x", 2, f)),
-    "split": ("split", lambda v, f: _ints(v, "x", 2, f)),
+    "tiles": ("tiles", ",", 1),
+    "grid": ("grid", ",", 3),
+    "patches": ("patches", "x", 2),
+    "image-size": ("size", "x", 2),
+    "split": ("split", "x", 2),
 }
 
 
@@ -53,8 +54,20 @@ def parse_geometry(item: str):
     name, sep, value = item.partition("=")
     if not sep or name not in _GEOMETRY:
         raise UsageError(f"--geometry {item!r}: expected NAME=VALUE with NAME one of {', '.join(_GEOMETRY)}")
-    field, parse = _GEOMETRY[name]
-    return ImageGeometry(**{field: parse(value, f"--geometry {name}")})
+    field, between, n = _GEOMETRY[name]
+    vals = _ints(value, between, n, f"--geometry {name}")
+    return ImageGeometry(**{field: vals[0] if n == 1 else vals})
+
+
+def geometry_text(geom) -> str:
+    """An ImageGeometry as the one `--geometry NAME=VALUE` item `parse_geometry` reads back to it (the bundle
+    manifest's form): every arch's geometry sets exactly one field."""
+    items = [(name, getattr(geom, field), between) for name, (field, between, _) in _GEOMETRY.items()
+             if getattr(geom, field) is not None]
+    if len(items) != 1:
+        raise ValueError(f"geometry {geom.describe()} sets {len(items)} fields; --geometry NAME=VALUE gives one")
+    name, value, between = items[0]
+    return f"{name}={between.join(str(v) for v in (value if isinstance(value, tuple) else (value,)))}"
 
 
 def add_geometry_flags(p: argparse.ArgumentParser) -> None:

@@ -67,25 +67,43 @@ def base_output(peft_model, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(peft_model, arch: ArchSpec, config, batch: Batch, names: list[str], extra: dict,
-             sink: Sink | None = None) -> Captures:
+             sink: Sink | None = None, fed: Callable[[dict], None] | None = None) -> Captures:
     rec = Recorder(peft_model, names, arch, prefix=BASE_PREFIX, sink=sink)
     rec.set_image_positions(batch.input_ids == arch.image_token_id(config))
+    # what the HF model's own forward is called with, after the arch's forward_logits has added what it derives
+    hook = None if fed is None else peft_model.get_base_model().register_forward_pre_hook(
+        lambda _m, args, kwargs: fed(_forward_kwargs(args, kwargs)), with_kwargs=True)
     try:
         with torch.no_grad():
             logits = arch.forward_logits(peft_model, **batch.model_inputs(), **extra)
     finally:
         rec.close()
+        if hook is not None:
+            hook.remove()
     return rec.captures(config, batch, logits)
+
+
+def _forward_kwargs(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The tensors a forward was called with, by keyword (None left out); anything else could not be fed
+    again from tensors alone and is refused."""
+    other = [k for k, v in kwargs.items() if v is not None and not isinstance(v, torch.Tensor)]
+    if args or other:
+        raise ValueError(f"the model's forward got {len(args)} positional argument(s) and non-tensor keyword(s) "
+                         f"{other}: its inputs cannot be recorded as tensors")
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request], mode: str = "single",
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   compute_dtype: torch.dtype | None = None,
-                  sink: Callable[[int], Sink] | None = None) -> ReferenceRun:
+                  sink: Callable[[int], Sink] | None = None,
+                  fed: Callable[[int, dict], None] | None = None) -> ReferenceRun:
     """Captures of every LoRA module and boundary per request. Pixel inputs are rounded to `dtype` (the run
     dtype, as a serving engine feeds them); with `compute_dtype` (the high-precision truth) they are then
     upcast, so the truth sees exactly the inputs the run sees. `sink(i)` (mode single only): request i's
-    tensors go there as the hooks see them (batched rows, unsplit) and the captures returned are empty."""
+    tensors go there as the hooks see them (batched rows, unsplit) and the captures returned are empty.
+    `fed(i, inputs)` (mode single only): the tensors the HF model's forward was called with for request i,
+    by keyword, as they ran (on the device, pixels at the run dtype)."""
     if compute_dtype is not None:
         def to(batch: Batch, device, dtype=dtype) -> Batch:
             return batch.to(device, dtype).to(device, compute_dtype)
@@ -94,8 +112,8 @@ def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request
             return batch.to(device, dtype)
     if mode not in MODES:
         raise ValueError(f"unknown reference mode {mode!r}; expected one of {MODES}")
-    if sink is not None and mode != "single":
-        raise ValueError("a capture sink streams per request: reference mode 'single' only")
+    if (sink is not None or fed is not None) and mode != "single":
+        raise ValueError("a capture sink or input record is per request: reference mode 'single' only")
     if not requests:
         raise ValueError("empty batch: at least one request is needed")
     names = lora_module_names(peft_model)
@@ -103,8 +121,10 @@ def run_reference(peft_model, arch: ArchSpec, config, requests: Sequence[Request
         caps: Captures = []
         for r in requests:
             with _adapter_ctx(peft_model, r.adapter):
+                i = len(caps)
                 caps += _forward(peft_model, arch, config, to(build_batch(arch, config, [r]), device), names, {},
-                                 sink(len(caps)) if sink is not None else None)
+                                 sink(i) if sink is not None else None,
+                                 None if fed is None else lambda kw, i=i: fed(i, kw))
         return ReferenceRun(caps, names)
     if mode == "grouped":
         caps = [None] * len(requests)

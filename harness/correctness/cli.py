@@ -325,9 +325,10 @@ def cmd_compare(args) -> int:
     check_map_keys(device_map, args.device_map, p.arch, p.config)
     check_fault(fault, p.arch.model_type)
     got = engine = None
+    extra: list[str] = []
     if args.got is not None:
         got = Bundle.open(args.got)
-        check_outputs(p.bundle, got)
+        extra = check_outputs(p.bundle, got)
         engine = engine_of(got)
     else:
         args.kernel = args.kernel or DEFAULT
@@ -338,7 +339,7 @@ def cmd_compare(args) -> int:
                    dtype=p.dtype, device=str(p.device), modes=modes, fault=args.inject_fault, kernel=args.kernel,
                    quantize=args.quantize, quantize_projector=args.quantize_projector, device_map=device_map,
                    max_memory=max_memory)
-    result = judge_outputs(p, got, opts) if got is not None else judge(p, opts, fault)
+    result = judge_outputs(p, got, opts, extra) if got is not None else judge(p, opts, fault)
     return _finish(args, out, [result], opts, engine)
 
 

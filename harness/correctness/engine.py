@@ -181,10 +181,11 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: 
     _log(f"  {arch.model_type}: reference and truth ({len(reqs)} requests, {len(folders)} adapters, {opts.dtype})")
     with atomic_dir(out, "bundle", overwrite) as tmp:
         stage = bundle.Stage(tmp / ".stage")
+        fed = bundle.InputRecord(tmp)  # each request's forward inputs, as the reference runs them
         at = arch.model_type
         with Progress(f"{at}: reference", None, "module output") as pr:
             run_reference(pm, arch, config, reqs, "single", device, torch_dtype,
-                          sink=lambda i: counting(stage.sink(("ref", i)), pr))
+                          sink=lambda i: counting(stage.sink(("ref", i)), pr), fed=fed.put)
         truth_at = f"truth at {str(truth_dtype(device)).removeprefix('torch.')}"
         _log(f"  {at}: {truth_at}")
         # the truth is the reference model itself run at high precision (truth.high_precision): no second copy;
@@ -200,8 +201,8 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: 
         warnings = trivial_warnings(ratios, targets, arch, NEGLIGIBLE_DELTA[opts.dtype])
         for w in warnings:
             _log(f"  {arch.model_type}: WARNING: {w}")
-        bundle.finish_reference(writer, opts=opts, arch=arch, reqs=reqs, ckpt=ckpt, folders=folders, device=device,
-                                ratios=ratios, warnings=warnings, notes=notes, fixes=fixes,
+        bundle.finish_reference(writer, opts=opts, arch=arch, reqs=reqs, inputs=fed.entries(len(reqs)), ckpt=ckpt,
+                                folders=folders, device=device, ratios=ratios, warnings=warnings, notes=notes, fixes=fixes,
                                 seconds=round(time.time() - t0, 2))
     return out, base
 
@@ -213,13 +214,12 @@ def record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: b
 
 
 def load(folder: str | Path, verify: bool = True) -> Prepared:
-    """A reference bundle as what the judge needs; the requests are rebuilt from the recorded options and
-    must be the recorded ones (bundle.BundleError otherwise). `verify`: see bundle.sources.open_reference."""
-    b, ckpt, arch, config, adapters, geoms = bundle.open_reference(folder, verify)
+    """A reference bundle as what the judge needs; the requests are the recorded ones, held to their recorded
+    inputs (bundle.BundleError otherwise). `verify`: see bundle.sources.open_reference."""
+    b, ckpt, arch, config, adapters = bundle.open_reference(folder, verify)
     m = b.manifest
-    reqs = default_requests(arch, config, list(m["adapters"]), geoms)
-    bundle.check_requests(b, reqs)
     torch_dtype, device = parse_dtype(m["dtype"]), check_device(m["device"])
+    reqs = bundle.recorded_requests(b, arch, config, torch_dtype)
     return Prepared(arch=arch, config=config, ckpt=ckpt, dtype=m["dtype"], torch_dtype=torch_dtype,
                     truth_dtype=truth_dtype(device), device=device, reqs=reqs, adapters=adapters, bundle=b,
                     order=b.names, notes=m["notes"], ratios=m["ratios"], warnings=m["warnings"], fixes=m["fixes"])
@@ -353,11 +353,15 @@ def _judge(p: Prepared, opts: Options, fault: Fault | None, rt: RuntimeModel, t0
     return ArchResult(p.arch.model_type, rows, summary)
 
 
-def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options) -> ArchResult:
-    """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model."""
+def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options, warnings: Sequence[str] = ()) -> ArchResult:
+    """An output bundle (an engine's own) against a reference bundle, e2e: no runtime, no model. `warnings`:
+    what checking the output bundle found (modules the reference lacks), reported beside the verdict."""
     t0 = time.time()
     rows = modes.compare_outputs(p, got)
     summary = _summarize(p, rows, opts, ("e2e",))
+    for w in warnings:
+        _log(f"  {p.arch.model_type}: WARNING: {w}")
+    summary["warnings"] = summary["warnings"] + list(warnings)
     summary["seconds"] = round(p.seconds + time.time() - t0, 2)
     _log(f"  {p.arch.model_type}: {'ok' if summary['ok'] else 'DIVERGED'} in {summary['seconds']} s")
     return ArchResult(p.arch.model_type, rows, summary)

@@ -201,7 +201,7 @@ def e2e(p, rt, step: Callable[[], None] = lambda: None) -> list[Row]:
         if conn is not None:
             handles.append(rt.model.get_submodule(conn).register_forward_pre_hook(keep, with_kwargs=True))
         try:
-            got = stream_outputs(rt, p.reqs, Path(tmp), step)
+            got = stream_outputs(rt, p.reqs, Path(tmp), step, reference=p.bundle.sha256)
         except Exception as e:  # noqa: BLE001 - a runtime failure is a verdict, not a harness crash
             return _error_rows(p, "e2e", current[0], e, tower_out=tower_out)
         finally:

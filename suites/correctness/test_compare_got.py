@@ -158,14 +158,14 @@ def test_a_symlink_to_a_file_inside_the_folder_is_read(ref, tmp_path):
 # --- format versions ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["ref", "got"])
-@pytest.mark.parametrize("version", [3, 0, True, "2"])
+@pytest.mark.parametrize("version", [4, 0, True, "2"])
 def test_an_unknown_format_version_is_refused_naming_it(ref, tmp_path, capsys, which, version):
     r, got, folder = _pair(ref, tmp_path, which)
     m = _manifest(folder)
     m["version"] = version
     _write_manifest(folder, m)
     _refused(["compare", str(r), str(got)], tmp_path, capsys, f"bundle {str(folder)!r}",
-             f"format version {version!r}", "this harness reads versions 1, 2")
+             f"format version {version!r}", "this harness reads versions 1, 2, 3")
 
 
 # --- compare speaks as itself ---------------------------------------------------------------------------------

@@ -8,17 +8,22 @@ replay truth on the reference's input, and the base Linear's weights (for the ru
 bundle (an engine's own, or the runtime's captures during e2e) holds only `out.<i>` (and `in.<i>`).
 
 One module per job: `format` (the format's name, version and module files at the byte level), `writer` and
-`reader` (a bundle written and read back, checked before any work), `stage` (the capture hooks' sink),
+`reader` (a bundle written and read back, checked before any work), `inputs` (each request's forward inputs,
+as the reference ran them), `requests` (the recorded requests as the runtime runs them), `stage` (the capture
+hooks' sink),
 `sources` (the checkpoint and adapters a reference bundle is recorded from), `record` (a reference bundle
 from the reference and its truth) and `outputs` (an output bundle from the runtime under test).
 """
 
 from harness.correctness.bundle.format import HELD, BundleError, Key, Kind
+from harness.correctness.bundle.inputs import InputRecord
 from harness.correctness.bundle.outputs import stream_outputs
-from harness.correctness.bundle.reader import Bundle, check_outputs, check_requests, engine_of
+from harness.correctness.bundle.reader import Bundle, check_outputs, engine_of
 from harness.correctness.bundle.record import finish_reference, write_reference
+from harness.correctness.bundle.requests import recorded_requests
 from harness.correctness.bundle.sources import open_reference
 from harness.correctness.bundle.stage import Stage, captured
 
-__all__ = ["HELD", "Bundle", "BundleError", "Key", "Kind", "Stage", "captured", "check_outputs",
-           "check_requests", "engine_of", "finish_reference", "open_reference", "stream_outputs", "write_reference"]
+__all__ = ["HELD", "Bundle", "BundleError", "InputRecord", "Key", "Kind", "Stage", "captured", "check_outputs",
+           "engine_of", "finish_reference", "open_reference", "recorded_requests", "stream_outputs",
+           "write_reference"]

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-# version 2 gives every module file's sha256 in the manifest, the non-finite tensors the writer saw, and
-# provenance; version 1 has none of them. A reference bundle must be version 2 (its checksums are what
-# `compare` trusts); an output bundle an engine writes may be version 1 (its own sha256 fields, if any, are
-# verified too)
-FORMAT, VERSION = "mmlora-bundle", 2
-READS = (1, 2)
+# version 3 adds each request's forward inputs (a reference bundle's `requests/<i>.safetensors`) and an output
+# bundle's `reference`; version 2 gives every module file's sha256 in the manifest, the non-finite tensors the
+# writer saw, and provenance; version 1 has none of them. A reference bundle must be version 3 (its checksums
+# are what `compare` trusts, its inputs what it replays); an output bundle an engine writes may be version 1 or
+# 2 (its own sha256 fields, if any, are verified too)
+FORMAT, VERSION = "mmlora-bundle", 3
+READS = (1, 2, 3)
 MANIFEST = "manifest.json"
 
 
@@ -106,6 +107,25 @@ def read_tensor(path: Path, key: str) -> torch.Tensor:
         if buf.nbytes != end - begin or (buf.nbytes and f.readinto(buf) != buf.nbytes):
             raise BundleError(f"{str(path)!r}: tensor {key!r} is cut short")
     return HELD.add(t)
+
+
+def inside(where: str, folder: Path, what: str, file) -> Path:
+    """`file`'s path, which must lie inside the bundle folder once symlinks are followed: a manifest is the only
+    thing that names the files `compare` reads, and it may come from anyone (an engine's bundle). `what`
+    names the manifest entry (a module, a request) in the error."""
+    if not isinstance(file, str) or not file:
+        raise BundleError(f"{where}: {what}: file {file!r} is not a path relative to the bundle folder")
+    if Path(file).is_absolute():
+        raise BundleError(f"{where}: {what}: file {file!r} is an absolute path; a bundle's file lies inside the "
+                          f"bundle folder")
+    path = folder / file
+    try:
+        within = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise BundleError(f"{where}: {what}: file {file!r} cannot be resolved ({' '.join(str(e).split())})") from None
+    if not within:
+        raise BundleError(f"{where}: {what}: file {file!r} leads outside the bundle folder")
+    return path
 
 
 def file_sha256(path: Path) -> str:

@@ -14,10 +14,11 @@ from harness.correctness.bundle.writer import BundleWriter, request_entry
 from vlm.rows import BOUNDARY_GROUP
 
 
-def stream_outputs(rt, reqs, folder: Path, step=lambda: None) -> Bundle:
+def stream_outputs(rt, reqs, folder: Path, step=lambda: None, reference: str | None = None) -> Bundle:
     """The runtime's one mixed-batch forward, captured into an output bundle module by module (the e2e
     side of a comparison). Raises what the runtime raises, including a row count the formulas disagree with.
-    `step()` after each module output the forward captures (progress)."""
+    `step()` after each module output the forward captures (progress); `reference`: the sha256 of the
+    reference manifest the bundle answers (its "reference" key)."""
     stage = Stage(folder / ".stage")
     sink = stage.sink("got")
 
@@ -39,5 +40,6 @@ def stream_outputs(rt, reqs, folder: Path, step=lambda: None) -> Bundle:
         writer.add(name, BOUNDARY_GROUP.get(name) or rt.arch.group_of(name), tensors)
         del tensors
     shutil.rmtree(stage.folder)
-    writer.finish({"kind": Kind.OUTPUTS, "requests": [request_entry(r) for r in reqs]})
+    named = {} if reference is None else {"reference": reference}
+    writer.finish({"kind": Kind.OUTPUTS, **named, "requests": [request_entry(r) for r in reqs]})
     return Bundle.open(folder, verify=False)  # written by this very process a moment ago

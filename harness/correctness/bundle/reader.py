@@ -18,17 +18,19 @@ from harness.correctness.bundle.format import (
     BundleError,
     Key,
     Kind,
+    inside,
     read_tensor,
     tensor_name,
 )
-from harness.correctness.bundle.writer import request_entry
+from harness.correctness.bundle.inputs import check_inputs, read_inputs
 
 
 class Bundle:
     """A validated bundle; tensors are read one at a time (`get`), never the whole bundle."""
 
-    def __init__(self, folder: Path, manifest: dict, shapes: dict[str, dict[str, list[int]]]):
+    def __init__(self, folder: Path, manifest: dict, shapes: dict[str, dict[str, list[int]]], sha256: str):
         self.folder, self.manifest, self._shapes = folder, manifest, shapes
+        self.sha256 = sha256  # of the manifest.json bytes: what an output bundle's "reference" names
         self.modules = {m["name"]: m for m in manifest["modules"]}
         self._reference = manifest.get("kind") == Kind.REFERENCE
 
@@ -40,8 +42,9 @@ class Bundle:
         path = folder / MANIFEST
         if not path.is_file():
             raise BundleError(f"{where}: no {MANIFEST} (not a bundle, or written incompletely)")
+        data = path.read_bytes()
         try:
-            m = json.loads(path.read_text(), parse_constant=_no_constant)
+            m = json.loads(data.decode(), parse_constant=_no_constant)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
             raise BundleError(f"{where}: {MANIFEST} is not valid JSON ({' '.join(str(e).split())})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -51,8 +54,10 @@ class Bundle:
             raise BundleError(f"{where}: format version {m.get('version')!r}, this harness reads versions "
                               f"{', '.join(map(str, READS))} (a reference bundle: {VERSION})")
         if m.get("kind") == Kind.REFERENCE and m["version"] != VERSION:
-            raise BundleError(f"{where}: a version {m['version']} reference bundle has no checksums of its "
-                              f"module files: re-record it with this harness (mmlora record)")
+            lacks = "checksums of its module files nor " if m["version"] < 2 else ""
+            raise BundleError(f"{where}: a version {m['version']} reference bundle has no {lacks}inputs of its "
+                              f"requests (this harness reads version {VERSION} references): re-record it with "
+                              f"this harness (mmlora record)")
         for key, kind in (("requests", list), ("modules", list)):
             if not isinstance(m.get(key), kind):
                 raise BundleError(f"{where}: {MANIFEST} lacks the list {key!r}")
@@ -70,7 +75,12 @@ class Bundle:
             if m.get("kind") == Kind.REFERENCE and not isinstance(mod.get("sha256"), str):
                 raise BundleError(f"{where}: module {name!r} has no sha256 in {MANIFEST}")
             shapes[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
-        return cls(folder, m, shapes)
+        if m.get("kind") == Kind.REFERENCE:
+            for i, entry in enumerate(m["requests"]):
+                if not isinstance(entry, dict):
+                    raise BundleError(f"{where}: request entry {i} is not an object")
+                check_inputs(where, folder, i, entry, verify)
+        return cls(folder, m, shapes, hashlib.sha256(data).hexdigest())
 
     @property
     def names(self) -> list[str]:
@@ -81,6 +91,10 @@ class Bundle:
 
     def shape(self, i: int | None, name: str, key: str) -> list[int] | None:
         return self._shapes.get(name, {}).get(tensor_name(key, i))
+
+    def inputs(self, i: int) -> dict[str, torch.Tensor]:
+        """Request i's forward inputs by keyword, as the reference ran them (a reference bundle)."""
+        return read_inputs(self.folder, self.manifest["requests"][i])
 
     def get(self, i: int | None, name: str, key: str) -> torch.Tensor | None:
         """One tensor (`key.i`, or `key` for per-module tensors with i None), read from its file alone. In a
@@ -119,25 +133,6 @@ def _no_constant(name: str):
     raise ValueError(f"holds {name}, which JSON does not allow")
 
 
-def _inside(where: str, folder: Path, name: str, file) -> Path:
-    """The module file's path, which must lie inside the bundle folder once symlinks are followed: a manifest
-    is the only thing that names the files `compare` reads, and it may come from anyone (an engine's bundle)."""
-    if not isinstance(file, str) or not file:
-        raise BundleError(f"{where}: module {name!r}: file {file!r} is not a path relative to the bundle folder")
-    if Path(file).is_absolute():
-        raise BundleError(f"{where}: module {name!r}: file {file!r} is an absolute path; a module file lies "
-                          f"inside the bundle folder")
-    path = folder / file
-    try:
-        inside = path.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError) as e:  # a symlink loop
-        raise BundleError(f"{where}: module {name!r}: file {file!r} cannot be resolved "
-                          f"({' '.join(str(e).split())})") from None
-    if not inside:
-        raise BundleError(f"{where}: module {name!r}: file {file!r} leads outside the bundle folder")
-    return path
-
-
 def _check_file(where: str, folder: Path, mod: dict, verify: bool = True,
                 reference: bool = False) -> dict[str, list[int]]:
     """The module file lies inside the folder, exists, has the manifest's sha256 (where given), is safetensors
@@ -147,7 +142,7 @@ def _check_file(where: str, folder: Path, mod: dict, verify: bool = True,
     from safetensors import SafetensorError, safe_open
 
     name, file = mod["name"], mod["file"]
-    path = _inside(where, folder, name, file)
+    path = inside(where, folder, f"module {name!r}", file)
     if not path.is_file():
         raise BundleError(f"{where}: module {name!r}: file {file!r} is missing")
     sha = mod.get("sha256")
@@ -196,10 +191,15 @@ def _check_float(where: str, name: str, key: str, st_dtype: str, what: str) -> t
     return dt
 
 
-def check_outputs(ref: Bundle, got: Bundle) -> None:
-    """An output bundle answers the reference's requests module by module: same requests (geometry,
-    tokens, adapters), every module of the reference, the same rows and features per request."""
+def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
+    """An output bundle answers the reference's requests module by module: the reference it names (if it
+    names one), same requests (geometry, tokens, adapters), every module of the reference, the same rows and
+    features per request. Returns a warning per module the reference lacks (not judged)."""
     where = f"bundle {str(got.folder)!r}"
+    named = got.manifest.get("reference")
+    if named is not None and named != ref.sha256:
+        raise BundleError(f"{where} answers the reference whose manifest.json has sha256 {named!r}, not "
+                          f"{str(ref.folder)!r} (sha256 {ref.sha256!r})")
     rq, gq = ref.manifest["requests"], got.manifest["requests"]
     if len(gq) != len(rq):
         raise BundleError(f"{where} holds {len(gq)} requests, the reference {len(rq)}")
@@ -223,6 +223,8 @@ def check_outputs(ref: Bundle, got: Bundle) -> None:
             if g_in is not None and r_in is not None and g_in[-1] != r_in[-1]:
                 raise BundleError(f"{where}: module {name!r} request {i}: {tensor_name(Key.IN, i)} has {g_in[-1]} "
                                   f"features, the reference's {r_in[-1]}")
+    return [f"output bundle {str(got.folder)!r}: module {name!r} is not in the reference bundle (not judged)"
+            for name in got.modules if name not in ref.modules]
 
 
 def engine_of(got: Bundle) -> str:
@@ -236,15 +238,3 @@ def engine_of(got: Bundle) -> str:
         raise BundleError(f"bundle {str(got.folder)!r}: \"engine\" is {e!r}, expected "
                           f"{{\"name\": str, \"version\": str}} (version optional)")
     return f"{e['name']} {e['version']}" if e.get("version") else e["name"]
-
-
-def check_requests(b: Bundle, reqs) -> None:
-    """The requests rebuilt from the recorded options are the recorded ones."""
-    where, recorded = f"bundle {str(b.folder)!r}", b.manifest["requests"]
-    rebuilt = [request_entry(r) for r in reqs]
-    if len(rebuilt) != len(recorded):
-        raise BundleError(f"{where}: {len(recorded)} requests recorded, {len(rebuilt)} rebuilt")
-    for i, (a, r) in enumerate(zip(recorded, rebuilt)):
-        for key in ("adapter", "geometry", "tokens", "prompt_sha256"):
-            if a.get(key) != r[key]:
-                raise BundleError(f"{where}: request {i} {key} {a.get(key)!r} recorded, {r[key]!r} rebuilt")

@@ -39,9 +39,10 @@ def write_reference(tmp: Path, stage: Stage, *, order: list[str], arch, config, 
     return writer, {a: {g: statistics.median(v) for g, v in groups.items()} for a, groups in per_ratio.items()}
 
 
-def finish_reference(writer: BundleWriter, *, opts, arch, reqs, ckpt: Path, folders: dict[str, Path], device,
-                     **fields) -> None:
-    """The manifest; a generated checkpoint and generated adapters (in a work folder) are copied in."""
+def finish_reference(writer: BundleWriter, *, opts, arch, reqs, inputs: list[dict], ckpt: Path,
+                     folders: dict[str, Path], device, **fields) -> None:
+    """The manifest; a generated checkpoint and generated adapters (in a work folder) are copied in. `inputs`:
+    per request its input file's `file` and `sha256` (bundle.inputs.InputRecord)."""
     checkpoint, adapters = record_sources(writer.folder, opts, ckpt, folders)
     writer.finish({
         "kind": Kind.REFERENCE, "arch": arch.model_type, "dtype": opts.dtype, "device": str(device),
@@ -49,7 +50,9 @@ def finish_reference(writer: BundleWriter, *, opts, arch, reqs, ckpt: Path, fold
         "options": {"model": opts.model, "n_adapters": opts.n_adapters, "adapter_scale": opts.adapter_scale},
         "checkpoint": checkpoint, "adapters": adapters,
         "geometries": [dataclasses.asdict(g) for g in opts.geometries],
-        "requests": [request_entry(r) for r in reqs], **fields})
+        # the seed draws the project's own pixels (bundle.requests); an engine feeds the recorded inputs
+        "requests": [{**request_entry(r), "seed": r.seed, **f} for r, f in zip(reqs, inputs, strict=True)],
+        **fields})
 
 
 def _rms(t: torch.Tensor) -> float:

@@ -12,7 +12,6 @@ import torch
 from harness.correctness.bundle.format import MANIFEST, BundleError, Kind, file_sha256
 from harness.correctness.bundle.reader import Bundle
 from vlm.adapter_files import read_adapter
-from vlm.arch import ImageGeometry
 from vlm.checkpoint import read_checkpoint_config
 
 
@@ -46,7 +45,7 @@ def _resolve(bundle: Bundle, path: str) -> Path:
 
 def open_reference(folder: str | Path, verify: bool = True):
     """A reference bundle, its checkpoint and adapters checked against the manifest (another checkpoint or
-    adapter file is a BundleError): (bundle, checkpoint folder, arch, config, adapters, geometries).
+    adapter file is a BundleError): (bundle, checkpoint folder, arch, config, adapters).
     `verify=False` skips the sha256 of each file (a bundle this process has just recorded from those very
     files: hashing a real checkpoint again costs minutes); missing files are still refused."""
     b = Bundle.open(folder, verify)
@@ -85,6 +84,4 @@ def open_reference(folder: str | Path, verify: bool = True):
             raise BundleError(f"{where}: adapter {name!r}: {str(st)!r} is another file (sha256 {sha[:12]}..., "
                               f"recorded {e['sha256'][:12]}...)")
         adapters[name] = read_adapter(path, skeleton)
-    geoms = [ImageGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
-             for g in m["geometries"]]
-    return b, ckpt, arch, config, adapters, geoms
+    return b, ckpt, arch, config, adapters

@@ -9,6 +9,7 @@ import torch
 
 from harness import provenance
 from harness.correctness.bundle.format import FORMAT, MANIFEST, VERSION, Key, file_sha256, save, tensor_name
+from harness.geometry_flags import geometry_text
 from harness.output import write_json
 
 
@@ -42,7 +43,11 @@ class BundleWriter:
         write_json(self.folder / MANIFEST, manifest)
 
 
+def prompt_sha256(prompt_ids) -> str:
+    return hashlib.sha256(",".join(str(int(t)) for t in prompt_ids).encode()).hexdigest()
+
+
 def request_entry(r) -> dict:
-    ids = ",".join(str(int(t)) for t in r.prompt_ids)
-    return {"adapter": r.adapter, "images": len(r.images), "geometry": [g.describe() for g in r.images],
-            "tokens": len(r.prompt_ids), "prompt_sha256": hashlib.sha256(ids.encode()).hexdigest()}
+    """A request as every bundle's manifest lists it (an output bundle copies the reference's)."""
+    return {"adapter": r.adapter, "images": len(r.images), "geometry": [geometry_text(g) for g in r.images],
+            "tokens": len(r.prompt_ids), "prompt_sha256": prompt_sha256(r.prompt_ids)}

@@ -1,0 +1,47 @@
+"""The requests of a reference bundle as the project's runtime runs them: rebuilt from the manifest (adapter,
+geometry text, pixel seed) and the recorded `input_ids`, and held to the recorded inputs, so the runtime is
+fed exactly what the reference ran."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.correctness.bundle.format import BundleError
+from harness.correctness.bundle.reader import Bundle
+from harness.correctness.bundle.writer import prompt_sha256
+from harness.geometry_flags import parse_geometry
+from vlm.requests import Request, build_batch
+
+
+def recorded_requests(b: Bundle, arch, config, run_dtype: torch.dtype) -> list[Request]:
+    """One Request per recorded request; its batch (pixels from its seed, rounded to the run dtype as the
+    reference's were) must equal the recorded inputs key by key where both have the key (the forward's own
+    derived inputs, e.g. token type ids, are the recording's alone). A BundleError otherwise."""
+    where = f"bundle {str(b.folder)!r}"
+    reqs = []
+    for i, entry in enumerate(b.manifest["requests"]):
+        fed = b.inputs(i)
+        try:
+            images = tuple(parse_geometry(g) for g in entry["geometry"])
+            req = Request(images, tuple(fed["input_ids"][0].tolist()), entry["adapter"], entry["seed"])
+            rebuilt = build_batch(arch, config, [req]).to("cpu", run_dtype).model_inputs()
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{where}: request {i} cannot be rebuilt ({' '.join(str(e).split())})") from None
+        if entry.get("prompt_sha256") != prompt_sha256(req.prompt_ids):
+            raise BundleError(f"{where}: request {i}: input_ids are not the prompt whose sha256 the manifest gives")
+        for key in sorted(rebuilt.keys() & fed.keys()):
+            a, r = fed[key], rebuilt[key]
+            if a.dtype != r.dtype or a.shape != r.shape or not _same(a, r):
+                raise BundleError(f"{where}: request {i}: {key} recorded ({tuple(a.shape)}, {a.dtype}) is not the "
+                                  f"one its seed {entry['seed']} and geometry rebuild ({tuple(r.shape)}, {r.dtype})")
+        if missing := sorted(rebuilt.keys() - fed.keys()):
+            raise BundleError(f"{where}: request {i} lacks the recorded input(s) {', '.join(missing)}")
+        reqs.append(req)
+    return reqs
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal value for value, a NaN where the other has one (pixels may hold NaN: a hostile input, judged)."""
+    if a.is_floating_point():
+        return torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    return torch.equal(a, b)

@@ -1,0 +1,122 @@
+"""A reference bundle carries its requests (docs/bundles.md, "Request inputs"): every request's forward inputs as
+the reference ran them, which replay the reference's logits exactly on the HF model loaded from the bundle's
+own checkpoint and adapters; geometry in the `--geometry` text; an output bundle names the reference it answers
+(a foreign one is refused) and a module the reference lacks is a warning, not an error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.correctness.bundle import Bundle
+from harness.correctness.engine import Options, record
+from harness.geometry_flags import geometry_text, parse_geometry
+from reference.adapters import load_adapters
+from vlm.arch import REGISTRY, get_arch
+from vlm.checkpoint import load_checkpoint, parse_dtype
+from vlm.rows import LOGITS
+
+REF_ARGS = ["--arch", "llama4", "--adapters", "1", "--geometry", "tiles=1"]
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_every_arch_geometry_text_round_trips_through_the_geometry_parser(arch):
+    spec = get_arch(arch)
+    config = spec.tiny_config()
+    geoms = spec.mixed_geometries(config)
+    assert geoms
+    for g in geoms:
+        assert parse_geometry(geometry_text(g)) == g, geometry_text(g)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_recorded_inputs_replay_the_reference_logits_exactly(arch, tmp_path):
+    """The independent check: the HF model (with the reference's fixes of HF code) and PEFT, loaded from the
+    bundle's files alone, fed each request's recorded inputs alone, give the recorded @logits bit for bit."""
+    ref = record(arch, Options(archs=[arch], n_adapters=1), tmp_path / "work", tmp_path / "ref")
+    b = Bundle.open(ref)
+    m = b.manifest
+    assert m["version"] == 3
+    spec, _, model = load_checkpoint(ref / m["checkpoint"]["path"], dtype=parse_dtype(m["dtype"]))
+    spec.install_fixes(model)
+    pm = load_adapters(model, {n: ref / e["path"] for n, e in m["adapters"].items()})
+    assert any(r["adapter"] for r in m["requests"]) and any(r["images"] for r in m["requests"])
+    for i, entry in enumerate(m["requests"]):
+        fed = b.inputs(i)
+        assert {"input_ids", "attention_mask"} <= fed.keys()
+        assert ("pixel_values" in fed) == bool(entry["images"]), (i, sorted(fed))
+        assert len([parse_geometry(g) for g in entry["geometry"]]) == entry["images"]  # the --geometry text
+        if entry["adapter"] is None:
+            ctx = pm.disable_adapter()
+        else:
+            pm.set_adapter(entry["adapter"])
+            ctx = torch.no_grad()
+        with ctx, torch.no_grad():
+            logits = spec.forward_logits(pm, **fed)
+        assert torch.equal(logits[0], b.get(i, LOGITS, "out")), (arch, i)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A reference bundle, as `mmlora record` writes it."""
+    root = tmp_path_factory.mktemp("named")
+    assert main(["record", *REF_ARGS, "--out", str(root / "ref")]) == 0
+    return root
+
+
+def _runtime_outputs(ref, folder):
+    """The project's own output bundle for `ref` (bundle.outputs.stream_outputs, as `compare REF` writes it)."""
+    from harness.correctness.bundle import stream_outputs
+    from harness.correctness.engine import load
+    from runtime.model import RuntimeModel
+
+    p = load(ref)
+    rt = RuntimeModel.from_checkpoint(p.ckpt, extra_targets={m for a in p.adapters.values() for m in a.modules})
+    for name, adapter in p.adapters.items():
+        rt.load_adapter(name, adapter)
+    stream_outputs(rt, p.reqs, folder, reference=p.bundle.sha256)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def got(pair):
+    return _runtime_outputs(pair / "ref", pair / "got")
+
+
+def test_the_runtime_output_bundle_names_its_reference_and_is_judged(pair, got, tmp_path):
+    named = json.loads((got / "manifest.json").read_text())["reference"]
+    assert named == Bundle.open(pair / "ref").sha256
+    assert main(["compare", str(pair / "ref"), str(got), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_an_output_bundle_of_another_reference_is_refused_naming_both(pair, got, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(pair / "ref", other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["notes"] = ["another recording"]
+    (other / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["compare", str(other), str(got), "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert Bundle.open(other).sha256 in err[0] and Bundle.open(pair / "ref").sha256 in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_module_the_reference_lacks_is_a_warning_not_an_error(pair, got, tmp_path, capsys):
+    extra = tmp_path / "got"
+    shutil.copytree(got, extra)
+    m = json.loads((extra / "manifest.json").read_text())
+    m["modules"].append({**m["modules"][-1], "name": "engine.only.module"})
+    (extra / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["compare", str(pair / "ref"), str(extra), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "'engine.only.module' is not in the reference bundle" in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert any("engine.only.module" in w for w in summary["warnings"])
+    assert "engine.only.module" in (tmp_path / "o" / "index.html").read_text()

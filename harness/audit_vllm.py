@@ -106,8 +106,8 @@ def minimal_instance(cls, arch, config):
 
 def vllm_config_fields(arch, config):
     """Config fields vLLM's helper reads that the installed transformers' config class no longer defines.
-    Gemma 4: `vision_config.default_output_length` (a real checkpoint's config.json carries it: 280; transformers
-    5.20+ dropped the field). The tiny config's image budget is the harness's `max_soft_tokens`: set to that,
+    Gemma 4: `vision_config.default_output_length` (a real checkpoint's config.json carries it; transformers 5.25's
+    config class does not define it). The tiny config's image budget is the harness's `max_soft_tokens`: set to that,
     on a copy (the registry's config is left as it is)."""
     if arch.model_type == "gemma4" and not hasattr(config.vision_config, "default_output_length"):
         import copy

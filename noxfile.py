@@ -50,11 +50,12 @@ VLLM_IMPORT_DEPS = ("numpy", "packaging", "regex", "psutil", "pyzmq", "urllib3")
 
 
 # What `import vllm.model_executor.models.mllama4 / gemma4_mm` reaches beyond the kernels (measured by importing
-# until nothing was missing), with vLLM 0.32's own version ranges where it states one. Only vllm_towers uses it.
+# until nothing was missing), with vLLM 0.32's own version ranges where it states one. Only vllm_towers uses it;
+# mistral_common: vLLM's llava / llava_next / mistral3 modules import it (via pixtral), for `mmlora audit-vllm`.
 VLLM_MODEL_DEPS = ("cbor2", "aiohttp>=3.14.3", "requests>=2.33.0", "openai-harmony", "openai>=2.25.0", "pybase64",
                    "cachetools", "msgspec", "cloudpickle", "uvloop", "py-cpuinfo", "prometheus_client>=0.18.0",
                    "xgrammar==0.2.8", "fastapi>=0.133.0,<0.137.0", "partial-json-parser", "llguidance>=1.7.0,<1.8.0",
-                   "einops")
+                   "einops", "mistral_common[image]>=1.11.6")
 
 
 def _install_vllm_kernels(session: nox.Session) -> None:
@@ -126,7 +127,8 @@ def vllm_kernels(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def vllm_towers(session: nox.Session) -> None:
-    """vLLM's own vision towers (Llama 4, Gemma 4) vs HF's, layer by layer (suites/unit/test_vllm_towers.py).
+    """vLLM's own vision towers (Llama 4, Gemma 4) vs HF's, layer by layer (suites/unit/test_vllm_towers.py), and
+    vLLM's tower/connector LoRA count helpers vs the registry (suites/unit/test_vllm_audit.py, `mmlora audit-vllm`).
     Not part of `tests`: vLLM's model modules import transformers' Llama 4 image processor, which imports
     torchvision, and PyPI builds torchvision only for its CUDA torch: a CPU torch cannot import it. On a CPU
     machine run it with PyPI's pair, e.g. MMLORA_TORCH=torch==2.14.1 MMLORA_TORCHVISION=torchvision==0.29.1

@@ -1,4 +1,4 @@
-"""`mmlora` command line: archs, tokens, correctness, record, compare, faults, bench.
+"""`mmlora` command line: archs, tokens, audit-vllm, correctness, record, compare, faults, bench.
 
 Exit codes: 0 success, 1 a divergence or regression was found, 2 bad input (one line on stderr), 130 Ctrl-C,
 143 SIGTERM (cleaned up as for Ctrl-C: no partial report, no temporary folder).
@@ -89,6 +89,27 @@ def cmd_tokens(args) -> int:
     return 0
 
 
+def cmd_audit_vllm(args) -> int:
+    """Exit 0 when the audit ran (a disagreement is a finding, printed in the table), 2 without vLLM."""
+    from harness.audit_vllm import VllmMissing, markdown, run_audit
+    from vlm.arch import get_arch
+
+    for a in args.arch or ():
+        get_arch(a)  # an unknown name is a usage error, before vLLM's slow import
+    try:
+        version, rows = run_audit(args.arch)
+    except VllmMissing as e:
+        print(f"mmlora audit-vllm: {e}", file=sys.stderr)
+        return 2
+    table = markdown(version, rows)
+    print(table, end="")
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(table)
+    return 0
+
+
 def version_line() -> str:
     """`mmlora --version`: the installed package's version and, when run from a git checkout, its commit."""
     from importlib import metadata
@@ -122,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key of the config (repeatable), e.g. vision_config.image_size=504")
     add_geometry_flags(t)
     t.set_defaults(func=cmd_tokens)
+
+    v = sub.add_parser("audit-vllm", help="vLLM's tower/connector LoRA token-count helpers vs the registry's "
+                                          "measured rows, one markdown row per arch (needs vLLM's model modules)")
+    v.add_argument("--arch", action="append", metavar="A",
+                   help="audit only this architecture (repeatable); default: every registered one")
+    v.add_argument("--out", metavar="PATH", help="also write the markdown table to PATH")
+    v.set_defaults(func=cmd_audit_vllm)
 
     from harness.bench.cli import register as register_bench
     from harness.correctness.cli import register as register_correctness

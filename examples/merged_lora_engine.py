@@ -183,13 +183,13 @@ class Capture:
             # SPEC GAP: bundles.md leaves `kind` undefined; "lora" modules are the ones the reference wrote
             # `in.<i>` for, so their input is written too (the LoRA delta is then judged through it).
             if entry.get("kind") == "lora":
-                self.handles.append(module.register_forward_pre_hook(self._in_hook(name)))
+                self.handles.append(module.register_forward_pre_hook(self._in_hook(name), with_kwargs=True))
         names = {e["name"] for e in manifest["modules"]}
         if "@tower_out" in names:
             connector = TOWER_OUT_MODULE.get(self.arch)
             if connector is None or connector not in self.modules:
                 raise BundleError(f"no @tower_out module known for arch {self.arch!r} (rows.md)")
-            self.handles.append(self.modules[connector].register_forward_pre_hook(self._in_hook("@tower_out")))
+            self.handles.append(self.modules[connector].register_forward_pre_hook(self._in_hook("@tower_out"), with_kwargs=True))
         if "@lm_image_embeds" in names:
             root = self.lm_root()
             self.handles.append(root.register_forward_pre_hook(self._embeds_hook, with_kwargs=True))
@@ -222,8 +222,18 @@ class Capture:
     def _in_hook(self, name):
         key = name if name.startswith("@") else "in:" + name
 
-        def hook(module, args):
-            self._record(key, args[0])
+        def hook(module, args, kwargs):
+            if args:
+                self._record(key, args[0])
+                return None
+            # Some HF modules are called by keyword (Gemma 4's `embed_vision(inputs_embeds=...)`).
+            # SPEC GAP: "the module's input" is not defined for a keyword call; the first tensor keyword
+            # is taken.
+            tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+            if not tensors:
+                raise BundleError(f"{name}: called without a tensor input to record")
+            self._record(key, tensors[0])
+            return None
 
         return hook
 
@@ -309,7 +319,16 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
                         # Merged in float64 and rounded once to the run dtype: the merged weight is the
                         # closest the run dtype holds to W + scale * B @ A.
                         weight.copy_((weight.double() + delta.to(weight.device)).to(weight.dtype))
-                    output = model(**inputs, use_cache=False)
+                    try:
+                        output = model(**inputs, use_cache=False)
+                    except RuntimeError as e:
+                        # Plain HF can fail where the reference applied a fix (the manifest's `fixes`,
+                        # docs/upstream-bugs.md): said in one line, not worked around.
+                        fixes = ", ".join(manifest.get("fixes") or []) or "none"
+                        raise BundleError(
+                            f"request {i}: the HF forward failed ({str(e).splitlines()[0]}); "
+                            f"the reference's fixes: {fixes}"
+                        ) from e
             finally:
                 with torch.no_grad():
                     for mod_name, weight in saved.items():

@@ -33,6 +33,28 @@ def _out_tensor(out) -> torch.Tensor:
     return out[0]  # ModelOutput
 
 
+# Where each boundary is taken, in the words the reference manifest's `taken_at` uses (docs/bundles.md): the
+# hooks below and the manifest's entries both come from `boundary_points`, so the spec cannot drift from the
+# capture. INPUT: the module's main input (`first_tensor`'s rule: the keyword `hidden_states`, `input` or `x`,
+# else the first positional tensor, else the first tensor keyword); IMAGE_EMBEDS: the `inputs_embeds` keyword
+# the module is called with, at the positions where `input_ids` holds the image token id; LOGITS: the `logits`
+# of the module's output.
+INPUT, IMAGE_EMBEDS, OUTPUT_LOGITS = "input", "inputs_embeds at image placeholders", "output logits"
+
+
+def boundary_points(arch: ArchSpec, model: torch.nn.Module) -> dict[str, dict[str, str]]:
+    """{boundary: {"module": HF module name in `model` ("" is the model itself), "what": one of the above}};
+    a boundary the arch has no place for (no connector) is left out."""
+    points = {}
+    conn = arch.measure_points(model).get("connector")
+    if conn is not None:
+        points[TOWER_OUT] = {"module": conn, "what": INPUT}
+    points[LM_IMAGE_EMBEDS] = {"module": arch.language_model[0].rstrip("."), "what": IMAGE_EMBEDS}
+    # the model's own output (Llama 4's forward_logits takes the same tensor from its LM's output: upstream bug)
+    points[LOGITS] = {"module": "", "what": OUTPUT_LOGITS}
+    return points
+
+
 Sink = Callable[[str, str, torch.Tensor], None]  # (module name, "in" | "out", tensor): writes, keeps nothing
 
 
@@ -51,11 +73,12 @@ class Recorder:
             mod = modules[prefix + name]
             self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
         base = root.get_submodule(prefix.rstrip(".")) if prefix else root
-        conn = arch.measure_points(base).get("connector")
+        points = boundary_points(arch, base)
+        conn = points.get(TOWER_OUT, {}).get("module")
         if conn is not None and prefix + conn in modules:
             self._handles.append(modules[prefix + conn].register_forward_pre_hook(
                 self._pre(TOWER_OUT), with_kwargs=True))
-        lm_root = prefix + arch.language_model[0].rstrip(".")
+        lm_root = prefix + points[LM_IMAGE_EMBEDS]["module"]
         self._image_token = None
         if lm_root in modules:
             self._handles.append(modules[lm_root].register_forward_pre_hook(self._lm_pre, with_kwargs=True))

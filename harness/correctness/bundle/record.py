@@ -17,6 +17,7 @@ from harness.correctness.bundle.stage import Stage, split
 from harness.correctness.bundle.writer import BundleWriter, request_entry
 from harness.correctness.truth import high_precision, truth_dtype
 from reference.run import BASE_PREFIX, base_output, module_outputs
+from vlm.capture import boundary_points
 from vlm.rows import BOUNDARY_GROUP
 
 
@@ -40,15 +41,27 @@ def write_reference(tmp: Path, stage: Stage, *, order: list[str], arch, config, 
 
 
 def finish_reference(writer: BundleWriter, *, opts, arch, reqs, inputs: list[dict], ckpt: Path,
-                     folders: dict[str, Path], device, **fields) -> None:
+                     folders: dict[str, Path], device, model, **fields) -> None:
     """The manifest; a generated checkpoint and generated adapters (in a work folder) are copied in. `inputs`:
-    per request its input file's `file` and `sha256` (bundle.inputs.InputRecord)."""
+    per request its input file's `file` and `sha256` (bundle.inputs.InputRecord). `model`: the reference's
+    loaded HF model (where its boundaries were taken, the image token and attention it ran with)."""
     checkpoint, adapters = record_sources(writer.folder, opts, ckpt, folders)
+    # the very table the capture hooks were placed from (vlm.capture.boundary_points): an engine reads where
+    # each boundary is taken instead of carrying its own per-arch copy
+    points = boundary_points(arch, model)
+    for m in writer.modules:
+        if m["name"] in points:
+            m["taken_at"] = points[m["name"]]
     writer.finish({
         "kind": Kind.REFERENCE, "arch": arch.model_type, "dtype": opts.dtype, "device": str(device),
         "truth_dtype": str(truth_dtype(device)).removeprefix("torch."), "seed": opts.seed,
         "options": {"model": opts.model, "n_adapters": opts.n_adapters, "adapter_scale": opts.adapter_scale},
         "checkpoint": checkpoint, "adapters": adapters,
+        # the id the reference matched `input_ids` against for `@lm_image_embeds` (the arch's config key, read
+        # as the registry reads it), and the attention the checkpoint loaded with (transformers' default: not
+        # fixed by the harness, so recorded)
+        "image_token_id": arch.image_token_id(model.config),
+        "attn_implementation": model.config._attn_implementation,
         "geometries": [dataclasses.asdict(g) for g in opts.geometries],
         # the seed draws the project's own pixels (bundle.requests); an engine feeds the recorded inputs
         "requests": [{**request_entry(r), "seed": r.seed, **f} for r, f in zip(reqs, inputs, strict=True)],

@@ -34,32 +34,11 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 ENGINE_NAME = "merged-lora-example"
 ENGINE_VERSION = "1"
 
-# SPEC GAP: bundles.md lists the reference manifest's `dtype` key but not its values; the recorded bundles
-# say "fp32" / "bf16" and each module entry says "float32" / "bfloat16", so both spellings are accepted.
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp64": torch.float64, "float64": torch.float64,
-}
+# bundles.md: the reference manifest's `dtype` is the run dtype as `--dtype` spells it.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# `@tower_out` is the input of the connector's first Linear (or first pooled module), per arch (rows.md).
-# SPEC GAP: the reference manifest does not name that module; an engine has to carry rows.md's table keyed
-# by the manifest's `arch` (which rows.md names by the registry's arch names, e.g. `llava`, `qwen2_vl`).
-TOWER_OUT_MODULE = {
-    "llava": "model.multi_modal_projector.linear_1",
-    "llava_next": "model.multi_modal_projector.linear_1",
-    "llama4": "vision_model.vision_adapter.mlp.fc1",
-    "internvl": "model.multi_modal_projector.linear_1",
-    "idefics3": "model.connector.modality_projection.proj",
-    "gemma3": "model.multi_modal_projector.mm_soft_emb_norm",
-    "qwen2_vl": "model.visual.merger.mlp.0",
-    "qwen2_5_vl": "model.visual.merger.mlp.0",
-    "qwen3_vl": "model.visual.merger.linear_fc1",
-    "mistral3": "model.multi_modal_projector.patch_merger.merging_layer",
-    "gemma4": "model.embed_vision",
-    "paligemma": "model.multi_modal_projector.linear",
-}
+# bundles.md: the `what` of a boundary's `taken_at`.
+INPUT, IMAGE_EMBEDS, OUTPUT_LOGITS = "input", "inputs_embeds at image placeholders", "output logits"
 
 
 class BundleError(Exception):
@@ -78,13 +57,14 @@ def inside(folder: Path, rel: str) -> Path:
     return path
 
 
-def load_model(ckpt: Path, dtype: torch.dtype, device: str):
+def load_model(ckpt: Path, dtype: torch.dtype, device: str, attn_implementation: str | None):
     config = AutoConfig.from_pretrained(ckpt, trust_remote_code=False)
+    # bundles.md: the attention the reference ran is the manifest's `attn_implementation`; the same is asked
+    # for, so the engine's attention kernel is not one more difference compare has to absorb.
     model = AutoModelForImageTextToText.from_pretrained(
-        ckpt, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        ckpt, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+        attn_implementation=attn_implementation,
     )
-    # SPEC GAP: the spec does not say which attention implementation the reference ran (eager, sdpa);
-    # transformers' default is kept, and compare's tolerances are trusted to cover the difference.
     return model.to(device).eval()
 
 
@@ -146,10 +126,10 @@ def load_adapter(folder: Path, model, modules: dict, convert) -> dict[str, torch
     for peft_name, ab in tensors.items():
         name = peft_name
         if name not in modules:
-            # SPEC GAP: rows.md says engines that load by tensor name apply the model's key conversion; it
-            # does not say whether adapters may carry 4.x names, nor which name the pattern keys are
-            # matched against. Converted here only when the name is not already a module, and patterns
-            # are matched against the adapter's own (PEFT) name, as PEFT does when it loads it.
+            # bundles.md: an adapter may carry transformers 4.x module names; a name that is not a module of
+            # the loaded model is converted with the model's key conversion, as the harness does.
+            # SPEC GAP: which name rank_pattern / alpha_pattern keys are matched against is left to PEFT's
+            # rule; matched here against the adapter's own (PEFT) name, as PEFT does when it loads it.
             name = convert(name + ".weight").removesuffix(".weight")
         if name not in modules:
             raise BundleError(f"{folder}: adapter module {peft_name!r} is not a module of the model")
@@ -164,44 +144,44 @@ def load_adapter(folder: Path, model, modules: dict, convert) -> dict[str, torch
 
 
 class Capture:
-    """Forward hooks on the reference's modules; `take()` hands one request's rows per module."""
+    """Forward hooks on the reference's modules and boundaries; `take()` hands one request's rows per module."""
 
     def __init__(self, model, manifest: dict):
         self.modules = dict(model.named_modules())
         self.calls: dict[str, list[torch.Tensor]] = {}
         self.handles = []
-        self.arch = manifest["arch"]
+        self.image_token_id = manifest.get("image_token_id")
         self.image_positions: torch.Tensor | None = None
         for entry in manifest["modules"]:
             name = entry["name"]
             if name.startswith("@"):
+                self._boundary(name, entry)
                 continue
             if name not in self.modules:
                 raise BundleError(f"module {name!r} of the reference is not a module of the loaded model")
             module = self.modules[name]
             self.handles.append(module.register_forward_hook(self._out_hook(name)))
-            # SPEC GAP: bundles.md leaves `kind` undefined; "lora" modules are the ones the reference wrote
-            # `in.<i>` for, so their input is written too (the LoRA delta is then judged through it).
+            # bundles.md: `kind: "lora"` modules are the ones the reference wrote `in.<i>` for, so their input
+            # is written too (the LoRA delta is then judged through it).
             if entry.get("kind") == "lora":
-                self.handles.append(module.register_forward_pre_hook(self._in_hook(name), with_kwargs=True))
-        names = {e["name"] for e in manifest["modules"]}
-        if "@tower_out" in names:
-            connector = TOWER_OUT_MODULE.get(self.arch)
-            if connector is None or connector not in self.modules:
-                raise BundleError(f"no @tower_out module known for arch {self.arch!r} (rows.md)")
-            self.handles.append(self.modules[connector].register_forward_pre_hook(self._in_hook("@tower_out"), with_kwargs=True))
-        if "@lm_image_embeds" in names:
-            root = self.lm_root()
-            self.handles.append(root.register_forward_pre_hook(self._embeds_hook, with_kwargs=True))
+                self.handles.append(module.register_forward_pre_hook(self._in_hook("in:" + name), with_kwargs=True))
 
-    def lm_root(self):
-        # SPEC GAP: rows.md says "pre-hook on the LM root" but names no module; taken as the shallowest
-        # module named `language_model` (`model.language_model` in 5.x classes, `language_model` on Llama 4),
-        # which HF calls with `inputs_embeds` after scattering the image rows.
-        candidates = sorted((n for n in self.modules if n.split(".")[-1] == "language_model"), key=len)
-        if not candidates:
-            raise BundleError("no language_model module to take @lm_image_embeds from")
-        return self.modules[candidates[0]]
+    def _boundary(self, name: str, entry: dict):
+        # bundles.md: each boundary's `taken_at` names the HF module ("" is the model itself) and what of it.
+        at = entry.get("taken_at")
+        if not isinstance(at, dict) or at.get("module") not in self.modules:
+            raise BundleError(f"boundary {name!r}: taken_at {at!r} names no module of the loaded model")
+        module, what = self.modules[at["module"]], at.get("what")
+        if what == INPUT:
+            self.handles.append(module.register_forward_pre_hook(self._in_hook(name), with_kwargs=True))
+        elif what == IMAGE_EMBEDS:
+            if self.image_token_id is None:
+                raise BundleError(f"boundary {name!r}: the reference manifest gives no image_token_id")
+            self.handles.append(module.register_forward_pre_hook(self._embeds_hook(name), with_kwargs=True))
+        elif what == OUTPUT_LOGITS:
+            self.handles.append(module.register_forward_hook(self._logits_hook(name)))
+        else:
+            raise BundleError(f"boundary {name!r}: taken_at's what {what!r} is not known to this engine")
 
     def _record(self, name, tensor):
         if isinstance(tensor, (tuple, list)):
@@ -219,34 +199,42 @@ class Capture:
 
         return hook
 
-    def _in_hook(self, name):
-        key = name if name.startswith("@") else "in:" + name
-
+    def _in_hook(self, key):
         def hook(module, args, kwargs):
-            if args:
-                self._record(key, args[0])
-                return None
-            # Some HF modules are called by keyword (Gemma 4's `embed_vision(inputs_embeds=...)`).
-            # SPEC GAP: "the module's input" is not defined for a keyword call; the first tensor keyword
-            # is taken.
-            tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+            # bundles.md's "input": the keyword hidden_states, input or x, else the first positional tensor,
+            # else the first tensor keyword (Gemma 4's `embed_vision(inputs_embeds=...)`).
+            named = [kwargs[k] for k in ("hidden_states", "input", "x") if isinstance(kwargs.get(k), torch.Tensor)]
+            tensors = named + [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
             if not tensors:
-                raise BundleError(f"{name}: called without a tensor input to record")
+                raise BundleError(f"{key}: called without a tensor input to record")
             self._record(key, tensors[0])
             return None
 
         return hook
 
-    def _embeds_hook(self, module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            raise BundleError("the language model was not called with inputs_embeds")
-        # rows.md: the rows at the image token's positions, in prompt order. One request per forward, so
-        # batch row 0. SPEC GAP: the image token id is taken from the config (`image_token_id` or
-        # `image_token_index`); the spec does not say which key, nor how video tokens count.
-        rows = embeds[0][self.image_positions.to(embeds.device)]  # boolean indexing copies
-        self.calls.setdefault("@lm_image_embeds", []).append(rows.detach().cpu())
-        return None
+    def _embeds_hook(self, name):
+        def hook(module, args, kwargs):
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                raise BundleError(f"{name}: the module was not called with inputs_embeds")
+            # bundles.md: the rows at the positions where input_ids holds the manifest's image_token_id, in
+            # prompt order. One request per forward, so batch row 0.
+            rows = embeds[0][self.image_positions.to(embeds.device)]  # boolean indexing copies
+            self.calls.setdefault(name, []).append(rows.detach().cpu())
+            return None
+
+        return hook
+
+    def _logits_hook(self, name):
+        def hook(module, args, output):
+            logits = output.logits if hasattr(output, "logits") else output[0]
+            self.calls.setdefault(name, []).append(logits[0].detach().reshape(-1, logits.shape[-1]).cpu())
+
+        return hook
+
+    def set_request(self, input_ids: torch.Tensor) -> None:
+        if self.image_token_id is not None:
+            self.image_positions = input_ids[0] == self.image_token_id
 
     def take(self) -> dict[str, torch.Tensor]:
         got = {name: torch.cat(parts) for name, parts in self.calls.items()}
@@ -258,14 +246,6 @@ class Capture:
             handle.remove()
 
 
-def image_token_id(config) -> int | None:
-    for key in ("image_token_id", "image_token_index"):
-        value = getattr(config, key, None)
-        if value is not None:
-            return value
-    return None
-
-
 def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
     manifest_bytes = (ref / "manifest.json").read_bytes()
     manifest = json.loads(manifest_bytes)
@@ -274,14 +254,13 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
     dtype = DTYPES.get(manifest["dtype"])
     if dtype is None:
         raise BundleError(f"run dtype {manifest['dtype']!r} is not known to this engine")
-    # SPEC GAP: the manifest's `device` is where the reference ran; the spec does not say an engine must
-    # match it. CUDA is used when the reference ran there and it is available, else the CPU.
+    # bundles.md: an engine may run on any device; the manifest's `device` says where the reference ran. CUDA
+    # is used when the reference ran there and it is available, else the CPU.
     device = "cuda" if str(manifest.get("device", "cpu")).startswith("cuda") and torch.cuda.is_available() else "cpu"
     ckpt = inside(ref, manifest["checkpoint"]["path"])
-    model = load_model(ckpt, dtype, device)
+    model = load_model(ckpt, dtype, device, manifest.get("attn_implementation"))
     modules = dict(model.named_modules())
     convert = key_converter(model)
-    token_id = image_token_id(model.config)
 
     adapters: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -309,8 +288,7 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
             with safe_open(inside(ref, request["file"]), framework="pt") as f:
                 for key in f.keys():
                     inputs[key] = f.get_tensor(key).to(device)
-            ids = inputs["input_ids"]
-            capture.image_positions = (ids[0] == token_id) if token_id is not None else torch.zeros_like(ids[0], dtype=torch.bool)
+            capture.set_request(inputs["input_ids"])
             try:
                 with torch.no_grad():
                     for mod_name, delta in deltas.items():
@@ -320,7 +298,7 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
                         # closest the run dtype holds to W + scale * B @ A.
                         weight.copy_((weight.double() + delta.to(weight.device)).to(weight.dtype))
                     try:
-                        output = model(**inputs, use_cache=False)
+                        model(**inputs, use_cache=False)
                     except RuntimeError as e:
                         # Plain HF can fail where the reference applied a fix (the manifest's `fixes`,
                         # docs/upstream-bugs.md): said in one line, not worked around.
@@ -334,7 +312,6 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
                     for mod_name, weight in saved.items():
                         modules[mod_name].weight.copy_(weight)
             rows = capture.take()
-            rows["@logits"] = output.logits[0].detach().reshape(-1, output.logits.shape[-1]).cpu()
             for entry in manifest["modules"]:
                 mod = entry["name"]
                 file = got.setdefault(mod, {})
@@ -345,10 +322,10 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
     finally:
         capture.remove()
 
-    write_bundle(out, manifest, sha256_bytes(manifest_bytes), got, modules)
+    write_bundle(out, manifest, sha256_bytes(manifest_bytes), got)
 
 
-def write_bundle(out: Path, manifest: dict, ref_sha: str, got: dict, modules: dict) -> None:
+def write_bundle(out: Path, manifest: dict, ref_sha: str, got: dict) -> None:
     if out.exists():
         raise BundleError(f"{out} exists; this engine writes a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -366,11 +343,9 @@ def write_bundle(out: Path, manifest: dict, ref_sha: str, got: dict, modules: di
             rows = [tensors[f"out.{i}"].shape[0] if f"out.{i}" in tensors else 0 for i in range(n)]
             if tensors:
                 features = next(t for key, t in tensors.items() if key.startswith("out.")).shape[-1]
-            elif hasattr(modules.get(name), "out_features"):
-                features = modules[name].out_features
             else:
-                # SPEC GAP: a module with no rows in any request has no measured last dimension; the spec
-                # does not say what `features` should hold then, so the reference's value is copied.
+                # bundles.md: a module with no rows in any request has `features` 0 in the reference, and an
+                # output bundle's must equal the reference's.
                 features = entry["features"]
             entries.append({"name": name, "file": rel, "rows": rows, "features": int(features)})
         got_manifest = {

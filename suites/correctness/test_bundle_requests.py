@@ -120,3 +120,36 @@ def test_a_module_the_reference_lacks_is_a_warning_not_an_error(pair, got, tmp_p
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert any("engine.only.module" in w for w in summary["warnings"])
     assert "engine.only.module" in (tmp_path / "o" / "index.html").read_text()
+
+
+def _edit(entry: dict, what: str) -> None:
+    if what == "unknown-adapter":
+        entry["adapter"] = "nope"
+    elif what == "float-seed":
+        entry["seed"] = 1.5
+    elif what == "geometry-not-text":
+        entry["geometry"] = [5]
+    elif what == "other-seed":  # another seed draws other pixels than the ones recorded
+        entry["seed"] += 1
+    elif what == "prompt-hash":
+        entry["prompt_sha256"] = "0" * 64
+
+
+@pytest.mark.parametrize("what,says", [("unknown-adapter", "adapter 'nope' is not one of the bundle's adapters"),
+                                       ("float-seed", "seed 1.5 is not an integer"),
+                                       ("geometry-not-text", "is not a list of --geometry items"),
+                                       ("other-seed", "is not the one its seed"),
+                                       ("prompt-hash", "input_ids are not the prompt")])
+def test_a_request_the_manifest_misstates_is_a_bad_bundle_not_a_divergence(pair, tmp_path, capsys, what, says):
+    """Each was a runtime DIVERGENCE (exit 1: the runtime's mapping failed on an adapter it never loaded) or a
+    bare Python error (AttributeError, RuntimeError) before the manifest's request entries were checked."""
+    bad = tmp_path / "bad"
+    shutil.copytree(pair / "ref", bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    _edit(m["requests"][0], what)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["compare", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and says in err[0] and "request 0" in err[0], err
+    assert not (tmp_path / "o").exists()

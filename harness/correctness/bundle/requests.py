@@ -18,16 +18,28 @@ def recorded_requests(b: Bundle, arch, config, run_dtype: torch.dtype) -> list[R
     reference's were) must equal the recorded inputs key by key where both have the key (the forward's own
     derived inputs, e.g. token type ids, are the recording's alone). A BundleError otherwise."""
     where = f"bundle {str(b.folder)!r}"
+    adapters = b.manifest.get("adapters") or {}
     reqs = []
     for i, entry in enumerate(b.manifest["requests"]):
         fed = b.inputs(i)
+        adapter, seed, geometry = entry.get("adapter"), entry.get("seed"), entry.get("geometry")
+        # the manifest's own words checked first: a bad value is the bundle's fault (exit 2), not a runtime
+        # divergence (an adapter the runtime never loaded would fail its mapping) nor a bare Python error
+        if adapter is not None and adapter not in adapters:
+            raise BundleError(f"{where}: request {i}: adapter {adapter!r} is not one of the bundle's adapters "
+                              f"({', '.join(map(repr, adapters)) or 'none'})")
+        if type(seed) is not int:
+            raise BundleError(f"{where}: request {i}: seed {seed!r} is not an integer")
+        if not isinstance(geometry, list) or not all(isinstance(g, str) for g in geometry):
+            raise BundleError(f"{where}: request {i}: geometry {geometry!r} is not a list of --geometry items")
         try:
-            images = tuple(parse_geometry(g) for g in entry["geometry"])
-            req = Request(images, tuple(fed["input_ids"][0].tolist()), entry["adapter"], entry["seed"])
+            images = tuple(parse_geometry(g) for g in geometry)
+            req = Request(images, tuple(fed["input_ids"][0].tolist()), adapter, seed)
             rebuilt = build_batch(arch, config, [req]).to("cpu", run_dtype).model_inputs()
+            sha = prompt_sha256(req.prompt_ids)
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: request {i} cannot be rebuilt ({' '.join(str(e).split())})") from None
-        if entry.get("prompt_sha256") != prompt_sha256(req.prompt_ids):
+        if entry.get("prompt_sha256") != sha:
             raise BundleError(f"{where}: request {i}: input_ids are not the prompt whose sha256 the manifest gives")
         for key in sorted(rebuilt.keys() & fed.keys()):
             a, r = fed[key], rebuilt[key]

@@ -226,13 +226,18 @@ def _replay_module(p, rt, name: str, have: list[int], mapping) -> tuple[list[tor
         x = torch.cat([ins[i] for i in have])
         counts = group_row_counts(p.arch, p.config, p.reqs, group)
     module = rt.model.get_submodule(name)
+    held: list[torch.Tensor] = []
+    # the base Linear's output inside this very call, cloned before the LoRA is added into it in place: what
+    # the runtime added its LoRA to, with no second GEMM
+    hook = module.base_layer.register_forward_hook(lambda _m, _a, out: held.append(out.detach().cpu().clone()))
     rt.mapping = mapping
     try:
         with torch.no_grad():
             y = module(x.to(rt.device)).cpu()
-            base = module.base_layer(x.to(rt.device)).cpu()
     finally:
         rt.mapping = None
+        hook.remove()
+    base = held[0]
     return (rows_per_request(y, group, counts, lengths, l_max, name),
             rows_per_request(base, group, counts, lengths, l_max, name))
 

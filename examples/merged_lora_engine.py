@@ -57,6 +57,12 @@ def inside(folder: Path, rel: str) -> Path:
     return path
 
 
+def source(folder: Path, path: str) -> Path:
+    # bundles.md: the checkpoint's and the adapters' `path` is relative to the bundle where `record` copied
+    # them in, or the absolute folder a user's own checkpoint / adapter was given as (their sha256 pins them)
+    return Path(path) if Path(path).is_absolute() else inside(folder, path)
+
+
 def load_model(ckpt: Path, dtype: torch.dtype, device: str, attn_implementation: str | None):
     config = AutoConfig.from_pretrained(ckpt, trust_remote_code=False)
     # bundles.md: the attention the reference ran is the manifest's `attn_implementation`; the same is asked
@@ -257,7 +263,7 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
     # bundles.md: an engine may run on any device; the manifest's `device` says where the reference ran. CUDA
     # is used when the reference ran there and it is available, else the CPU.
     device = "cuda" if str(manifest.get("device", "cpu")).startswith("cuda") and torch.cuda.is_available() else "cpu"
-    ckpt = inside(ref, manifest["checkpoint"]["path"])
+    ckpt = source(ref, manifest["checkpoint"]["path"])
     model = load_model(ckpt, dtype, device, manifest.get("attn_implementation"))
     modules = dict(model.named_modules())
     convert = key_converter(model)
@@ -269,7 +275,7 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
             entry = manifest["adapters"].get(name)
             if entry is None:
                 raise BundleError(f"adapter {name!r} is not in the reference's adapters")
-            adapters[name] = load_adapter(inside(ref, entry["path"]), model, modules, convert)
+            adapters[name] = load_adapter(source(ref, entry["path"]), model, modules, convert)
         return adapters[name]
 
     capture = Capture(model, manifest)

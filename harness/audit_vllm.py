@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from harness.geometry_flags import geometry_text
+
 NOX_SESSION = "nox -s vllm_towers --install-only (see its docstring for the torch/torchvision pair)"
 DRAWS = 4  # drawn geometries per config on top of the arch's mixed ones
 
@@ -175,7 +177,7 @@ def geometries(arch, config, seed: int = 0) -> list:
     return out
 
 
-def audit_arch(registry, arch) -> AuditRow | None:
+def audit_arch(registry, arch) -> AuditRow:
     try:
         cls = vllm_class(registry, arch.model_class_name)
     except Exception as e:  # noqa: BLE001 - one model module missing a dependency must not hide the others
@@ -196,13 +198,13 @@ def audit_arch(registry, arch) -> AuditRow | None:
             try:
                 tower, conn = vllm_counts(obj, helper, arch, config, geom, want.lm_tokens)
             except Exception as e:  # noqa: BLE001 - a helper that needs more than config is a finding too
-                row.note = f"helper raised at {cfg_name} {geom.describe()}: {type(e).__name__}: {e}"
+                row.note = f"helper raised at {cfg_name} {geometry_text(geom)}: {type(e).__name__}: {e}"
                 return row
             row.tried += 1
-            for group, got, measured in (("tower", tower, want.encoder_rows), ("connector", conn, want.connector_rows)):
-                if got != measured and group not in row.disagreements:
-                    row.disagreements[group] = dict(config=cfg_name, geometry=geom.describe(), vllm=got,
-                                                    measured=measured, lm_tokens=want.lm_tokens)
+            for group, got in (("tower", tower), ("connector", conn)):
+                if got != want.rows(group) and group not in row.disagreements:
+                    row.disagreements[group] = dict(config=cfg_name, geometry=geometry_text(geom), vllm=got,
+                                                    measured=want.rows(group), lm_tokens=want.lm_tokens)
     return row
 
 
@@ -211,8 +213,8 @@ def run_audit(model_types: list[str] | None = None) -> tuple[str, list[AuditRow]
     vllm, registry = import_vllm()
     from vlm.arch import all_archs
 
-    rows = [audit_arch(registry, a) for a in all_archs() if model_types is None or a.model_type in model_types]
-    return vllm.__version__, [r for r in rows if r is not None]
+    return vllm.__version__, [audit_arch(registry, a) for a in all_archs()
+                              if model_types is None or a.model_type in model_types]
 
 
 def markdown(version: str, rows: list[AuditRow]) -> str:

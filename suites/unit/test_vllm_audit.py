@@ -12,6 +12,7 @@ import pytest
 
 from harness import audit_vllm
 from harness.cli import main
+from harness.geometry_flags import geometry_text
 
 vllm_towers = pytest.mark.vllm_towers
 
@@ -63,7 +64,7 @@ def test_a_helper_that_forgets_cls_is_reported(monkeypatch):
     geom = arch.mixed_geometries(cfg)[0]
     want = arch.counts(cfg, geom)
     d = row.disagreements["tower"]
-    assert (d["config"], d["geometry"]) == ("tiny", geom.describe()), row.result
+    assert (d["config"], d["geometry"]) == ("tiny", geometry_text(geom)), row.result
     assert d["vllm"] == want.encoder_rows - geom.tiles and d["measured"] == want.encoder_rows
     assert "connector" not in row.disagreements, row.result
     assert "stale adapter index" in row.run_time
@@ -113,7 +114,7 @@ def test_a_floor_instead_of_ceil_pooling_count_is_reported(monkeypatch):
     first_partial = next(g for g in arch.mixed_geometries(cfg) if arch.counts(cfg, g).connector_rows
                          != (g.patches[0] // k) * (g.patches[1] // k))
     d = row.disagreements["connector"]
-    assert d["geometry"] == first_partial.describe() and d["vllm"] < d["measured"], row.result
+    assert d["geometry"] == geometry_text(first_partial) and d["vllm"] < d["measured"], row.result
     assert "tower" not in row.disagreements, row.result
 
 

@@ -94,19 +94,29 @@ def read_tensor(path: Path, key: str) -> torch.Tensor:
     match theirs bit for bit. Not through a memory map: the pages of a mapped file count in the process's RSS
     while it is mapped, on top of the copy (at LLaVA-7B widths the largest base weight, 180 MB, would be held
     twice while the judge reads it)."""
+    return read_tensors(path, [key])[key]
+
+
+def read_tensors(path: Path, keys=None) -> dict[str, torch.Tensor]:
+    """`keys` of a safetensors file (all of its tensors by default), each read as `read_tensor` reads one,
+    the header parsed once."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        entry = json.loads(f.read(n))[key]
-        begin, end = entry["data_offsets"]
-        if entry["dtype"] not in ST_DTYPES:
-            raise BundleError(f"{str(path)!r}: tensor {key!r} has dtype {entry['dtype']}; a bundle holds "
-                              f"{', '.join(ST_DTYPES)}")
-        t = torch.empty(entry["shape"], dtype=ST_DTYPES[entry["dtype"]])
-        buf = t.view(-1).view(torch.uint8).numpy()
-        f.seek(8 + n + begin)
-        if buf.nbytes != end - begin or (buf.nbytes and f.readinto(buf) != buf.nbytes):
-            raise BundleError(f"{str(path)!r}: tensor {key!r} is cut short")
-    return HELD.add(t)
+        header = json.loads(f.read(n))
+        out = {}
+        for key in (sorted(k for k in header if k != "__metadata__") if keys is None else keys):
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in ST_DTYPES:
+                raise BundleError(f"{str(path)!r}: tensor {key!r} has dtype {entry['dtype']}; a bundle holds "
+                                  f"{', '.join(ST_DTYPES)}")
+            t = torch.empty(entry["shape"], dtype=ST_DTYPES[entry["dtype"]])
+            buf = t.view(-1).view(torch.uint8).numpy()
+            f.seek(8 + n + begin)
+            if buf.nbytes != end - begin or (buf.nbytes and f.readinto(buf) != buf.nbytes):
+                raise BundleError(f"{str(path)!r}: tensor {key!r} is cut short")
+            out[key] = HELD.add(t)
+    return out
 
 
 def inside(where: str, folder: Path, what: str, file) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from harness.correctness.bundle.format import ST_DTYPES, BundleError, file_sha256, inside, read_tensor, save
+from harness.correctness.bundle.format import ST_DTYPES, BundleError, file_sha256, inside, read_tensors, save
 
 FOLDER = "requests"
 # every request feeds these two ([1, tokens]); the rest are its images' (pixel_values and the arch's own)
@@ -71,9 +71,4 @@ def check_inputs(where: str, folder: Path, i: int, entry: dict, verify: bool) ->
 
 def read_inputs(folder: Path, entry: dict) -> dict[str, torch.Tensor]:
     """A request's forward inputs, by keyword (the entry checked by `check_inputs`)."""
-    from safetensors import safe_open
-
-    path = folder / entry["file"]
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-    return {k: read_tensor(path, k) for k in keys}
+    return read_tensors(folder / entry["file"])

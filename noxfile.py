@@ -170,4 +170,4 @@ def bench(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     if not isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
         session.install("ruff>=0.6")
-    session.run("ruff", "check", "vlm", "harness", "runtime", "reference", "suites", "noxfile.py")
+    session.run("ruff", "check", "vlm", "harness", "runtime", "reference", "suites", "examples", "noxfile.py")

@@ -1,6 +1,8 @@
 """examples/merged_lora_engine.py, an engine written from docs/bundles.md and docs/rows.md alone, is judged
-by `mmlora compare REF GOT`: it passes on LLaVA and Llama 4 (a tiled tower) at fp32 and bf16, and its seeded
-bug (request 1 run with request 0's adapter) diverges at request 1's first tower module."""
+by `mmlora compare REF GOT`: it passes on LLaVA, Llama 4 (a tiled tower), Gemma 4 (the reference's fixes,
+with a partial-bin image) and Qwen2-VL (merged grids) at fp32 and bf16. Its seeded bugs are caught: request 1
+run with request 0's adapter diverges at request 1's first tower module; a Gemma 4 partial bin pooled by its
+own patch count instead of k^2 diverges at request 1's `@tower_out`. A fix it does not know is refused."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from harness.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "examples" / "merged_lora_engine.py"
-CASES = [("llava", "fp32"), ("llava", "bf16"), ("llama4", "fp32"), ("llama4", "bf16")]
-BUGGED = ("llava", "fp32")
+CASES = [(arch, dtype) for arch in ("llava", "llama4", "gemma4", "qwen2_vl") for dtype in ("fp32", "bf16")]
+# (arch, dtype) -> the seeded bug run on that case's reference too
+BUGS = {("llava", "fp32"): "reuse-adapter", ("gemma4", "fp32"): "pool-by-count"}
 
 
 def _engine(ref: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -30,16 +33,17 @@ def _engine(ref: Path, out: Path, *extra: str) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """Every case's reference and the engine's output bundle(s). Each engine starts as soon as its reference
-    is recorded and runs while the next one records: the four cases fit the time box only overlapped."""
+    is recorded and runs while the next one records: the cases fit the time box only overlapped."""
     root = tmp_path_factory.mktemp("example-engine")
     running = []
     for arch, dtype in CASES:
         ref = root / f"{arch}-{dtype}" / "ref"
         assert main(["record", "--arch", arch, "--dtype", dtype, "--adapters", "1", "--out", str(ref)]) == 0
         running.append(((arch, dtype, None), ref, ref.parent / "got", _engine(ref, ref.parent / "got")))
-        if (arch, dtype) == BUGGED:
+        bug = BUGS.get((arch, dtype))
+        if bug:
             out = ref.parent / "got-bug"
-            running.append(((arch, dtype, "bug"), ref, out, _engine(ref, out, "--seeded-bug", "reuse-adapter")))
+            running.append(((arch, dtype, bug), ref, out, _engine(ref, out, "--seeded-bug", bug)))
     done = {}
     for key, ref, out, proc in running:
         log, _ = proc.communicate(timeout=300)
@@ -68,10 +72,58 @@ def test_example_engine_passes(bundles, arch, dtype, tmp_path):
 
 
 def test_seeded_bug_diverges_at_request_1_first_tower_module(bundles, tmp_path):
-    arch, dtype = BUGGED
-    ref, got = bundles[(arch, dtype, "bug")]
+    arch, dtype = "llava", "fp32"
+    ref, got = bundles[(arch, dtype, "reuse-adapter")]
     rc, summary = _compare(ref, got, tmp_path / "report")
     assert rc == 1
     first = summary["archs"][arch]["first_divergence"]["e2e"]
     tower = [m["name"] for m in json.loads((ref / "manifest.json").read_text())["modules"] if m["group"] == "tower"]
     assert (first["request"], first["group"], first["module"]) == (1, "tower", tower[0]), first
+
+
+def _partial_bins(ref: Path) -> list[int]:
+    """Requests of a Gemma 4 reference holding an image with a partial pooling bin (Hp or Wp not a multiple of
+    k), from the geometries the manifest states and the checkpoint's kernel."""
+    manifest = json.loads((ref / "manifest.json").read_text())
+    config = json.loads((ref / manifest["checkpoint"]["path"] / "config.json").read_text())
+    k = config["vision_config"]["pooling_kernel_size"]
+    partial = []
+    for i, request in enumerate(manifest["requests"]):
+        for item in request["geometry"]:
+            hp, wp = (int(v) for v in item.removeprefix("patches=").split("x"))
+            if (hp, wp) != (0, 0) and (hp % k or wp % k):
+                partial.append(i)
+    return partial
+
+
+def test_gemma4_default_batch_holds_partial_bins_and_the_fixes(bundles):
+    # the HF-crashing case the engine must compute from the spec's fixes: without it gemma4 proves nothing
+    for dtype in ("fp32", "bf16"):
+        ref, _ = bundles[("gemma4", dtype, None)]
+        assert 1 in _partial_bins(ref)
+        fixes = json.loads((ref / "manifest.json").read_text())["fixes"]
+        assert fixes == ["gemma4-pooler-ceil-stride", "gemma4-image-feature-split"]
+
+
+def test_partial_bin_pooled_by_its_own_count_diverges_at_request_1(bundles, tmp_path):
+    ref, got = bundles[("gemma4", "fp32", "pool-by-count")]
+    rc, summary = _compare(ref, got, tmp_path / "report")
+    assert rc == 1
+    first = summary["archs"]["gemma4"]["first_divergence"]["e2e"]
+    # request 0's image has full bins only: the misreading shows first where a partial bin is pooled
+    assert (first["request"], first["module"]) == (1, "@tower_out"), first
+
+
+def test_unknown_fix_is_refused_in_one_line(bundles, tmp_path):
+    ref, _ = bundles[("gemma4", "fp32", None)]
+    manifest = json.loads((ref / "manifest.json").read_text())
+    manifest["fixes"] = [*manifest["fixes"], "gemma4-some-later-fix"]
+    fake = tmp_path / "ref"
+    fake.mkdir()
+    (fake / "manifest.json").write_text(json.dumps(manifest))  # refused before anything else is read
+    proc = _engine(fake, tmp_path / "got")
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert log.strip().splitlines()[-1] == (
+        "merged_lora_engine: the reference ran with fix 'gemma4-some-later-fix', which this engine does not know")
+    assert not (tmp_path / "got").exists()

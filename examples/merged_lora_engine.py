@@ -199,12 +199,21 @@ def gemma4_image_features(self, pixel_values, image_position_ids=None, **kwargs)
     return vision
 
 
+def mistral3_projector_forward(self, *args, **kwargs):
+    """bundles.md `mistral3-single-row-split`: a one-row 2-D projector output is handed back as [1, 1, D]."""
+    out = type(self).forward(self, *args, **kwargs)
+    if out.dim() == 2 and out.shape[0] == 1:
+        return out[None]
+    return out
+
+
 # bundles.md "Reference fixes in force": each name the manifest's `fixes` may list -> (transformers class whose
 # instances get it, attribute, replacement given the seeded bug).
 FIXES = {
     "gemma4-pooler-ceil-stride": ("Gemma4VisionPooler", "forward",
                                   lambda bug: gemma4_pooler_forward(bug == "pool-by-count")),
     "gemma4-image-feature-split": ("Gemma4Model", "get_image_features", lambda bug: gemma4_image_features),
+    "mistral3-single-row-split": ("Mistral3MultiModalProjector", "forward", lambda bug: mistral3_projector_forward),
 }
 
 

@@ -5,14 +5,15 @@ request's LoRA adapter into the base Linear weights (W + scale * B @ A), runs th
 alone, captures every module the reference lists (plus the `@` boundaries) with forward hooks, and restores
 the weights. It writes an output ("GOT") bundle the harness judges.
 
-It imports nothing of the harness on purpose: it shows what an outside engine has to do, and every place
-where the spec left it to guess is marked `SPEC GAP:`.
+It imports nothing of the harness on purpose: it shows what an outside engine has to do. A place where the
+spec left it to guess would be marked `SPEC GAP:`; none is left (each was closed by the spec saying it).
 
-    python examples/merged_lora_engine.py REF OUT [--seeded-bug reuse-adapter|pool-by-count]
+    python examples/merged_lora_engine.py REF OUT [--seeded-bug reuse-adapter|pool-by-count|ignore-alpha-pattern]
 
 `--seeded-bug` runs a deliberately wrong engine, for the tests: `reuse-adapter` runs request 1 with request
 0's adapter; `pool-by-count` divides a Gemma 4 partial bin by its own patch count instead of k^2 (a plausible
-misreading of "average pooling" that bundles.md's "Reference fixes in force" rules out).
+misreading of "average pooling" that bundles.md's "Reference fixes in force" rules out);
+`ignore-alpha-pattern` scales every module by the config's lora_alpha, whatever its alpha_pattern says.
 """
 
 from __future__ import annotations
@@ -101,15 +102,16 @@ def key_converter(model):
 
 
 def pattern_value(pattern: dict, name: str, default):
-    # PEFT's rule for rank_pattern / alpha_pattern: a key matches a module name that ends with it (at a dot
-    # boundary), the key read as a regex.
+    # bundles.md, adapters: a rank_pattern / alpha_pattern key is a regex matched against the loaded model's
+    # module name, anchored at the name's end and starting at its start or just after a dot; the first key in
+    # the config's order that matches gives the value, none: the config's r / lora_alpha.
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
 
-def load_adapter(folder: Path, model, modules: dict, convert) -> dict[str, torch.Tensor]:
+def load_adapter(folder: Path, modules: dict, convert, seeded_bug: str | None = None) -> dict[str, torch.Tensor]:
     """{module name: scale * B @ A} in float64, from a PEFT LoRA folder."""
     cfg = json.loads((folder / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -137,14 +139,14 @@ def load_adapter(folder: Path, model, modules: dict, convert) -> dict[str, torch
         if name not in modules:
             # bundles.md: an adapter may carry transformers 4.x module names; a name that is not a module of
             # the loaded model is converted with the model's key conversion, as the harness does.
-            # SPEC GAP: which name rank_pattern / alpha_pattern keys are matched against is left to PEFT's
-            # rule; matched here against the adapter's own (PEFT) name, as PEFT does when it loads it.
             name = convert(name + ".weight").removesuffix(".weight")
         if name not in modules:
             raise BundleError(f"{folder}: adapter module {peft_name!r} is not a module of the model")
         a, b = ab["lora_A"].double(), ab["lora_B"].double()
-        r = pattern_value(rank_pattern, peft_name, r_default)
-        alpha = pattern_value(alpha_pattern, peft_name, alpha_default)
+        # bundles.md: the patterns are matched against the module name (converted), as PEFT matches them
+        # against the modules of the model it injects into. The seeded bug ignores alpha_pattern.
+        r = pattern_value(rank_pattern, name, r_default)
+        alpha = pattern_value({} if seeded_bug == "ignore-alpha-pattern" else alpha_pattern, name, alpha_default)
         if a.shape[0] != r:
             raise BundleError(f"{folder}: {peft_name} has rank {a.shape[0]}, the config says {r}")
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -363,7 +365,7 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
             entry = manifest["adapters"].get(name)
             if entry is None:
                 raise BundleError(f"adapter {name!r} is not in the reference's adapters")
-            adapters[name] = load_adapter(source(ref, entry["path"]), model, modules, convert)
+            adapters[name] = load_adapter(source(ref, entry["path"]), modules, convert, seeded_bug)
         return adapters[name]
 
     capture = Capture(model, manifest)
@@ -459,7 +461,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref", type=Path, help="reference bundle folder (mmlora record)")
     parser.add_argument("out", type=Path, help="output bundle folder to write (must not exist)")
-    parser.add_argument("--seeded-bug", choices=["reuse-adapter", "pool-by-count"], help="run a deliberately wrong engine")
+    parser.add_argument("--seeded-bug", choices=["reuse-adapter", "pool-by-count", "ignore-alpha-pattern"], help="run a deliberately wrong engine")
     args = parser.parse_args(argv)
     try:
         run(args.ref, args.out, args.seeded_bug)

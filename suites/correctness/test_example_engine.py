@@ -2,7 +2,8 @@
 by `mmlora compare REF GOT`: it passes on LLaVA, Llama 4 (a tiled tower), Gemma 4 (the reference's fixes,
 with a partial-bin image) and Qwen2-VL (merged grids) at fp32 and bf16. Its seeded bugs are caught: request 1
 run with request 0's adapter diverges at request 1's first tower module; a Gemma 4 partial bin pooled by its
-own patch count instead of k^2 diverges at request 1's `@tower_out`. A fix it does not know is refused."""
+own patch count instead of k^2 diverges at request 1's `@tower_out`. A fix it does not know is refused. A
+PEFT-saved adapter with rank_pattern / alpha_pattern passes; ignoring alpha_pattern is caught."""
 
 from __future__ import annotations
 
@@ -21,6 +22,30 @@ ENGINE = ROOT / "examples" / "merged_lora_engine.py"
 CASES = [(arch, dtype) for arch in ("llava", "llama4", "gemma4", "qwen2_vl") for dtype in ("fp32", "bf16")]
 # (arch, dtype) -> the seeded bug run on that case's reference too
 BUGS = {("llava", "fp32"): "reuse-adapter", ("gemma4", "fp32"): "pool-by-count"}
+# the case whose checkpoint carries the PEFT-saved adapter with rank_pattern / alpha_pattern
+PATTERNED = ("llava", "fp32")
+RANK_PATTERN = {r"language_model\.layers\.0\.self_attn\.q_proj": 2}
+ALPHA_PATTERN = {"linear_1": 32, r"layers\.1\.self_attn\.v_proj": 2}
+
+
+def _patterned_adapter(checkpoint: Path, out: Path) -> Path:
+    """A LoRA saved through PEFT (r 4, alpha 8) on q_proj, v_proj and linear_1 of the tiny LLaVA, whose patterns
+    give LM layer 0's q_proj rank 2, and linear_1 and both layer-1 v_proj (tower and LM) other alphas."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "linear_1"],
+                        rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN, init_lora_weights=False)
+    pm = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B nonzero (PEFT's init zeroes it), small enough to stay a correction
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    pm.save_pretrained(out, safe_serialization=True)
+    return out
 
 
 def _engine(ref: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -44,6 +69,17 @@ def bundles(tmp_path_factory):
         if bug:
             out = ref.parent / "got-bug"
             running.append(((arch, dtype, bug), ref, out, _engine(ref, out, "--seeded-bug", bug)))
+        if (arch, dtype) == PATTERNED:
+            # an adapter saved by PEFT itself whose rank_pattern / alpha_pattern hit some modules only, on the
+            # checkpoint just recorded; replayed by the engine and by its seeded wrong rule
+            pat = root / "pattern" / "ref"
+            adapter = _patterned_adapter(ref / "checkpoint", root / "pattern" / "adapter")
+            assert main(["record", "--arch", arch, "--dtype", dtype, "--model", str(ref / "checkpoint"),
+                         "--adapter", f"pat={adapter}", "--out", str(pat)]) == 0
+            for bug in (None, "ignore-alpha-pattern"):
+                out = pat.parent / (f"got-{bug}" if bug else "got")
+                running.append((("pattern", dtype, bug), pat, out,
+                                _engine(pat, out, *(["--seeded-bug", bug] if bug else []))))
     done = {}
     for key, ref, out, proc in running:
         log, _ = proc.communicate(timeout=300)
@@ -127,3 +163,20 @@ def test_unknown_fix_is_refused_in_one_line(bundles, tmp_path):
     assert log.strip().splitlines()[-1] == (
         "merged_lora_engine: the reference ran with fix 'gemma4-some-later-fix', which this engine does not know")
     assert not (tmp_path / "got").exists()
+
+
+def test_rank_and_alpha_patterns_follow_peft_and_a_wrong_rule_is_caught(bundles, tmp_path):
+    ref, got = bundles[("pattern", "fp32", None)]
+    saved = json.loads((ref.parent / "adapter" / "adapter_config.json").read_text())
+    assert (saved["rank_pattern"], saved["alpha_pattern"]) == (RANK_PATTERN, ALPHA_PATTERN)
+    modules = [m["name"] for m in json.loads((ref / "manifest.json").read_text())["modules"]]
+    # the patterns hit some of the adapter's modules and not others
+    hit = [m for m in modules if m.endswith(("linear_1", "layers.1.self_attn.v_proj"))]
+    assert len(hit) == 3 and any(m.endswith("q_proj") for m in modules if m not in hit)
+    rc, summary = _compare(ref, got, tmp_path / "report")
+    assert rc == 0, summary["archs"]["llava"]["first_divergence"]
+    _, wrong = bundles[("pattern", "fp32", "ignore-alpha-pattern")]
+    rc, summary = _compare(ref, wrong, tmp_path / "wrong")
+    assert rc == 1
+    first = summary["archs"]["llava"]["first_divergence"]["e2e"]
+    assert first["module"] in hit, first

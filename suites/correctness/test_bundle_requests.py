@@ -155,3 +155,19 @@ def test_a_request_the_manifest_misstates_is_a_bad_bundle_not_a_divergence(pair,
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and says in err[0] and "request 0" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_manifest_geometries_that_are_not_the_requests_are_a_bad_bundle(pair, tmp_path, capsys):
+    """`geometries` (the --geometry items recorded, taken in turn by the requests' images) was required but never
+    read: a manifest could say tiles=2 over requests of tiles=1 images."""
+    m = json.loads((pair / "ref" / "manifest.json").read_text())
+    assert m["geometries"] == [{"tiles": 1, "grid": None, "patches": None, "size": None, "split": None}]
+    bad = tmp_path / "bad"
+    shutil.copytree(pair / "ref", bad)
+    m["geometries"][0]["tiles"] = 2
+    (bad / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["compare", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "geometries" in err[0] and "(tiles=1, tiles=1, tiles=1" in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -1,9 +1,10 @@
 """examples/merged_lora_engine.py, an engine written from docs/bundles.md and docs/rows.md alone, is judged
 by `mmlora compare REF GOT`: it passes on LLaVA, Llama 4 (a tiled tower), Gemma 4 (the reference's fixes,
-with a partial-bin image) and Qwen2-VL (merged grids) at fp32 and bf16. Its seeded bugs are caught: request 1
-run with request 0's adapter diverges at request 1's first tower module; a Gemma 4 partial bin pooled by its
-own patch count instead of k^2 diverges at request 1's `@tower_out`. A fix it does not know is refused. A
-PEFT-saved adapter with rank_pattern / alpha_pattern passes; ignoring alpha_pattern is caught."""
+with a partial-bin image) and Qwen2-VL (merged grids) at fp32 and bf16, and on Mistral 3 (its one-row fix)
+at fp32. Its seeded bugs are caught: request 1 run with request 0's adapter diverges at request 1's first
+tower module; a Gemma 4 partial bin pooled by its own patch count instead of k^2 diverges at request 1's
+`@tower_out`. A fix it does not know is refused. A PEFT-saved adapter with rank_pattern / alpha_pattern
+passes; ignoring alpha_pattern is caught."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from harness.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "examples" / "merged_lora_engine.py"
 CASES = [(arch, dtype) for arch in ("llava", "llama4", "gemma4", "qwen2_vl") for dtype in ("fp32", "bf16")]
+# Mistral 3's default batch holds a one-row image (28 x 28): HF crashes there unless the engine applies the
+# listed fix mistral3-single-row-split, as bundles.md states it
+CASES.append(("mistral3", "fp32"))
 # (arch, dtype) -> the seeded bug run on that case's reference too
 BUGS = {("llava", "fp32"): "reuse-adapter", ("gemma4", "fp32"): "pool-by-count"}
 # the case whose checkpoint carries the PEFT-saved adapter with rank_pattern / alpha_pattern
@@ -180,3 +184,10 @@ def test_rank_and_alpha_patterns_follow_peft_and_a_wrong_rule_is_caught(bundles,
     assert rc == 1
     first = summary["archs"]["llava"]["first_divergence"]["e2e"]
     assert first["module"] in hit, first
+
+
+def test_mistral3_bundle_lists_its_one_row_fix(bundles):
+    ref, _ = bundles[("mistral3", "fp32", None)]
+    manifest = json.loads((ref / "manifest.json").read_text())
+    assert manifest["fixes"] == ["mistral3-single-row-split"]
+    assert ["image-size=28x28"] in [r["geometry"] for r in manifest["requests"]]  # one image row: 28 / (14 * 2)

@@ -5,12 +5,15 @@ request's LoRA adapter into the base Linear weights (W + scale * B @ A), runs th
 alone, captures every module the reference lists (plus the `@` boundaries) with forward hooks, and restores
 the weights. It writes an output ("GOT") bundle the harness judges.
 
-It imports nothing of the harness on purpose: it shows what an outside engine has to do, and every place
-where the spec left it to guess is marked `SPEC GAP:`.
+It imports nothing of the harness on purpose: it shows what an outside engine has to do. A place where the
+spec left it to guess would be marked `SPEC GAP:`; none is left (each was closed by the spec saying it).
 
-    python examples/merged_lora_engine.py REF OUT [--seeded-bug reuse-adapter]
+    python examples/merged_lora_engine.py REF OUT [--seeded-bug reuse-adapter|pool-by-count|ignore-alpha-pattern]
 
-`--seeded-bug reuse-adapter` runs request 1 with request 0's adapter: a wrong engine, for the tests.
+`--seeded-bug` runs a deliberately wrong engine, for the tests: `reuse-adapter` runs request 1 with request
+0's adapter; `pool-by-count` divides a Gemma 4 partial bin by its own patch count instead of k^2 (a plausible
+misreading of "average pooling" that bundles.md's "Reference fixes in force" rules out);
+`ignore-alpha-pattern` scales every module by the config's lora_alpha, whatever its alpha_pattern says.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -98,15 +102,16 @@ def key_converter(model):
 
 
 def pattern_value(pattern: dict, name: str, default):
-    # PEFT's rule for rank_pattern / alpha_pattern: a key matches a module name that ends with it (at a dot
-    # boundary), the key read as a regex.
+    # bundles.md, adapters: a rank_pattern / alpha_pattern key is a regex matched against the loaded model's
+    # module name, anchored at the name's end and starting at its start or just after a dot; the first key in
+    # the config's order that matches gives the value, none: the config's r / lora_alpha.
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
 
-def load_adapter(folder: Path, model, modules: dict, convert) -> dict[str, torch.Tensor]:
+def load_adapter(folder: Path, modules: dict, convert, seeded_bug: str | None = None) -> dict[str, torch.Tensor]:
     """{module name: scale * B @ A} in float64, from a PEFT LoRA folder."""
     cfg = json.loads((folder / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -134,19 +139,101 @@ def load_adapter(folder: Path, model, modules: dict, convert) -> dict[str, torch
         if name not in modules:
             # bundles.md: an adapter may carry transformers 4.x module names; a name that is not a module of
             # the loaded model is converted with the model's key conversion, as the harness does.
-            # SPEC GAP: which name rank_pattern / alpha_pattern keys are matched against is left to PEFT's
-            # rule; matched here against the adapter's own (PEFT) name, as PEFT does when it loads it.
             name = convert(name + ".weight").removesuffix(".weight")
         if name not in modules:
             raise BundleError(f"{folder}: adapter module {peft_name!r} is not a module of the model")
         a, b = ab["lora_A"].double(), ab["lora_B"].double()
-        r = pattern_value(rank_pattern, peft_name, r_default)
-        alpha = pattern_value(alpha_pattern, peft_name, alpha_default)
+        # bundles.md: the patterns are matched against the module name (converted), as PEFT matches them
+        # against the modules of the model it injects into. The seeded bug ignores alpha_pattern.
+        r = pattern_value(rank_pattern, name, r_default)
+        alpha = pattern_value({} if seeded_bug == "ignore-alpha-pattern" else alpha_pattern, name, alpha_default)
         if a.shape[0] != r:
             raise BundleError(f"{folder}: {peft_name} has rank {a.shape[0]}, the config says {r}")
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         deltas[name] = scale * (b @ a)
     return deltas
+
+
+def _real_grid(positions: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    # bundles.md, Gemma 4 fixes: real patches are the rows whose x and y are both >= 0; Wp (Hp) is 1 + the
+    # largest real x (y), 0 x 0 for an image with no real patch.
+    real = (positions >= 0).all(dim=-1)
+    if not bool(real.any()):
+        return real, 0, 0
+    xy = positions[real]
+    return real, int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1
+
+
+def gemma4_pooler_forward(pool_by_count: bool):
+    """bundles.md `gemma4-pooler-ceil-stride`: Gemma4VisionPooler.forward with bins strided by ceil(Wp/k)."""
+
+    def forward(self, hidden_states, pixel_position_ids, padding_positions, output_length=None):
+        b, n, d = hidden_states.shape
+        k = math.isqrt(n // output_length)
+        pooled = torch.zeros(b, output_length, d, dtype=torch.float64, device=hidden_states.device)
+        count = torch.zeros(b, output_length, dtype=torch.float64, device=hidden_states.device)
+        for i in range(b):
+            real, _, wp = _real_grid(pixel_position_ids[i])
+            if wp == 0:
+                continue
+            x, y = pixel_position_ids[i][real].long().unbind(-1)
+            bins = (y // k) * -(-wp // k) + x // k
+            pooled[i].index_add_(0, bins, hidden_states[i][real].double())
+            count[i].index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
+        valid = count > 0
+        # the spec: / k^2 whatever the bin holds. The seeded bug divides by the bin's own patch count.
+        divisor = count.clamp(min=1).unsqueeze(-1) if pool_by_count else k * k
+        return (pooled / divisor * self.hidden_size**0.5).float(), valid
+
+    return forward
+
+
+def gemma4_image_features(self, pixel_values, image_position_ids=None, **kwargs):
+    """bundles.md `gemma4-image-feature-split`: Gemma4Model.get_image_features split by valid bins per image."""
+    vision = self.vision_tower(pixel_values=pixel_values, pixel_position_ids=image_position_ids, **kwargs)
+    pooled = self.embed_vision(inputs_embeds=vision.last_hidden_state)
+    k = self.config.vision_config.pooling_kernel_size
+    sizes = []
+    for positions in image_position_ids:
+        _, hp, wp = _real_grid(positions)
+        sizes.append(-(-hp // k) * -(-wp // k))
+    vision.pooler_output = torch.split(pooled, sizes)
+    return vision
+
+
+def mistral3_projector_forward(self, *args, **kwargs):
+    """bundles.md `mistral3-single-row-split`: a one-row 2-D projector output is handed back as [1, 1, D]."""
+    out = type(self).forward(self, *args, **kwargs)
+    if out.dim() == 2 and out.shape[0] == 1:
+        return out[None]
+    return out
+
+
+# bundles.md "Reference fixes in force": each name the manifest's `fixes` may list -> (transformers class whose
+# instances get it, attribute, replacement given the seeded bug).
+FIXES = {
+    "gemma4-pooler-ceil-stride": ("Gemma4VisionPooler", "forward",
+                                  lambda bug: gemma4_pooler_forward(bug == "pool-by-count")),
+    "gemma4-image-feature-split": ("Gemma4Model", "get_image_features", lambda bug: gemma4_image_features),
+    "mistral3-single-row-split": ("Mistral3MultiModalProjector", "forward", lambda bug: mistral3_projector_forward),
+}
+
+
+def check_fixes(names: list[str]) -> None:
+    for name in names:
+        if name not in FIXES:
+            raise BundleError(f"the reference ran with fix {name!r}, which this engine does not know")
+
+
+def apply_fixes(model, names: list[str], seeded_bug: str | None) -> None:
+    """Bind each listed fix to the model's own instances (the class itself stays transformers')."""
+    for name in names:
+        cls, attr, make = FIXES[name]
+        found = [m for m in model.modules() if type(m).__name__ == cls]
+        if not found:
+            raise BundleError(f"fix {name!r}: the loaded model has no {cls}")
+        for m in found:
+            setattr(m, attr, types.MethodType(make(seeded_bug), m))
 
 
 class Capture:
@@ -263,8 +350,11 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
     # bundles.md: an engine may run on any device; the manifest's `device` says where the reference ran. CUDA
     # is used when the reference ran there and it is available, else the CPU.
     device = "cuda" if str(manifest.get("device", "cpu")).startswith("cuda") and torch.cuda.is_available() else "cpu"
+    fixes = list(manifest.get("fixes") or [])
+    check_fixes(fixes)  # before the model loads: a bundle this engine cannot honour is refused at once
     ckpt = source(ref, manifest["checkpoint"]["path"])
     model = load_model(ckpt, dtype, device, manifest.get("attn_implementation"))
+    apply_fixes(model, fixes, seeded_bug)
     modules = dict(model.named_modules())
     convert = key_converter(model)
 
@@ -275,7 +365,7 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
             entry = manifest["adapters"].get(name)
             if entry is None:
                 raise BundleError(f"adapter {name!r} is not in the reference's adapters")
-            adapters[name] = load_adapter(source(ref, entry["path"]), model, modules, convert)
+            adapters[name] = load_adapter(source(ref, entry["path"]), modules, convert, seeded_bug)
         return adapters[name]
 
     capture = Capture(model, manifest)
@@ -306,12 +396,10 @@ def run(ref: Path, out: Path, seeded_bug: str | None) -> None:
                     try:
                         model(**inputs, use_cache=False)
                     except RuntimeError as e:
-                        # Plain HF can fail where the reference applied a fix (the manifest's `fixes`,
-                        # docs/upstream-bugs.md): said in one line, not worked around.
-                        fixes = ", ".join(manifest.get("fixes") or []) or "none"
+                        # An HF failure this engine's fixes do not cover: said in one line, not worked around.
                         raise BundleError(
                             f"request {i}: the HF forward failed ({str(e).splitlines()[0]}); "
-                            f"the reference's fixes: {fixes}"
+                            f"the reference's fixes: {', '.join(fixes) or 'none'}"
                         ) from e
             finally:
                 with torch.no_grad():
@@ -373,7 +461,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref", type=Path, help="reference bundle folder (mmlora record)")
     parser.add_argument("out", type=Path, help="output bundle folder to write (must not exist)")
-    parser.add_argument("--seeded-bug", choices=["reuse-adapter"], help="run a deliberately wrong engine")
+    parser.add_argument("--seeded-bug", choices=["reuse-adapter", "pool-by-count", "ignore-alpha-pattern"], help="run a deliberately wrong engine")
     args = parser.parse_args(argv)
     try:
         run(args.ref, args.out, args.seeded_bug)

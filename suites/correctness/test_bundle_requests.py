@@ -36,13 +36,15 @@ def test_every_arch_geometry_text_round_trips_through_the_geometry_parser(arch):
 @pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_recorded_inputs_replay_the_reference_logits_exactly(arch, tmp_path):
     """The independent check: the HF model (with the reference's fixes of HF code) and PEFT, loaded from the
-    bundle's files alone, fed each request's recorded inputs alone, give the recorded @logits bit for bit."""
+    bundle's files alone, fed each request's recorded inputs alone, give the recorded @logits bit for bit.
+    Called as any engine calls it (the model itself, not the arch's forward_logits and its workarounds): a
+    change to HF's code the reference made without listing it in `fixes` crashes or differs here."""
     ref = record(arch, Options(archs=[arch], n_adapters=1), tmp_path / "work", tmp_path / "ref")
     b = Bundle.open(ref)
     m = b.manifest
     assert m["version"] == 3
     spec, _, model = load_checkpoint(ref / m["checkpoint"]["path"], dtype=parse_dtype(m["dtype"]))
-    spec.install_fixes(model)
+    assert spec.install_fixes(model) == m["fixes"]
     pm = load_adapters(model, {n: ref / e["path"] for n, e in m["adapters"].items()})
     assert any(r["adapter"] for r in m["requests"]) and any(r["images"] for r in m["requests"])
     for i, entry in enumerate(m["requests"]):
@@ -56,7 +58,7 @@ def test_recorded_inputs_replay_the_reference_logits_exactly(arch, tmp_path):
             pm.set_adapter(entry["adapter"])
             ctx = torch.no_grad()
         with ctx, torch.no_grad():
-            logits = spec.forward_logits(pm, **fed)
+            logits = pm(**fed).logits
         assert torch.equal(logits[0], b.get(i, LOGITS, "out")), (arch, i)
 
 
@@ -152,4 +154,20 @@ def test_a_request_the_manifest_misstates_is_a_bad_bundle_not_a_divergence(pair,
     assert main(["compare", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and says in err[0] and "request 0" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_geometries_that_are_not_the_requests_are_a_bad_bundle(pair, tmp_path, capsys):
+    """`geometries` (the --geometry items recorded, taken in turn by the requests' images) was required but never
+    read: a manifest could say tiles=2 over requests of tiles=1 images."""
+    m = json.loads((pair / "ref" / "manifest.json").read_text())
+    assert m["geometries"] == [{"tiles": 1, "grid": None, "patches": None, "size": None, "split": None}]
+    bad = tmp_path / "bad"
+    shutil.copytree(pair / "ref", bad)
+    m["geometries"][0]["tiles"] = 2
+    (bad / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["compare", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "geometries" in err[0] and "(tiles=1, tiles=1, tiles=1" in err[0], err
     assert not (tmp_path / "o").exists()

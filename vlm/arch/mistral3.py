@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from vlm.arch import register
-from vlm.arch.base import ArchSpec, DrawInt, ImageGeometry, TokenCounts, decoder_lm_recipe, require_int
+from vlm.arch.base import (
+    ArchSpec,
+    DrawInt,
+    ImageGeometry,
+    ReferenceFix,
+    TokenCounts,
+    decoder_lm_recipe,
+    require_int,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,17 @@ class Mistral3(ArchSpec):
         "language_model": decoder_lm_recipe("model.language_model."),
     })
     geometry_fields: tuple[str, ...] = ("size",)
+
+    def reference_fixes(self) -> tuple[ReferenceFix, ...]:
+        # A listed fix (the manifest's `fixes`, bundles.md "Reference fixes in force"), not only the hook in
+        # forward_logits: an outside engine replays the recorded inputs with HF's own forward and must know
+        # the reference did not run HF's code unchanged (a 28x28 request crashed the example engine).
+        return (
+            ReferenceFix("mistral3-single-row-split", "Mistral3MultiModalProjector", "forward", _projector_forward,
+                         "transformers' Mistral3Model.get_image_features squeezes the projector's (rows, D) output "
+                         "before splitting it per image: with one row in the whole batch it splits D and "
+                         "split_with_sizes fails; the fix returns a one-row output as (1, 1, D)", runtime_too=True),
+        )
 
     # ---------------------------------------------------------------- formulas
     @staticmethod
@@ -150,7 +169,9 @@ class Mistral3(ArchSpec):
         # batch yields exactly one image token (e.g. a single 28x28 image with p=14, m=2) it becomes
         # (D,) and torch.split raises "split_with_sizes expects split_sizes to sum exactly to D".
         # Work around it only in that case: hand back (1, 1, D), which the squeeze turns into the
-        # intended (1, D). Any other row count passes through untouched.
+        # intended (1, D). Any other row count passes through untouched. The reference and the runtime run
+        # the same as the listed fix `mistral3-single-row-split`; the hook stays for callers that run a model
+        # without install_fixes (a no-op where the fix already made the output 3-D).
         projectors = [m for m in model.modules() if type(m).__name__ == "Mistral3MultiModalProjector"]
 
         def keep_row_axis(_mod, _args, out):
@@ -168,6 +189,13 @@ class Mistral3(ArchSpec):
     def measure_points(self, model) -> dict[str, str]:
         return {"encoder": "model.vision_tower.transformer.layers.0",
                 "connector": "model.multi_modal_projector.patch_merger.merging_layer"}
+
+
+def _projector_forward(self, *args, **kwargs):
+    """`Mistral3MultiModalProjector.forward`, its one-row output (1, D) returned as (1, 1, D), which HF's
+    squeeze turns into the intended (1, D) (see Mistral3.forward_logits); every other output unchanged."""
+    out = type(self).forward(self, *args, **kwargs)
+    return out.unsqueeze(0) if out.dim() == 2 and out.shape[0] == 1 else out
 
 
 register(Mistral3())

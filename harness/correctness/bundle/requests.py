@@ -4,12 +4,15 @@ fed exactly what the reference ran."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
 
 from harness.correctness.bundle.format import BundleError
 from harness.correctness.bundle.reader import Bundle
 from harness.correctness.bundle.writer import prompt_sha256
-from harness.geometry_flags import parse_geometry
+from harness.geometry_flags import geometry_text, parse_geometry
 from vlm.requests import Request, build_batch
 
 
@@ -49,7 +52,22 @@ def recorded_requests(b: Bundle, arch, config, run_dtype: torch.dtype) -> list[R
         if missing := sorted(rebuilt.keys() - fed.keys()):
             raise BundleError(f"{where}: request {i} lacks the recorded input(s) {', '.join(missing)}")
         reqs.append(req)
+    _check_geometries(b.manifest.get("geometries"), reqs, where)
     return reqs
+
+
+def _check_geometries(listed, reqs: list[Request], where: str) -> None:
+    """The manifest's `geometries` (the --geometry items the recording took in turn; [] for the arch's own mix,
+    which a later harness may change, so not checked) must be what the requests' images are, in turn: a list
+    that says otherwise misstates the bundle."""
+    if not isinstance(listed, list):
+        raise BundleError(f"{where}: geometries {listed!r} is not a list")
+    images = [g for r in reqs for g in r.images]
+    # as the manifest holds them: dataclasses.asdict through JSON (tuples become lists)
+    taken = json.loads(json.dumps([dataclasses.asdict(g) for g in images]))
+    if listed and taken != [listed[k % len(listed)] for k in range(len(images))]:
+        raise BundleError(f"{where}: geometries {json.dumps(listed)} are not the ones the requests' images take "
+                          f"in turn ({', '.join(geometry_text(g) for g in images)})")
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

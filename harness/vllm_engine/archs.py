@@ -1,0 +1,88 @@
+"""Per arch: a reference request's forward inputs (HF's keywords, docs/bundles.md "Request inputs") as the
+per-image items vLLM's multimodal processor would hand its runner, and vLLM's module names as the HF ones.
+
+The items are built by vLLM's own code from the fields its processor returns: the processor class's
+`_get_mm_fields_config` and `MultiModalKwargsItems.from_hf_inputs`. What is this project's: which HF input
+becomes which vLLM field (the processor's own outputs, e.g. Llama 4's `patches_per_image`, are derived from the
+request's geometry), and `units`: what each image contributes along the leading dimension of the tower /
+connector tensors (tiles, patches), used to split a captured batch into images (rows are proportional to it);
+it is read from the inputs, never from vLLM's count helper (which it judges)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+
+@dataclass
+class Spec:
+    model_type: str
+    vllm_module: str  # vllm.model_executor.models.<module>
+    processor: str  # its multimodal processor class (whose _get_mm_fields_config is used)
+    items: object  # (config, inputs of one request, its geometries) -> (hf_inputs for vLLM, units per image)
+    hf_prefix: tuple[tuple[str, str], ...] = ()  # (vLLM prefix, HF prefix) pairs, first match wins
+
+
+def _tiles(geom: str) -> int:
+    name, _, value = geom.partition("=")
+    assert name == "tiles", geom
+    t = int(value)
+    return t + 1 if t > 1 else 1  # the processor adds a global tile when it splits (rows.md, Llama 4)
+
+
+def _llama4_items(config, inputs: dict, geoms: list[str]):
+    tiles = [_tiles(g) for g in geoms]
+    px = inputs["pixel_values"]
+    assert px.shape[0] == sum(tiles), (px.shape, tiles)
+    # aspect_ratios (the tile grid) is parsed by vLLM's model but unused by its forward and its count helper;
+    # the geometry gives the count only, so it is (1, tiles)
+    return {"pixel_values": px, "patches_per_image": torch.tensor(tiles),
+            "aspect_ratios": torch.tensor([[1, t] for t in tiles])}, tiles
+
+
+SPECS = {
+    "llama4": Spec("llama4", "mllama4", "Mllama4MultiModalProcessor", _llama4_items),
+}
+
+
+def spec(model_type: str) -> Spec:
+    if model_type not in SPECS:
+        raise ValueError(f"the vLLM engine does not handle arch {model_type!r} (it handles {', '.join(SPECS)})")
+    return SPECS[model_type]
+
+
+def request_items(s: Spec, config, inputs: dict, geoms: list[str]) -> list[tuple[object, int]]:
+    """(vLLM's MultiModalKwargsItem, units) per image of one request, built by vLLM's own field config."""
+    import importlib
+
+    from transformers import BatchFeature
+    from vllm.multimodal.inputs import MultiModalKwargsItems
+
+    hf_inputs, units = s.items(config, inputs, geoms)
+    proc = getattr(importlib.import_module(f"vllm.model_executor.models.{s.vllm_module}"), s.processor)
+    # the processor's fields method reads at most self.info.get_hf_config(); the processor itself needs a tokenizer
+    me = SimpleNamespace(info=SimpleNamespace(get_hf_config=lambda: config))
+    fields = proc._get_mm_fields_config(me, BatchFeature(hf_inputs), {})
+    items = MultiModalKwargsItems.from_hf_inputs(BatchFeature(hf_inputs), fields)["image"]
+    assert len(items) == len(geoms) == len(units), (len(items), geoms, units)
+    return list(zip(items, units))
+
+
+def hf_name(s: Spec, vllm_name: str) -> str:
+    for a, b in s.hf_prefix:
+        if vllm_name.startswith(a):
+            return b + vllm_name[len(a):]
+    return vllm_name
+
+
+def vllm_name(s: Spec, hf: str) -> str:
+    for a, b in s.hf_prefix:
+        if hf.startswith(b):
+            return a + hf[len(b):]
+    return hf
+
+
+def processor_kwargs(s: Spec, config) -> dict | None:
+    return None

@@ -1,0 +1,102 @@
+"""vLLM's model class and its worker LoRA manager, built from a reference bundle's checkpoint on CPU.
+
+vLLM's own code, imported: `ModelConfig` / `VllmConfig` / `LoRAConfig` (with `mm_encoder_only=True`, vLLM's
+`--mm-encoder-only`: the model class builds its tower and connector and leaves the language model a
+`StageMissingLayer`, so no LM attention is built), the model class through `initialize_model`, its
+`load_weights` through the default (safetensors) loader, `process_weights_after_loading`, and
+`LRUCacheWorkerLoRAManager` / `create_lora_manager` / `LoRAModelManager` with
+`enable_tower_connector_lora=True` exactly as `lora_model_runner_mixin.load_lora_model` creates them
+(on CPU the platform's punica wrapper is vLLM's `PunicaWrapperCPU`).
+
+Reproduced (two steps of vLLM's own loader / manager skipped, said where): `BaseModelLoader.load_model`'s body
+minus `log_online_quantization` (its import needs `compressed_tensors`, which the vllm_towers venv lacks; it only
+logs); and `MultiModalBudget` in `LoRAModelManager._maybe_init_mm`, which builds vLLM's HF processor and so
+needs a tokenizer the tiny checkpoint has not got: `_Budget` below stands in for it, giving the encoder budget
+(the `num_mm_embeds` the manager asks the count helper about to size the tower / connector punica wrappers) as
+the batch's own placeholder total. It sizes buffers only; every mapping is vLLM's."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class _Budget:
+    """Stand-in for vLLM's MultiModalBudget (see the module docstring): one image modality, `limit` images per
+    prompt, `budget` placeholder embeddings per encoder batch."""
+
+    def __init__(self, budget: int, limit: int):
+        self.mm_max_items_per_prompt = {"image": limit}
+        self.mm_max_toks_per_item = {"image": budget}
+        self._budget = budget
+
+    def get_encoder_budget(self) -> int:
+        return self._budget
+
+
+def vllm_config(ckpt: Path, dtype: str, max_loras: int, max_rank: int, processor_kwargs: dict | None = None,
+                target_modules: list[str] | None = None):
+    """`target_modules`: vLLM's `--lora-target-modules` (module name suffixes to wrap); None: every supported
+    module, vLLM's default."""
+    from vllm.config import LoadConfig, LoRAConfig, ModelConfig, VllmConfig
+
+    mc = ModelConfig(model=str(ckpt), skip_tokenizer_init=True, dtype=DTYPES[dtype], mm_encoder_only=True,
+                     enforce_eager=True, max_model_len=4096, mm_processor_kwargs=processor_kwargs)
+    lc = LoRAConfig(max_lora_rank=max_rank, max_loras=max_loras, max_cpu_loras=max_loras,
+                    enable_tower_connector_lora=True, target_modules=target_modules)
+    return VllmConfig(model_config=mc, lora_config=lc, load_config=LoadConfig(load_format="safetensors"))
+
+
+def setup_distributed() -> None:
+    """A world-size-1 gloo group, once per process (runtime/vllm_towers.py's)."""
+    from runtime import vllm_towers
+
+    vllm_towers.setup()
+
+
+def load_model(vc):
+    """`BaseModelLoader.load_model` (vllm/model_executor/model_loader/base_loader.py) without its online-quantization
+    log: `initialize_model` in the model dtype on CPU, the loader's `load_weights` (the class's own), then
+    `process_weights_after_loading`."""
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    mc, device = vc.model_config, torch.device("cpu")
+    loader = get_model_loader(vc.load_config)
+    with set_default_torch_dtype(mc.dtype), device:
+        model = initialize_model(vllm_config=vc, model_config=mc)
+    loader.load_weights(model, mc)
+    process_weights_after_loading(model, mc, device)
+    return model.eval()
+
+
+def lora_manager(model, vc, budget: int, limit: int):
+    """vLLM's worker LoRA manager for `model` (`lora_model_runner_mixin.load_lora_model`), the encoder budget given
+    (`_Budget`). Returns the worker manager; its `_adapter_manager` is the LRUCacheLoRAModelManager."""
+    import vllm.lora.model_manager as mm
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    held = mm.MultiModalBudget
+    mm.MultiModalBudget = lambda *_a, **_k: _Budget(budget, limit)
+    try:
+        wm = LRUCacheWorkerLoRAManager(vc, torch.device("cpu"), model.embedding_modules)
+        wm.create_lora_manager(model, vc)
+    finally:
+        mm.MultiModalBudget = held
+    return wm
+
+
+@contextlib.contextmanager
+def vllm_context(vc):
+    from vllm.config import set_current_vllm_config
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    setup_distributed()
+    with set_current_vllm_config(vc):
+        yield

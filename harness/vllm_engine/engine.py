@@ -152,7 +152,6 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
     import vllm
 
     from harness.correctness.bundle.writer import BundleWriter
-    from vlm.arch import get_arch
     from vlm.checkpoint import read_checkpoint_config
 
     b, ckpt = _reference(ref)

@@ -21,8 +21,12 @@ class Spec:
     model_type: str
     vllm_module: str  # vllm.model_executor.models.<module>
     processor: str  # its multimodal processor class (whose _get_mm_fields_config is used)
-    items: object  # (config, inputs of one request, its geometries) -> (hf_inputs for vLLM, units per image)
+    # (config, inputs of one request, its geometries, each image's num_mm_embeds) -> (hf_inputs for vLLM, units
+    # per image: an int for both groups, or {"tower": n, "connector": n})
+    items: object
     hf_prefix: tuple[tuple[str, str], ...] = ()  # (vLLM prefix, HF prefix) pairs, first match wins
+    hf_overrides: object = None  # config -> vLLM's --hf-overrides (fields vLLM reads that the config lacks)
+    processor_kwargs: object = None  # config -> vLLM's --mm-processor-kwargs
 
 
 def _tiles(geom: str) -> int:
@@ -32,7 +36,7 @@ def _tiles(geom: str) -> int:
     return t + 1 if t > 1 else 1  # the processor adds a global tile when it splits (rows.md, Llama 4)
 
 
-def _llama4_items(config, inputs: dict, geoms: list[str]):
+def _llama4_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
     tiles = [_tiles(g) for g in geoms]
     px = inputs["pixel_values"]
     assert px.shape[0] == sum(tiles), (px.shape, tiles)
@@ -42,8 +46,29 @@ def _llama4_items(config, inputs: dict, geoms: list[str]):
             "aspect_ratios": torch.tensor([[1, t] for t in tiles])}, tiles
 
 
+def _gemma4_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
+    # HF's image_position_ids is vLLM's pixel_position_ids (the same (x, y) per patch, -1 for padding). vLLM pads
+    # every image to the budget's patches for the tower (one tower row per patch, padding included) and pools
+    # each to its real soft tokens: the connector's rows are the image's placeholders
+    return ({"pixel_values": inputs["pixel_values"], "pixel_position_ids": inputs["image_position_ids"]},
+            [{"tower": 1, "connector": e} for e in embeds])
+
+
+def _gemma4_budget(config) -> int:
+    from vlm.arch import get_arch
+
+    return get_arch("gemma4").max_soft_tokens(config)
+
+
 SPECS = {
     "llama4": Spec("llama4", "mllama4", "Mllama4MultiModalProcessor", _llama4_items),
+    # vLLM reads vision_config.default_output_length (real checkpoints' config.json carry it; transformers 5.25's
+    # config class does not define it): set to the tiny config's budget through --hf-overrides, as
+    # harness/audit_vllm.py does; max_soft_tokens is passed too (vLLM ignores values outside 70..1120)
+    "gemma4": Spec("gemma4", "gemma4_mm", "Gemma4MultiModalProcessor", _gemma4_items,
+                   hf_prefix=(("vision_tower.", "model.vision_tower."), ("embed_vision.", "model.embed_vision.")),
+                   hf_overrides=lambda c: {"vision_config": {"default_output_length": _gemma4_budget(c)}},
+                   processor_kwargs=lambda c: {"max_soft_tokens": _gemma4_budget(c)}),
 }
 
 
@@ -53,14 +78,15 @@ def spec(model_type: str) -> Spec:
     return SPECS[model_type]
 
 
-def request_items(s: Spec, config, inputs: dict, geoms: list[str]) -> list[tuple[object, int]]:
-    """(vLLM's MultiModalKwargsItem, units) per image of one request, built by vLLM's own field config."""
+def request_items(s: Spec, config, inputs: dict, geoms: list[str], embeds: list[int]) -> list[tuple[object, dict]]:
+    """(vLLM's MultiModalKwargsItem, {group: units}) per image of one request, built by vLLM's own field config."""
     import importlib
 
     from transformers import BatchFeature
     from vllm.multimodal.inputs import MultiModalKwargsItems
 
-    hf_inputs, units = s.items(config, inputs, geoms)
+    hf_inputs, units = s.items(config, inputs, geoms, embeds)
+    units = [u if isinstance(u, dict) else {"tower": u, "connector": u} for u in units]
     proc = getattr(importlib.import_module(f"vllm.model_executor.models.{s.vllm_module}"), s.processor)
     # the processor's fields method reads at most self.info.get_hf_config(); the processor itself needs a tokenizer
     me = SimpleNamespace(info=SimpleNamespace(get_hf_config=lambda: config))
@@ -79,10 +105,8 @@ def hf_name(s: Spec, vllm_name: str) -> str:
 
 def vllm_name(s: Spec, hf: str) -> str:
     for a, b in s.hf_prefix:
+        if hf == b.rstrip("."):
+            return a.rstrip(".")
         if hf.startswith(b):
             return a + hf[len(b):]
     return hf
-
-
-def processor_kwargs(s: Spec, config) -> dict | None:
-    return None

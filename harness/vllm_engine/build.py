@@ -40,13 +40,14 @@ class _Budget:
 
 
 def vllm_config(ckpt: Path, dtype: str, max_loras: int, max_rank: int, processor_kwargs: dict | None = None,
-                target_modules: list[str] | None = None):
+                target_modules: list[str] | None = None, hf_overrides: dict | None = None):
     """`target_modules`: vLLM's `--lora-target-modules` (module name suffixes to wrap); None: every supported
     module, vLLM's default."""
     from vllm.config import LoadConfig, LoRAConfig, ModelConfig, VllmConfig
 
     mc = ModelConfig(model=str(ckpt), skip_tokenizer_init=True, dtype=DTYPES[dtype], mm_encoder_only=True,
-                     enforce_eager=True, max_model_len=4096, mm_processor_kwargs=processor_kwargs)
+                     enforce_eager=True, max_model_len=4096, mm_processor_kwargs=processor_kwargs,
+                     hf_overrides=hf_overrides or {})
     lc = LoRAConfig(max_lora_rank=max_rank, max_loras=max_loras, max_cpu_loras=max_loras,
                     enable_tower_connector_lora=True, target_modules=target_modules)
     return VllmConfig(model_config=mc, lora_config=lc, load_config=LoadConfig(load_format="safetensors"))

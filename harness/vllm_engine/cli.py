@@ -20,7 +20,8 @@ def cmd_vllm_engine(args) -> int:
 
     out = Path(args.out)
     with atomic_dir(out, "bundle", args.overwrite) as tmp:
-        m = run(Path(args.bundle), tmp, all_modules=args.all_modules, max_loras=args.max_loras)
+        m = run(Path(args.bundle), tmp, all_modules=args.all_modules, max_loras=args.max_loras,
+                per_image=args.per_image)
     for c in m["mm_lora_counts"]:
         for g in ("tower", "connector"):
             if c[f"measured_{g}"] is not None and c[g] != c[f"measured_{g}"]:
@@ -43,5 +44,8 @@ def register(sub) -> None:
     v.add_argument("--all-modules", action="store_true",
                    help="vLLM's default deployment: every supported tower/connector module wrapped (no "
                         "--lora-target-modules); default: the modules the adapters target")
+    v.add_argument("--per-image", action="store_true",
+                   help="one encoder step per image (the runner's mapping block and the encoder for each image "
+                        "alone); default: the whole mixed batch through one mapping")
     v.add_argument("--overwrite", action="store_true", help="replace an earlier bundle at --out")
     v.set_defaults(func=cmd_vllm_engine)

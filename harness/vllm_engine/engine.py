@@ -76,8 +76,13 @@ class Capture:
         self.tower_out: list[torch.Tensor] = []
         self.hooks = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
         if boundary is not None:
-            self.hooks.append(model.get_submodule(boundary).register_forward_pre_hook(
-                lambda _m, args: self.tower_out.append(args[0].detach().clone())))
+            self.hooks.append(model.get_submodule(boundary).register_forward_pre_hook(self._pre, with_kwargs=True))
+
+    def _pre(self, _m, args, kwargs):
+        # the module's main input: its first positional tensor, else its first tensor keyword (Gemma 4's
+        # embed_vision(inputs_embeds=...)), as docs/bundles.md says of "input"
+        t = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        self.tower_out.append(t.detach().clone())
 
     def _hook(self, name: str):
         def hook(_m, args, out):
@@ -98,7 +103,9 @@ def _rows(calls: list[torch.Tensor]) -> torch.Tensor | None:
 
 def _per_image(t: torch.Tensor, units: list[int], what: str) -> list[torch.Tensor]:
     total = sum(units)
-    if t.shape[0] % total:
+    if total == 0 and t.shape[0] == 0:
+        return [t] * len(units)
+    if total == 0 or t.shape[0] % total:
         raise RuntimeError(f"{what}: {t.shape[0]} rows are not a multiple of the images' {total} units")
     k = t.shape[0] // total
     return list(t.split([u * k for u in units]))
@@ -108,7 +115,7 @@ def _per_request(parts: list[torch.Tensor], images: list[Image], n: int) -> dict
     by: dict[int, list[torch.Tensor]] = {}
     for p, im in zip(parts, images):
         by.setdefault(im.request, []).append(p)
-    return {i: torch.cat(v) for i, v in by.items() if i < n}
+    return {i: t for i, t in ((i, torch.cat(v)) for i, v in by.items() if i < n) if t.shape[0]}  # no rows: no key
 
 
 def _lm_only(adapter: Path) -> bool:
@@ -123,14 +130,18 @@ def _lm_only(adapter: Path) -> bool:
 
 
 def adapter_suffixes(folders: list[Path]) -> list[str]:
-    """What a user passes as --lora-target-modules for these adapters: the last name component of every module
-    they hold a LoRA for (vLLM matches module-name suffixes, packed modules through their parts)."""
+    """What a user passes as --lora-target-modules for these adapters' tower and connector: the last name
+    component of every module outside the language model they hold a LoRA for (vLLM matches module-name
+    suffixes, packed modules through their parts). The LM's are left out: the LM is not built, and on Gemma 4 an
+    LM suffix (q_proj, ...) also names the tower's Gemma4ClippableLinear wrappers, which vLLM then refuses
+    ("matched the deployment configuration but could not be wrapped")."""
     from safetensors import safe_open
 
     out = set()
     for f in folders:
         with safe_open(str(f / "adapter_model.safetensors"), framework="pt") as st:
-            out |= {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in st.keys() if ".lora_" in k}
+            out |= {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in st.keys()
+                    if ".lora_" in k and ".language_model." not in k}
     return sorted(out)
 
 
@@ -144,11 +155,13 @@ def _group(mm, vname: str) -> str:
     return "language_model"
 
 
-def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None = None) -> dict:
+def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None = None,
+        per_image: bool = False) -> dict:
     """Runs the reference's requests and writes the output bundle at `out`; returns its manifest.
     `all_modules`: vLLM's default deployment (no --lora-target-modules: every supported module of the tower and
     connector wrapped); else --lora-target-modules names the modules the adapters target. `max_loras`: vLLM's
-    --max-loras (default: the adapters the batch uses, each its own slot)."""
+    --max-loras (default: the adapters the batch uses, each its own slot). `per_image`: one encoder step per
+    image (runner.run_images)."""
     import vllm
 
     from harness.correctness.bundle.writer import BundleWriter
@@ -164,13 +177,13 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
     ids = {name: k + 1 for k, name in enumerate(names)} | {name: 0 for name in lm_only}
     reqs = m["requests"]
     images: list[Image] = []
-    units: list[int] = []
+    units: list[dict] = []
     for i, r in enumerate(reqs):
         if not r["geometry"]:
             continue
         inputs = b.inputs(i)
         embeds = _lm_tokens(arch, config, r["geometry"], inputs["input_ids"], m["image_token_id"])
-        for (item, u), e in zip(archs.request_items(s, config, inputs, r["geometry"]), embeds):
+        for (item, u), e in zip(archs.request_items(s, config, inputs, r["geometry"], embeds), embeds):
             images.append(Image(i, ids[r["adapter"]] if r["adapter"] else 0, item, e))
             units.append(u)
     ranks = [json.loads((b.folder / m["adapters"][n]["path"] / "adapter_config.json").read_text())["r"]
@@ -179,8 +192,9 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
     slots = max(1, len(names)) if max_loras is None else max_loras
     if slots < len(names):
         raise EngineError(f"--max-loras {slots}: the batch uses {len(names)} adapters, each needs a slot")
-    vc = build.vllm_config(ckpt, m["dtype"], slots, max(ranks), archs.processor_kwargs(s, config),
-                           targets)
+    vc = build.vllm_config(ckpt, m["dtype"], slots, max(ranks),
+                           s.processor_kwargs(config) if s.processor_kwargs else None, targets,
+                           s.hf_overrides(config) if s.hf_overrides else None)
     with build.vllm_context(vc):
         from vllm.lora.request import LoRARequest
 
@@ -196,7 +210,7 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
         taken = next((x["taken_at"]["module"] for x in m["modules"] if x["name"] == "@tower_out"), None)
         cap = Capture(model, mgr.modules, archs.vllm_name(s, taken) if taken else None)
         try:
-            embeds, counts = run_images(model, wm, images, lora_requests)
+            embeds, counts = run_images(model, wm, images, lora_requests, per_image)
         finally:
             cap.remove()
     writer = BundleWriter(out, len(reqs))
@@ -208,19 +222,21 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
         slices = list(getattr(module, "output_slices", (y.shape[-1] if y is not None else 0,)))
         names_out = list(subs) if subs else [vname]  # vLLM keeps the packed parts under their full names
         ys = list(y.split(slices, dim=-1)) if y is not None and len(names_out) > 1 else [y]
-        xs_img = _per_image(x, units, vname) if x is not None else None
+        gu = [u[group] for u in units]
+        xs_img = _per_image(x, gu, vname) if x is not None else None
         if xs_img is not None:
             measured.setdefault(group, [p.shape[0] for p in xs_img])
         for hname, yk in zip(names_out, ys):
             tensors = {}
             if yk is not None:
-                for i, t in _per_request(_per_image(yk, units, vname), images, len(reqs)).items():
+                for i, t in _per_request(_per_image(yk, gu, vname), images, len(reqs)).items():
                     tensors[f"out.{i}"] = t
                 for i, t in _per_request(xs_img, images, len(reqs)).items():
                     tensors[f"in.{i}"] = t
             writer.add(archs.hf_name(s, hname), group, tensors)
     if cap.tower_out:
-        t = _per_request(_per_image(_rows(cap.tower_out), units, "@tower_out"), images, len(reqs))
+        t = _per_request(_per_image(_rows(cap.tower_out), [u["connector"] for u in units], "@tower_out"), images,
+                         len(reqs))
         writer.add("@tower_out", "connector", {f"out.{i}": v for i, v in t.items()})
     writer.add("@lm_image_embeds", "connector",
                {f"out.{i}": v for i, v in _per_request(embeds, images, len(reqs)).items()})
@@ -230,7 +246,7 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
               for k, (im, (t, c)) in enumerate(zip(images, counts))]
     manifest = {"kind": "outputs", "reference": b.sha256, "groups": GROUPS,
                 "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES},
-                "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots,
+                "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots, "per_image": per_image,
                 "adapters_run_as_none": {n: "language-model tensors only: run with no adapter (see _lm_only)"
                                          for n in lm_only}}
     writer.finish(manifest)

@@ -8,7 +8,6 @@ wrapper), `group_and_batch_mm_kwargs`, and the model's `embed_multimodal`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,23 +54,56 @@ def mm_lora_mappings(model, images: list[Image]):
     return tower, connector, counts
 
 
+class WrapperTooSmall(RuntimeError):
+    """The batch's tower / connector mapping is longer than the punica wrapper vLLM's manager sized for it."""
+
+
+def capacity(wm, group: str) -> int | None:
+    """Tokens the manager's punica wrapper for `group` holds (its `_token_lora_indices` buffer), None if none."""
+    mgr = wm._adapter_manager
+    prefixes = mgr.mm_mapping.tower_model if group == "tower" else mgr.mm_mapping.connector
+    w = mgr.punica_wrapper_mapping.get(prefixes[0]) if prefixes else None
+    return None if w is None else int(w._token_lora_indices.shape[0])
+
+
 def run_images(model, wm, images: list[Image], lora_requests: dict[int, object],
-               on_batch: Callable[[int, int], None] = lambda start, n: None) -> tuple[list[torch.Tensor], list]:
+               per_image: bool = False) -> tuple[list[torch.Tensor], list]:
     """Set the mappings (vLLM's `set_active_adapters`, tower then connector, as the runner does) and run the
     images through vLLM's `group_and_batch_mm_kwargs` + `embed_multimodal`, as the runner does: the mappings are
     set once for all images, before the groups run. Returns each image's embeddings (what vLLM scatters into its
-    placeholders) and the counts the helper gave. `on_batch(first image, images)` before each group runs."""
+    placeholders) and the counts the helper gave. `per_image`: one encoder step per image (the runner's block
+    and the encoder for each image alone, as when the encoder budget admits one image per step).
+    Raises WrapperTooSmall (before vLLM's own shape error) when a mapping outgrows its wrapper."""
+    if per_image:
+        out, counts = [], []
+        for im in images:
+            e, c = run_images(model, wm, [im], lora_requests)
+            out += e
+            counts += c
+        return out, counts
     from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
     tower, connector, counts = mm_lora_mappings(model, images)
+    for group, mp in (("tower", tower), ("connector", connector)):
+        cap = capacity(wm, group)
+        if mp is not None and cap is not None and len(mp.index_mapping) > cap:
+            raise WrapperTooSmall(
+                f"vLLM's {group} mapping for this batch of {len(images)} images has {len(mp.index_mapping)} entries "
+                f"(get_mm_lora_token_counts per image: {[c[0 if group == 'tower' else 1] for c in counts]}), but the "
+                f"{group} punica wrapper LoRAModelManager sized holds {cap} (the helper's count at the encoder budget, "
+                f"mm_kwargs=None): vLLM fails in update_metadata; --per-image runs one image per encoder step")
     active = {lora_requests[im.lora_id] for im in images if im.lora_id > 0}
     wm.set_active_adapters(active, tower)
     if connector is not None:
+        if not connector.index_mapping:
+            # only a step of images without a connector row (a Gemma 4 image of no real patch, HF's patches=0x0,
+            # which vLLM's processor never yields) alone: vLLM's compute_meta takes max() of an empty tensor
+            raise WrapperTooSmall(f"this encoder step's connector mapping is empty ({len(images)} images, connector "
+                                  f"counts {[c for _, c in counts]}): vLLM's compute_meta cannot take it")
         wm.set_active_adapters(active, connector)
     out: list[torch.Tensor] = []
     with torch.no_grad():
         for _modality, n, kwargs in group_and_batch_mm_kwargs([("image", im.item) for im in images], device="cpu"):
-            on_batch(len(out), n)
             embeds = model.embed_multimodal(**kwargs)
             assert len(embeds) == n, f"embed_multimodal gave {len(embeds)} embeddings for {n} images"
             out.extend(e.detach().clone() for e in embeds)

@@ -50,7 +50,8 @@ def vllm_config(ckpt: Path, dtype: str, max_loras: int, max_rank: int, processor
                      hf_overrides=hf_overrides or {})
     lc = LoRAConfig(max_lora_rank=max_rank, max_loras=max_loras, max_cpu_loras=max_loras,
                     enable_tower_connector_lora=True, target_modules=target_modules)
-    return VllmConfig(model_config=mc, lora_config=lc, load_config=LoadConfig(load_format="safetensors"))
+    return VllmConfig(model_config=mc, lora_config=lc,
+                      load_config=LoadConfig(load_format="safetensors", use_tqdm_on_load=False))
 
 
 def setup_distributed() -> None:

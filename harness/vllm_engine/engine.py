@@ -67,6 +67,28 @@ def _lm_tokens(arch, config, geoms: list[str], prompt: torch.Tensor, image_token
     return per
 
 
+class MappingMismatch(RuntimeError):
+    """A LoRA layer receives another number of rows than its group's mapping holds entries: on CPU, vLLM's torch
+    punica ops cannot run it (an einsum shape error); on CUDA its kernels would take the mapping's length."""
+
+
+def check_rows(modules: dict[str, torch.nn.Module], step: list):
+    """Forward pre-hooks on vLLM's LoRA layers: the rows each receives against the entries of its punica wrapper's
+    mapping (`indices_len[0]`), raising MappingMismatch that names the layer, both numbers and the count helper's
+    values per image of the step (`step[0]`: (images, counts)), before vLLM's own shape error."""
+    def hook(name):
+        def pre(m, args):
+            x = args[0]
+            rows, entries = x.reshape(-1, x.shape[-1]).shape[0], m.punica_wrapper.indices_len[0]
+            if entries is not None and rows != entries and not m.punica_wrapper.no_lora:
+                per = "; ".join(f"request {im.request}: tower {t}, connector {c}" for im, (t, c) in
+                                zip(*step[0]))
+                raise MappingMismatch(f"{name} receives {rows} rows, its mapping has {entries} entries "
+                                      f"(vLLM's get_mm_lora_token_counts per image: {per})")
+        return pre
+    return [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+
+
 class Capture:
     """Forward hooks on vLLM's LoRA layers (and the boundary's module): every call's input and output, cloned."""
 
@@ -209,10 +231,15 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
                          for n in names}
         taken = next((x["taken_at"]["module"] for x in m["modules"] if x["name"] == "@tower_out"), None)
         cap = Capture(model, mgr.modules, archs.vllm_name(s, taken) if taken else None)
+        step: list = [None]
+        checks = check_rows(mgr.modules, step)
         try:
-            embeds, counts = run_images(model, wm, images, lora_requests, per_image)
+            embeds, counts = run_images(model, wm, images, lora_requests, per_image,
+                                        on_counts=lambda ims, cs: step.__setitem__(0, (ims, cs)))
         finally:
             cap.remove()
+            for h in checks:
+                h.remove()
     writer = BundleWriter(out, len(reqs))
     measured: dict[str, list[int]] = {}
     for vname, module in mgr.modules.items():

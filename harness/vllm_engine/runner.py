@@ -67,23 +67,25 @@ def capacity(wm, group: str) -> int | None:
 
 
 def run_images(model, wm, images: list[Image], lora_requests: dict[int, object],
-               per_image: bool = False) -> tuple[list[torch.Tensor], list]:
+               per_image: bool = False, on_counts=lambda images, counts: None) -> tuple[list[torch.Tensor], list]:
     """Set the mappings (vLLM's `set_active_adapters`, tower then connector, as the runner does) and run the
     images through vLLM's `group_and_batch_mm_kwargs` + `embed_multimodal`, as the runner does: the mappings are
     set once for all images, before the groups run. Returns each image's embeddings (what vLLM scatters into its
     placeholders) and the counts the helper gave. `per_image`: one encoder step per image (the runner's block
     and the encoder for each image alone, as when the encoder budget admits one image per step).
-    Raises WrapperTooSmall (before vLLM's own shape error) when a mapping outgrows its wrapper."""
+    Raises WrapperTooSmall (before vLLM's own shape error) when a mapping outgrows its wrapper. `on_counts(images,
+    counts)` once the helper has given a step's counts, before it runs."""
     if per_image:
         out, counts = [], []
         for im in images:
-            e, c = run_images(model, wm, [im], lora_requests)
+            e, c = run_images(model, wm, [im], lora_requests, on_counts=on_counts)
             out += e
             counts += c
         return out, counts
     from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
     tower, connector, counts = mm_lora_mappings(model, images)
+    on_counts(images, counts)
     for group, mp in (("tower", tower), ("connector", connector)):
         cap = capacity(wm, group)
         if mp is not None and cap is not None and len(mp.index_mapping) > cap:

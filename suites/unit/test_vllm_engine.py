@@ -1,0 +1,167 @@
+"""`mmlora vllm-engine` (harness/vllm_engine): vLLM's own tower/connector LoRA path (its model class, LoRA
+manager, count helper and embed_multimodal) judged by `mmlora compare REF GOT` on fp32 reference bundles.
+Needs vLLM's model modules (`nox -s vllm_towers`); skipped otherwise with the reason.
+
+What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs):
+- rows with no adapter in a batch that has one take the LAST slot's adapter: vLLM's torch punica ops index the
+  stacked weights with the mapping's -1 (`lora_b_weights[-1]`), where its CUDA kernels skip -1 rows. With an
+  empty last slot (--max-loras one above the adapters) the numbers agree with PEFT.
+- Gemma 4: LoRAModelManager sizes the tower's punica wrapper for one image (the count helper's tower tokens do
+  not depend on the budget), so a mixed batch of images outgrows it; one image per encoder step agrees.
+- a count helper one row short per image: the tower LoRA layer receives more rows than its mapping has entries,
+  which vLLM's CPU ops cannot run; the engine names the layer and the helper's counts (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import audit_vllm
+from harness.cli import main
+
+pytestmark = pytest.mark.vllm_towers
+
+# geometries (patches, Hp x Wp) whose sides are multiples of the pooling kernel: vLLM runs transformers' own
+# Gemma4VisionPooler, whose floor row stride the reference corrects (fix gemma4-pooler-ceil-stride) for the others
+GEMMA4 = ["patches=4x4", "patches=2x6", "patches=6x2"]
+
+
+def _vllm_or_skip():
+    try:
+        audit_vllm.import_vllm()
+        import vllm.model_executor.models.gemma4_mm  # noqa: F401
+        import vllm.model_executor.models.mllama4  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason
+        reason = f"vLLM's model modules do not import here: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    _vllm_or_skip()
+    root = tmp_path_factory.mktemp("vllm-engine")
+    out = {}
+    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4)):
+        argv = ["record", "--arch", arch, "--dtype", "fp32", "--out", str(root / arch)]
+        for g in geoms:
+            argv += ["--geometry", g]
+        assert main(argv) == 0
+        out[arch] = root / arch
+    return out
+
+
+def _engine(ref: Path, got: Path, capsys, *flags: str) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["vllm-engine", str(ref), "--out", str(got), *flags])
+    return rc, capsys.readouterr().err
+
+
+def _compare(ref: Path, got: Path, out: Path, capsys) -> tuple[int, dict, str]:
+    capsys.readouterr()
+    rc = main(["compare", str(ref), str(got), "--out", str(out)])
+    err = capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return rc, s, err
+
+
+def _slots(ref: Path) -> str:
+    """One slot above the adapters the engine loads: the last slot stays empty (see the module docstring)."""
+    return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
+
+
+@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",))])
+def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_path, capsys, arch, flags):
+    ref = refs[arch]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), *flags)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    assert m["groups"] == ["tower", "connector"] and m["engine"]["version"].startswith("vllm ")
+    assert any("mm_lora_mappings" in n for n in m["engine"]["notes"])
+    # the helper's counts are the rows vLLM's layers ran, image by image
+    assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] and c["connector"] == c["measured_connector"]
+                                       for c in m["mm_lora_counts"])
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 0, err
+    a = s["archs"][arch]
+    assert a["groups_not_judged"] == ["language_model"] and "NOT JUDGED: group 'language_model'" in err
+    assert set(a["worst_margin"]) == {"e2e/tower", "e2e/connector"}
+    assert all(v < 1 for v in a["worst_margin"].values()), a["worst_margin"]
+
+
+def test_cpu_rows_without_adapter_take_the_last_slot(refs, tmp_path, capsys):
+    """vLLM's CPU punica path with every slot filled: the requests without an adapter diverge from their first
+    row (they got the last slot's adapter); compare names the first such request."""
+    ref = refs["llama4"]
+    assert _engine(ref, tmp_path / "got", capsys)[0] == 0
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 1, err
+    first = s["archs"]["llama4"]["first_divergence"]["e2e"]
+    reqs = json.loads((ref / "manifest.json").read_text())["requests"]
+    no_adapter = [i for i, r in enumerate(reqs) if r["images"] and r["adapter"] in (None, "lm")]
+    assert first["group"] == "tower" and first["request"] == no_adapter[0] and first["row"] == 0, first
+
+
+def test_smallest_reproducer_vllm_torch_ops_index_minus_one_is_the_last_slot():
+    """vLLM's own op, nothing of the harness: a row mapped to -1 (no LoRA) gets slot 1's A (the last)."""
+    _vllm_or_skip()
+    from vllm.lora.ops.torch_ops.lora_ops import bgmv_shrink
+
+    x = torch.ones(1, 4)
+    a = torch.stack([torch.zeros(1, 2, 4), torch.ones(1, 2, 4)])  # [slots, 1, rank, hidden]: slot 1 all ones
+    out = torch.zeros(1, 2)
+    bgmv_shrink(x, a, out, torch.tensor([-1]), 1.0)
+    assert out.tolist() == [[4.0, 4.0]]  # CUDA's kernels leave a -1 row untouched: [[0.0, 0.0]]
+
+
+def test_gemma4_mixed_batch_outgrows_the_tower_wrapper(refs, tmp_path, capsys):
+    rc, err = _engine(refs["gemma4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["gemma4"]))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "tower punica wrapper LoRAModelManager sized holds 64" in err and "--per-image" in err, err
+    assert not (tmp_path / "got").exists()
+
+
+def _seed_helper(monkeypatch, how):
+    from vllm.model_executor.models.mllama4 import Llama4ForConditionalGeneration
+
+    real = Llama4ForConditionalGeneration.get_mm_lora_token_counts
+    calls = []
+
+    def seeded(self, *, modality, mm_kwargs, num_mm_embeds):
+        t, c = real(self, modality=modality, mm_kwargs=mm_kwargs, num_mm_embeds=num_mm_embeds)
+        if mm_kwargs is None:  # the manager sizing its wrappers: left as vLLM gives it
+            return t, c
+        calls.append(t)
+        return how(len(calls) - 1, t), c
+
+    monkeypatch.setattr(Llama4ForConditionalGeneration, "get_mm_lora_token_counts", seeded)
+
+
+def test_a_count_helper_one_row_short_per_image_is_named(refs, tmp_path, capsys, monkeypatch):
+    _seed_helper(monkeypatch, lambda k, t: t - 1)
+    rc, err = _engine(refs["llama4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["llama4"]))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    # the first tower LoRA layer (vLLM's fused qkv_proj of HF's q/k/v_proj) and the helper's count per image
+    assert "MappingMismatch: vision_model.model.layers.0.self_attn.qkv_proj receives 306 rows, its mapping has " \
+           "300 entries" in err, err
+    assert "request 0: tower 16, connector 4" in err, err
+
+
+def test_a_count_helper_that_shifts_images_is_caught_by_compare(refs, tmp_path, capsys, monkeypatch):
+    """One row short for every image but the last, which takes the rows left: the mapping is as long as the rows,
+    so vLLM runs it; image 0's last row (its CLS) runs under image 1's adapter."""
+    counts = json.loads((refs["llama4"] / "manifest.json").read_text())
+    n = sum(r["images"] for r in counts["requests"])
+    _seed_helper(monkeypatch, lambda k, t: t - 1 if k < n - 1 else t + n - 1)
+    ref = refs["llama4"]
+    assert _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))[0] == 0
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 1, err
+    first = s["archs"]["llama4"]["first_divergence"]["e2e"]
+    assert first["module"] == "vision_model.model.layers.0.self_attn.q_proj", first
+    assert (first["request"], first["row"]) == (0, 16), first  # request 0: one tile, 16 patches + CLS (row 16)

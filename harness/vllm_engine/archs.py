@@ -60,6 +60,32 @@ def _gemma4_budget(config) -> int:
     return get_arch("gemma4").max_soft_tokens(config)
 
 
+def _registry_counts(model_type: str, config, geoms: list[str]):
+    from harness.geometry_flags import parse_geometry
+    from vlm.arch import get_arch
+
+    arch = get_arch(model_type)
+    return [arch.counts(config, parse_geometry(g)) for g in geoms]
+
+
+def _llava_next_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
+    # HF's forward takes every tile of the request flat; vLLM's item is one image's tiles [tiles, 3, S, S]
+    # (its processor's `pixel_values`, batched per image) with its `image_sizes`. Tiles per image: the registry's
+    # tower rows over (CLS + patches) per tile, held to the request's tile count
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    tiles = [c.encoder_rows // (side * side + 1) for c in _registry_counts("llava_next", config, geoms)]
+    px = inputs["pixel_values"]
+    assert px.shape[0] == sum(tiles), (px.shape, tiles)
+    return {"pixel_values": list(px.split(tiles)), "image_sizes": inputs["image_sizes"]}, tiles
+
+
+def _qwen2_vl_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
+    # the same keys as HF's (vLLM's processor keeps them): patches flat, split by each image's grid
+    grid = inputs["image_grid_thw"]
+    return ({"pixel_values": inputs["pixel_values"], "image_grid_thw": grid},
+            [int(t * h * w) for t, h, w in grid.tolist()])
+
+
 SPECS = {
     "llama4": Spec("llama4", "mllama4", "Mllama4MultiModalProcessor", _llama4_items),
     # vLLM reads vision_config.default_output_length (real checkpoints' config.json carry it; transformers 5.25's
@@ -69,6 +95,11 @@ SPECS = {
                    hf_prefix=(("vision_tower.", "model.vision_tower."), ("embed_vision.", "model.embed_vision.")),
                    hf_overrides=lambda c: {"vision_config": {"default_output_length": _gemma4_budget(c)}},
                    processor_kwargs=lambda c: {"max_soft_tokens": _gemma4_budget(c)}),
+    "llava_next": Spec("llava_next", "llava_next", "LlavaNextMultiModalProcessor", _llava_next_items,
+                       hf_prefix=(("vision_tower.", "model.vision_tower."),
+                                  ("multi_modal_projector.", "model.multi_modal_projector."))),
+    "qwen2_vl": Spec("qwen2_vl", "qwen2_vl", "Qwen2VLMultiModalProcessor", _qwen2_vl_items,
+                     hf_prefix=(("visual.", "model.visual."),)),
 }
 
 

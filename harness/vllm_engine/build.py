@@ -46,12 +46,36 @@ def vllm_config(ckpt: Path, dtype: str, max_loras: int, max_rank: int, processor
     from vllm.config import LoadConfig, LoRAConfig, ModelConfig, VllmConfig
 
     mc = ModelConfig(model=str(ckpt), skip_tokenizer_init=True, dtype=DTYPES[dtype], mm_encoder_only=True,
-                     enforce_eager=True, max_model_len=4096, mm_processor_kwargs=processor_kwargs,
+                     enforce_eager=True, mm_processor_kwargs=processor_kwargs,
                      hf_overrides=hf_overrides or {})
     lc = LoRAConfig(max_lora_rank=max_rank, max_loras=max_loras, max_cpu_loras=max_loras,
                     enable_tower_connector_lora=True, target_modules=target_modules)
     return VllmConfig(model_config=mc, lora_config=lc,
                       load_config=LoadConfig(load_format="safetensors", use_tqdm_on_load=False))
+
+
+# vLLM ops whose module binds `torch.ops._C.<op>` when built on CPU but, on x86, runs its torch-native forward
+# (`forward_cpu` -> `forward_native`): vLLM's CPU extension (vllm._C) is not in the CUDA wheel the vllm_towers
+# session installs, so the binding fails though the op is never called. Defined here as ops that raise if called.
+_UNCALLED_C_OPS = {"gelu_quick": "(Tensor(a!) out, Tensor x) -> ()"}
+_LIB = None
+
+
+def stub_uncalled_c_ops() -> list[str]:
+    """Define each of `_UNCALLED_C_OPS` vLLM's `_C` lacks here, as an op that raises; returns those defined."""
+    global _LIB
+    missing = [n for n in _UNCALLED_C_OPS if not hasattr(torch.ops._C, n)]
+    if not missing:
+        return []
+    if _LIB is None:
+        _LIB = torch.library.Library("_C", "FRAGMENT")
+    for name in missing:
+        _LIB.define(f"{name}{_UNCALLED_C_OPS[name]}")
+
+        def never(*_a, name=name):
+            raise RuntimeError(f"torch.ops._C.{name} called: vLLM's CPU extension (vllm._C) is not installed")
+        _LIB.impl(name, never, "CompositeExplicitAutograd")
+    return missing
 
 
 def setup_distributed() -> None:
@@ -100,5 +124,6 @@ def vllm_context(vc):
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     setup_distributed()
+    stub_uncalled_c_ops()
     with set_current_vllm_config(vc):
         yield

@@ -124,13 +124,15 @@ def _rows(calls: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _per_image(t: torch.Tensor, units: list[int], what: str) -> list[torch.Tensor]:
+    """A group's rows split into images, each image's share proportional to its units (a tile's rows, a patch's
+    or a merge block's: rows per unit may be a fraction, as Qwen2-VL's merger has one row per 4 patches)."""
     total = sum(units)
     if total == 0 and t.shape[0] == 0:
         return [t] * len(units)
-    if total == 0 or t.shape[0] % total:
-        raise RuntimeError(f"{what}: {t.shape[0]} rows are not a multiple of the images' {total} units")
-    k = t.shape[0] // total
-    return list(t.split([u * k for u in units]))
+    sizes = [u * t.shape[0] // total if total else -1 for u in units]
+    if total == 0 or any(u * t.shape[0] % total for u in units):
+        raise RuntimeError(f"{what}: {t.shape[0]} rows do not split into images in proportion to their units {units}")
+    return list(t.split(sizes))
 
 
 def _per_request(parts: list[torch.Tensor], images: list[Image], n: int) -> dict[int, torch.Tensor]:
@@ -151,19 +153,28 @@ def _lm_only(adapter: Path) -> bool:
         return all(".language_model." in k for k in f.keys())
 
 
-def adapter_suffixes(folders: list[Path]) -> list[str]:
-    """What a user passes as --lora-target-modules for these adapters' tower and connector: the last name
-    component of every module outside the language model they hold a LoRA for (vLLM matches module-name
-    suffixes, packed modules through their parts). The LM's are left out: the LM is not built, and on Gemma 4 an
-    LM suffix (q_proj, ...) also names the tower's Gemma4ClippableLinear wrappers, which vLLM then refuses
-    ("matched the deployment configuration but could not be wrapped")."""
+def target_modules(model, folders: list[Path]) -> list[str]:
+    """What a user passes as --lora-target-modules for these adapters' tower and connector: each module they hold
+    a LoRA for outside the language model, under vLLM's name (the model's `hf_to_vllm_mapper`, as vLLM's adapter
+    loading renames it), given whole (vLLM takes a full module name), or by its suffix where it is a packed part
+    (q_proj of qkv_proj: vLLM matches packed parts by suffix only). Suffixes alone would not do: on Gemma 4 an LM
+    suffix (q_proj, ...) also names the tower's Gemma4ClippableLinear wrappers, on Qwen2-VL `proj` also the
+    patch embedder's Conv3d, and vLLM refuses both ("matched the deployment configuration but could not be
+    wrapped"). The LM's are left out: the LM is not built."""
     from safetensors import safe_open
 
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    parts = {p for children in model.packed_modules_mapping.values() for p in children}
     out = set()
     for f in folders:
         with safe_open(str(f / "adapter_model.safetensors"), framework="pt") as st:
-            out |= {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in st.keys()
-                    if ".lora_" in k and ".language_model." not in k}
+            for k in st.keys():
+                if ".lora_" not in k or ".language_model." in k:
+                    continue
+                name = k.split(".lora_")[0].removeprefix("base_model.model.")
+                vname = (mapper._map_name(name) if mapper is not None else name) or name
+                suffix = vname.rsplit(".", 1)[-1]
+                out.add(suffix if suffix in parts else vname)
     return sorted(out)
 
 
@@ -210,17 +221,19 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
             units.append(u)
     ranks = [json.loads((b.folder / m["adapters"][n]["path"] / "adapter_config.json").read_text())["r"]
              for n in names] if names else [8]
-    targets = None if all_modules else adapter_suffixes([b.folder / a["path"] for a in m["adapters"].values()])
     slots = max(1, len(names)) if max_loras is None else max_loras
     if slots < len(names):
         raise EngineError(f"--max-loras {slots}: the batch uses {len(names)} adapters, each needs a slot")
     vc = build.vllm_config(ckpt, m["dtype"], slots, max(ranks),
-                           s.processor_kwargs(config) if s.processor_kwargs else None, targets,
+                           s.processor_kwargs(config) if s.processor_kwargs else None, None,
                            s.hf_overrides(config) if s.hf_overrides else None)
     with build.vllm_context(vc):
         from vllm.lora.request import LoRARequest
 
         model = build.load_model(vc)
+        # --lora-target-modules, read by the LoRA manager only (built next): named from the model's own mapper
+        targets = None if all_modules else target_modules(model, [b.folder / a["path"] for a in m["adapters"].values()])
+        vc.lora_config.target_modules = targets
         # the LM is not built (--mm-encoder-only), so vLLM's adapter check would refuse an adapter's LM tensors;
         # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out
         model.lora_skip_prefixes = [f"{p.rstrip('.')}." for p in model.get_mm_mapping().language_model]

@@ -96,7 +96,7 @@ SPECS = {
                    hf_overrides=lambda c: {"vision_config": {"default_output_length": _gemma4_budget(c)}},
                    processor_kwargs=lambda c: {"max_soft_tokens": _gemma4_budget(c)}),
     "llava_next": Spec("llava_next", "llava_next", "LlavaNextMultiModalProcessor", _llava_next_items,
-                       hf_prefix=(("vision_tower.", "model.vision_tower."),
+                       hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
                                   ("multi_modal_projector.", "model.multi_modal_projector."))),
     "qwen2_vl": Spec("qwen2_vl", "qwen2_vl", "Qwen2VLMultiModalProcessor", _qwen2_vl_items,
                      hf_prefix=(("visual.", "model.visual."),)),

@@ -21,7 +21,10 @@ def cmd_vllm_engine(args) -> int:
     out = Path(args.out)
     with atomic_dir(out, "bundle", args.overwrite) as tmp:
         m = run(Path(args.bundle), tmp, all_modules=args.all_modules, max_loras=args.max_loras,
-                per_image=args.per_image)
+                per_image=args.per_image, rename_adapters=not args.adapters_as_saved)
+    if m["not_produced"]:
+        print(f"mmlora vllm-engine: vLLM's model does not build {len(m['not_produced'])} tower/connector modules of the "
+              f"reference (compare will refuse the bundle for them): {', '.join(m['not_produced'])}", file=sys.stderr)
     for c in m["mm_lora_counts"]:
         for g in ("tower", "connector"):
             if c[f"measured_{g}"] is not None and c[g] != c[f"measured_{g}"]:
@@ -47,5 +50,8 @@ def register(sub) -> None:
     v.add_argument("--per-image", action="store_true",
                    help="one encoder step per image (the runner's mapping block and the encoder for each image "
                         "alone); default: the whole mixed batch through one mapping")
+    v.add_argument("--adapters-as-saved", action="store_true",
+                   help="hand vLLM the adapters under the names they were saved with, where the arch's checkpoint "
+                        "needs a rename for vLLM (LLaVA-NeXT, harness/vllm_engine/layout.py); default: renamed too")
     v.add_argument("--overwrite", action="store_true", help="replace an earlier bundle at --out")
     v.set_defaults(func=cmd_vllm_engine)

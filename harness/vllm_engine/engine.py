@@ -189,15 +189,25 @@ def _group(mm, vname: str) -> str:
 
 
 def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None = None,
-        per_image: bool = False) -> dict:
+        per_image: bool = False, rename_adapters: bool = True) -> dict:
     """Runs the reference's requests and writes the output bundle at `out`; returns its manifest.
     `all_modules`: vLLM's default deployment (no --lora-target-modules: every supported module of the tower and
     connector wrapped); else --lora-target-modules names the modules the adapters target. `max_loras`: vLLM's
     --max-loras (default: the adapters the batch uses, each its own slot). `per_image`: one encoder step per
-    image (runner.run_images)."""
+    image (runner.run_images). `rename_adapters`: layout.py's rename applied to the adapters too (where the arch
+    has one)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmlora-vllm-") as work:
+        return _run(ref, out, all_modules, max_loras, per_image, rename_adapters, Path(work))
+
+
+def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_image: bool, rename_adapters: bool,
+         work: Path) -> dict:
     import vllm
 
     from harness.correctness.bundle.writer import BundleWriter
+    from harness.vllm_engine import layout
     from vlm.checkpoint import read_checkpoint_config
 
     b, ckpt = _reference(ref)
@@ -205,7 +215,9 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
     s = archs.spec(m["arch"])
     arch, raw = read_checkpoint_config(ckpt)
     config = arch.model_class().config_class.from_dict(raw)
-    lm_only = [n for n in sorted(m["adapters"]) if _lm_only(b.folder / m["adapters"][n]["path"])]
+    ckpt, folders, layout_notes = layout.for_vllm(m["arch"], ckpt, {n: b.folder / a["path"] for n, a in
+                                                                     m["adapters"].items()}, work, rename_adapters)
+    lm_only = [n for n in sorted(m["adapters"]) if _lm_only(folders[n])]
     names = [n for n in sorted(m["adapters"]) if n not in lm_only]
     ids = {name: k + 1 for k, name in enumerate(names)} | {name: 0 for name in lm_only}
     reqs = m["requests"]
@@ -219,7 +231,7 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
         for (item, u), e in zip(archs.request_items(s, config, inputs, r["geometry"], embeds), embeds):
             images.append(Image(i, ids[r["adapter"]] if r["adapter"] else 0, item, e))
             units.append(u)
-    ranks = [json.loads((b.folder / m["adapters"][n]["path"] / "adapter_config.json").read_text())["r"]
+    ranks = [json.loads((folders[n] / "adapter_config.json").read_text())["r"]
              for n in names] if names else [8]
     slots = max(1, len(names)) if max_loras is None else max_loras
     if slots < len(names):
@@ -232,7 +244,7 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
 
         model = build.load_model(vc)
         # --lora-target-modules, read by the LoRA manager only (built next): named from the model's own mapper
-        targets = None if all_modules else target_modules(model, [b.folder / a["path"] for a in m["adapters"].values()])
+        targets = None if all_modules else target_modules(model, list(folders.values()))
         vc.lora_config.target_modules = targets
         # the LM is not built (--mm-encoder-only), so vLLM's adapter check would refuse an adapter's LM tensors;
         # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out
@@ -240,7 +252,7 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
         wm = build.lora_manager(model, vc, budget=max(1, sum(im.num_mm_embeds for im in images)),
                                 limit=max(r["images"] for r in reqs))
         mgr = wm._adapter_manager
-        lora_requests = {ids[n]: LoRARequest(n, ids[n], str((b.folder / m["adapters"][n]["path"]).resolve()))
+        lora_requests = {ids[n]: LoRARequest(n, ids[n], str(folders[n].resolve()))
                          for n in names}
         taken = next((x["taken_at"]["module"] for x in m["modules"] if x["name"] == "@tower_out"), None)
         cap = Capture(model, mgr.modules, archs.vllm_name(s, taken) if taken else None)
@@ -284,9 +296,13 @@ def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None =
                "measured_tower": measured.get("tower", [None] * len(images))[k],
                "measured_connector": measured.get("connector", [None] * len(images))[k]}
               for k, (im, (t, c)) in enumerate(zip(images, counts))]
+    produced = {x["name"] for x in writer.modules}
+    # reference modules of the answered groups that vLLM's model does not build (LLaVA-NeXT: vLLM's CLIP tower stops
+    # at vision_feature_layer; HF runs the layers after it too, whose output nothing reads)
+    missing = [x["name"] for x in m["modules"] if x.get("group") in GROUPS and x["name"] not in produced]
     manifest = {"kind": "outputs", "reference": b.sha256, "groups": GROUPS,
-                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES},
-                "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots, "per_image": per_image,
+                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + layout_notes},
+                "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots, "per_image": per_image, "not_produced": missing,
                 "adapters_run_as_none": {n: "language-model tensors only: run with no adapter (see _lm_only)"
                                          for n in lm_only}}
     writer.finish(manifest)

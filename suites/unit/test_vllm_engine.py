@@ -9,7 +9,11 @@ What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs)
 - Gemma 4: LoRAModelManager sizes the tower's punica wrapper for one image (the count helper's tower tokens do
   not depend on the budget), so a mixed batch of images outgrows it; one image per encoder step agrees.
 - a count helper one row short per image: the tower LoRA layer receives more rows than its mapping has entries,
-  which vLLM's CPU ops cannot run; the engine names the layer and the helper's counts (exit 2)."""
+  which vLLM's CPU ops cannot run; the engine names the layer and the helper's counts (exit 2).
+- LLaVA-NeXT: vLLM's CLIP tower stops at vision_feature_layer, so the reference's last tower layer has no vLLM
+  module (compare refuses the bundle, naming it); every module vLLM runs matches the reference. A PEFT adapter
+  saved under transformers 5's names (no `vision_model.`) loads in vLLM without an error and applies none of its
+  tower LoRA."""
 
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ def _vllm_or_skip():
     try:
         audit_vllm.import_vllm()
         import vllm.model_executor.models.gemma4_mm  # noqa: F401
+        import vllm.model_executor.models.llava_next  # noqa: F401
         import vllm.model_executor.models.mllama4  # noqa: F401
+        import vllm.model_executor.models.qwen2_vl  # noqa: F401
     except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason
         reason = f"vLLM's model modules do not import here: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
         if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
@@ -47,7 +53,7 @@ def refs(tmp_path_factory):
     _vllm_or_skip()
     root = tmp_path_factory.mktemp("vllm-engine")
     out = {}
-    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4)):
+    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4), ("qwen2_vl", []), ("llava_next", [])):
         argv = ["record", "--arch", arch, "--dtype", "fp32", "--out", str(root / arch)]
         for g in geoms:
             argv += ["--geometry", g]
@@ -75,7 +81,7 @@ def _slots(ref: Path) -> str:
     return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
 
 
-@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",))])
+@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ())])
 def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_path, capsys, arch, flags):
     ref = refs[arch]
     rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), *flags)
@@ -165,3 +171,42 @@ def test_a_count_helper_that_shifts_images_is_caught_by_compare(refs, tmp_path, 
     first = s["archs"]["llama4"]["first_divergence"]["e2e"]
     assert first["module"] == "vision_model.model.layers.0.self_attn.q_proj", first
     assert (first["request"], first["row"]) == (0, 16), first  # request 0: one tile, 16 patches + CLS (row 16)
+
+
+def _outs(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    entry = next(x for x in json.loads((folder / "manifest.json").read_text())["modules"] if x["name"] == name)
+    return load_file(str(folder / entry["file"]))
+
+
+def test_llava_next_last_tower_layer_is_not_built_and_the_rest_matches(refs, tmp_path, capsys):
+    ref = refs["llava_next"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    assert rc == 0, err
+    m = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    last = json.loads((ref / "checkpoint" / "config.json").read_text())["vision_config"]["num_hidden_layers"] - 1
+    assert m["not_produced"] and all(f"encoder.layers.{last}." in n for n in m["not_produced"]), m["not_produced"]
+    assert "does not build" in err
+    rc, _, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 2 and f"lacks module 'model.vision_tower.encoder.layers.{last}." in err, err
+    # what vLLM runs matches the reference (fp32: both are torch's linear; LoRA deltas at 0.1 of the output)
+    for x in json.loads((ref / "manifest.json").read_text())["modules"]:
+        if x["group"] == "language_model" or x["name"] in m["not_produced"]:
+            continue
+        r, g = _outs(ref, x["name"]), _outs(tmp_path / "got", x["name"])
+        for key in (k for k in r if k.startswith("out.")):
+            scale = float(r[key].abs().max())
+            assert float((g[key] - r[key]).abs().max()) <= 1e-5 * scale, (x["name"], key)
+
+
+def test_llava_next_adapter_under_transformers5_names_applies_no_tower_lora(refs, tmp_path, capsys):
+    ref = refs["llava_next"]
+    assert _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--adapters-as-saved")[0] == 0
+    name = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
+    r, g = _outs(ref, name), _outs(tmp_path / "got", name)
+    reqs = json.loads((ref / "manifest.json").read_text())["requests"]
+    i = next(k for k, q in enumerate(reqs) if q["adapter"] == "tower")
+    base = r[f"base.{i}"]  # the base Linear on the reference's input: vLLM added nothing to it
+    assert float((g[f"out.{i}"] - base).abs().max()) <= 1e-5 * float(base.abs().max())
+    assert float((r[f"out.{i}"] - base).abs().max()) > 1e-2 * float(base.abs().max())  # PEFT's delta is there

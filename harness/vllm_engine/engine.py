@@ -31,7 +31,9 @@ NOTES = [
     "(harness/vllm_engine/runner.py mm_lora_mappings); BaseModelLoader.load_model without its online-quantization "
     "log; MultiModalBudget stood in for (buffer sizes only: the batch's placeholder total)",
     "the adapters' language-model tensors are skipped with vLLM's lora_skip_prefixes (set to the LM prefix: the LM "
-    "is not built)",
+    "is not built); --lora-target-modules names the adapters' tower/connector modules (lora_target_modules)",
+    "torch.ops._C ops vLLM binds but never calls on x86 CPU (gelu_quick), absent from the CUDA wheel, are defined "
+    "as ops that raise (build.stub_uncalled_c_ops)",
     "not run: the language model (--mm-encoder-only leaves it a StageMissingLayer; vLLM's CPU attention needs "
     "vllm._C, which the CUDA wheel does not carry)",
 ]

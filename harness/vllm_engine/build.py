@@ -11,9 +11,10 @@ vLLM's own code, imported: `ModelConfig` / `VllmConfig` / `LoRAConfig` (with `mm
 Reproduced (two steps of vLLM's own loader / manager skipped, said where): `BaseModelLoader.load_model`'s body
 minus `log_online_quantization` (its import needs `compressed_tensors`, which the vllm_towers venv lacks; it only
 logs); and `MultiModalBudget` in `LoRAModelManager._maybe_init_mm`, which builds vLLM's HF processor and so
-needs a tokenizer the tiny checkpoint has not got: `_Budget` below stands in for it, giving the encoder budget
-(the `num_mm_embeds` the manager asks the count helper about to size the tower / connector punica wrappers) as
-the batch's own placeholder total. It sizes buffers only; every mapping is vLLM's."""
+needs a tokenizer the tiny checkpoint has not got: `_Budget` below stands in for it, with the batch's largest
+image (placeholders) where vLLM asks its processor for the largest it can make, and vLLM's own budget function
+from there (the `num_mm_embeds` the manager asks the count helper about to size the tower / connector punica
+wrappers). It sizes buffers only; every mapping is vLLM's."""
 
 from __future__ import annotations
 
@@ -28,15 +29,20 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 class _Budget:
     """Stand-in for vLLM's MultiModalBudget (see the module docstring): one image modality, `limit` images per
-    prompt, `budget` placeholder embeddings per encoder batch."""
+    prompt, at most `per_item` placeholder embeddings per image (vLLM asks its processor for the largest; here the
+    batch's largest). The encoder budget is vLLM's own `compute_mm_encoder_budget` from the scheduler config,
+    as MultiModalBudget computes it."""
 
-    def __init__(self, budget: int, limit: int):
+    def __init__(self, vc, per_item: int, limit: int):
+        from vllm.v1.core.encoder_cache_manager import compute_mm_encoder_budget
+
         self.mm_max_items_per_prompt = {"image": limit}
-        self.mm_max_toks_per_item = {"image": budget}
-        self._budget = budget
+        self.mm_max_toks_per_item = {"image": per_item}
+        self.encoder_compute_budget, self.encoder_cache_size = compute_mm_encoder_budget(
+            vc.scheduler_config, self.mm_max_toks_per_item)
 
-    def get_encoder_budget(self) -> int:
-        return self._budget
+    def get_encoder_budget(self) -> int:  # MultiModalBudget.get_encoder_budget
+        return min(self.encoder_compute_budget, self.encoder_cache_size)
 
 
 def vllm_config(ckpt: Path, dtype: str, max_loras: int, max_rank: int, processor_kwargs: dict | None = None,
@@ -102,14 +108,14 @@ def load_model(vc):
     return model.eval()
 
 
-def lora_manager(model, vc, budget: int, limit: int):
-    """vLLM's worker LoRA manager for `model` (`lora_model_runner_mixin.load_lora_model`), the encoder budget given
-    (`_Budget`). Returns the worker manager; its `_adapter_manager` is the LRUCacheLoRAModelManager."""
+def lora_manager(model, vc, per_item: int, limit: int):
+    """vLLM's worker LoRA manager for `model` (`lora_model_runner_mixin.load_lora_model`), with `_Budget` for
+    MultiModalBudget. Returns the worker manager; its `_adapter_manager` is the LRUCacheLoRAModelManager."""
     import vllm.lora.model_manager as mm
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
     held = mm.MultiModalBudget
-    mm.MultiModalBudget = lambda *_a, **_k: _Budget(budget, limit)
+    mm.MultiModalBudget = lambda *_a, **_k: _Budget(vc, per_item, limit)
     try:
         wm = LRUCacheWorkerLoRAManager(vc, torch.device("cpu"), model.embedding_modules)
         wm.create_lora_manager(model, vc)

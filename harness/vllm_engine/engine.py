@@ -29,7 +29,8 @@ NOTES = [
     "set_active_adapters; group_and_batch_mm_kwargs; embed_multimodal",
     "reproduced: the tower/connector mapping block of GPUModelRunner._execute_mm_encoder "
     "(harness/vllm_engine/runner.py mm_lora_mappings); BaseModelLoader.load_model without its online-quantization "
-    "log; MultiModalBudget stood in for (buffer sizes only: the batch's placeholder total)",
+    "log; MultiModalBudget stood in for (buffer sizes only: the batch's largest image where vLLM asks its processor, "
+    "then vLLM's compute_mm_encoder_budget)",
     "the adapters' language-model tensors are skipped with vLLM's lora_skip_prefixes (set to the LM prefix: the LM "
     "is not built); --lora-target-modules names the adapters' tower/connector modules (lora_target_modules)",
     "torch.ops._C ops vLLM binds but never calls on x86 CPU (gelu_quick), absent from the CUDA wheel, are defined "
@@ -251,7 +252,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
         # the LM is not built (--mm-encoder-only), so vLLM's adapter check would refuse an adapter's LM tensors;
         # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out
         model.lora_skip_prefixes = [f"{p.rstrip('.')}." for p in model.get_mm_mapping().language_model]
-        wm = build.lora_manager(model, vc, budget=max(1, sum(im.num_mm_embeds for im in images)),
+        wm = build.lora_manager(model, vc, per_item=max([1] + [im.num_mm_embeds for im in images]),
                                 limit=max(r["images"] for r in reqs))
         mgr = wm._adapter_manager
         lora_requests = {ids[n]: LoRARequest(n, ids[n], str(folders[n].resolve()))

@@ -26,6 +26,10 @@ def cmd_vllm_engine(args) -> int:
         print(f"mmlora vllm-engine: vLLM's model does not build {len(m['not_produced'])} tower/connector modules of the "
               f"reference (compare will refuse the bundle for them): {', '.join(m['not_produced'])}", file=sys.stderr)
     for c in m["mm_lora_counts"]:
+        if c["embeddings"] != c["num_mm_embeds"]:
+            print(f"mmlora vllm-engine: vLLM's embed_multimodal gives {c['embeddings']} embeddings for request "
+                  f"{c['request']}'s image of {c['num_mm_embeds']} placeholders (its runner would refuse them)",
+                  file=sys.stderr)
         for g in ("tower", "connector"):
             if c[f"measured_{g}"] is not None and c[g] != c[f"measured_{g}"]:
                 print(f"mmlora vllm-engine: vLLM's get_mm_lora_token_counts gives {g} {c[g]} for request "

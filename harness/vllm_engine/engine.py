@@ -181,6 +181,22 @@ def target_modules(model, folders: list[Path]) -> list[str]:
     return sorted(out)
 
 
+def _images(b, s, arch, config, ids: dict) -> tuple[list[Image], list[dict]]:
+    """Every image of the reference's requests, in request order, as the runner sees it, and its units per group."""
+    m = b.manifest
+    images: list[Image] = []
+    units: list[dict] = []
+    for i, r in enumerate(m["requests"]):
+        if not r["geometry"]:
+            continue
+        inputs = b.inputs(i)
+        embeds = _lm_tokens(arch, config, r["geometry"], inputs["input_ids"], m["image_token_id"])
+        for (item, u), e in zip(archs.request_items(s, config, inputs, r["geometry"], embeds), embeds):
+            images.append(Image(i, ids[r["adapter"]] if r["adapter"] else 0, item, e))
+            units.append(u)
+    return images, units
+
+
 def _group(mm, vname: str) -> str:
     """vLLM's own split of the model (`get_mm_mapping()`), connector prefixes first (Llama 4's vision_adapter lies
     under the tower's prefix)."""
@@ -189,6 +205,38 @@ def _group(mm, vname: str) -> str:
     if any(vname.startswith(p) for p in mm.tower_model):
         return "tower"
     return "language_model"
+
+
+def _write_modules(writer, s, model, mgr, cap: Capture, images: list[Image], units: list[dict],
+                   embeds: list[torch.Tensor], n: int) -> dict[str, list[int]]:
+    """Each LoRA layer's captures under the HF names (packed outputs split into their parts' slices), per request,
+    and the boundaries; returns each group's measured rows per image (its first layer's input)."""
+    measured: dict[str, list[int]] = {}
+    for vname, module in mgr.modules.items():
+        x, y = _rows(cap.ins[vname]), _rows(cap.outs[vname])
+        group = _group(model.get_mm_mapping(), vname)
+        subs = mgr.packed_modules.get(vname)
+        slices = list(getattr(module, "output_slices", (y.shape[-1] if y is not None else 0,)))
+        names_out = list(subs) if subs else [vname]  # vLLM keeps the packed parts under their full names
+        ys = list(y.split(slices, dim=-1)) if y is not None and len(names_out) > 1 else [y]
+        gu = [u[group] for u in units]
+        xs_img = _per_image(x, gu, vname) if x is not None else None
+        if xs_img is not None:
+            measured.setdefault(group, [p.shape[0] for p in xs_img])
+        for hname, yk in zip(names_out, ys):
+            tensors = {}
+            if yk is not None:
+                for i, t in _per_request(_per_image(yk, gu, vname), images, n).items():
+                    tensors[f"out.{i}"] = t
+                for i, t in _per_request(xs_img, images, n).items():
+                    tensors[f"in.{i}"] = t
+            writer.add(archs.hf_name(s, hname), group, tensors)
+    if cap.tower_out:
+        t = _per_request(_per_image(_rows(cap.tower_out), [u["connector"] for u in units], "@tower_out"), images, n)
+        writer.add("@tower_out", "connector", {f"out.{i}": v for i, v in t.items()})
+    writer.add("@lm_image_embeds", "connector",
+               {f"out.{i}": v for i, v in _per_request(embeds, images, n).items()})
+    return measured
 
 
 def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None = None,
@@ -224,16 +272,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     names = [n for n in sorted(m["adapters"]) if n not in lm_only]
     ids = {name: k + 1 for k, name in enumerate(names)} | {name: 0 for name in lm_only}
     reqs = m["requests"]
-    images: list[Image] = []
-    units: list[dict] = []
-    for i, r in enumerate(reqs):
-        if not r["geometry"]:
-            continue
-        inputs = b.inputs(i)
-        embeds = _lm_tokens(arch, config, r["geometry"], inputs["input_ids"], m["image_token_id"])
-        for (item, u), e in zip(archs.request_items(s, config, inputs, r["geometry"], embeds), embeds):
-            images.append(Image(i, ids[r["adapter"]] if r["adapter"] else 0, item, e))
-            units.append(u)
+    images, units = _images(b, s, arch, config, ids)
     ranks = [json.loads((folders[n] / "adapter_config.json").read_text())["r"]
              for n in names] if names else [8]
     slots = max(1, len(names)) if max_loras is None else max_loras
@@ -269,33 +308,9 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
             for h in checks:
                 h.remove()
     writer = BundleWriter(out, len(reqs))
-    measured: dict[str, list[int]] = {}
-    for vname, module in mgr.modules.items():
-        x, y = _rows(cap.ins[vname]), _rows(cap.outs[vname])
-        group = _group(model.get_mm_mapping(), vname)
-        subs = mgr.packed_modules.get(vname)
-        slices = list(getattr(module, "output_slices", (y.shape[-1] if y is not None else 0,)))
-        names_out = list(subs) if subs else [vname]  # vLLM keeps the packed parts under their full names
-        ys = list(y.split(slices, dim=-1)) if y is not None and len(names_out) > 1 else [y]
-        gu = [u[group] for u in units]
-        xs_img = _per_image(x, gu, vname) if x is not None else None
-        if xs_img is not None:
-            measured.setdefault(group, [p.shape[0] for p in xs_img])
-        for hname, yk in zip(names_out, ys):
-            tensors = {}
-            if yk is not None:
-                for i, t in _per_request(_per_image(yk, gu, vname), images, len(reqs)).items():
-                    tensors[f"out.{i}"] = t
-                for i, t in _per_request(xs_img, images, len(reqs)).items():
-                    tensors[f"in.{i}"] = t
-            writer.add(archs.hf_name(s, hname), group, tensors)
-    if cap.tower_out:
-        t = _per_request(_per_image(_rows(cap.tower_out), [u["connector"] for u in units], "@tower_out"), images,
-                         len(reqs))
-        writer.add("@tower_out", "connector", {f"out.{i}": v for i, v in t.items()})
-    writer.add("@lm_image_embeds", "connector",
-               {f"out.{i}": v for i, v in _per_request(embeds, images, len(reqs)).items()})
-    helper = [{"request": im.request, "num_mm_embeds": im.num_mm_embeds, "tower": t, "connector": c,
+    measured = _write_modules(writer, s, model, mgr, cap, images, units, embeds, len(reqs))
+    helper = [{"request": im.request, "num_mm_embeds": im.num_mm_embeds, "embeddings": int(embeds[k].shape[0]),
+               "tower": t, "connector": c,
                "measured_tower": measured.get("tower", [None] * len(images))[k],
                "measured_connector": measured.get("connector", [None] * len(images))[k]}
               for k, (im, (t, c)) in enumerate(zip(images, counts))]
@@ -305,7 +320,8 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     missing = [x["name"] for x in m["modules"] if x.get("group") in GROUPS and x["name"] not in produced]
     manifest = {"kind": "outputs", "reference": b.sha256, "groups": GROUPS,
                 "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + layout_notes},
-                "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots, "per_image": per_image, "not_produced": missing,
+                "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots,
+                "per_image": per_image, "not_produced": missing,
                 "adapters_run_as_none": {n: "language-model tensors only: run with no adapter (see _lm_only)"
                                          for n in lm_only}}
     writer.finish(manifest)

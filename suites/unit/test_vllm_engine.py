@@ -53,8 +53,9 @@ def refs(tmp_path_factory):
     _vllm_or_skip()
     root = tmp_path_factory.mktemp("vllm-engine")
     out = {}
-    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4), ("qwen2_vl", []), ("llava_next", [])):
-        argv = ["record", "--arch", arch, "--dtype", "fp32", "--out", str(root / arch)]
+    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4), ("qwen2_vl", []), ("llava_next", []),
+                        ("gemma4-odd", ["patches=3x5"])):
+        argv = ["record", "--arch", arch.split("-")[0], "--dtype", "fp32", "--out", str(root / arch)]
         for g in geoms:
             argv += ["--geometry", g]
         assert main(argv) == 0
@@ -210,3 +211,13 @@ def test_llava_next_adapter_under_transformers5_names_applies_no_tower_lora(refs
     base = r[f"base.{i}"]  # the base Linear on the reference's input: vLLM added nothing to it
     assert float((g[f"out.{i}"] - base).abs().max()) <= 1e-5 * float(base.abs().max())
     assert float((r[f"out.{i}"] - base).abs().max()) > 1e-2 * float(base.abs().max())  # PEFT's delta is there
+
+
+def test_gemma4_odd_patch_grid_gives_fewer_embeddings_than_placeholders(refs, tmp_path, capsys):
+    """A 3x5 patch grid (not a multiple of the 2x2 pooling kernel): vLLM runs transformers' own pooler, whose floor
+    row stride the reference corrects, and gets 5 soft tokens where the prompt holds 6 placeholders; the
+    connector's mapping (the helper: num_mm_embeds) has 6 entries for the 5 rows."""
+    ref = refs["gemma4-odd"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--per-image")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "MappingMismatch: embed_vision.embedding_projection receives 5 rows, its mapping has 6 entries" in err, err

@@ -221,3 +221,12 @@ def test_gemma4_odd_patch_grid_gives_fewer_embeddings_than_placeholders(refs, tm
     rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--per-image")
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "MappingMismatch: embed_vision.embedding_projection receives 5 rows, its mapping has 6 entries" in err, err
+
+
+def test_llama4_every_supported_module_wrapped_fails_at_the_patch_embedding(refs, tmp_path, capsys):
+    """vLLM's default deployment (no --lora-target-modules): Llama 4's patch embedding Linear is wrapped too and
+    runs before CLS is added, 16 rows per tile under the tower mapping's 17."""
+    ref = refs["llama4"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
+    assert rc == 2 and "MappingMismatch: vision_model.patch_embedding.linear receives 288 rows, its mapping has " \
+                       "306 entries" in err, err

@@ -1,4 +1,4 @@
-"""`mmlora` command line: archs, tokens, audit-vllm, correctness, record, compare, faults, bench.
+"""`mmlora` command line: archs, tokens, audit-vllm, correctness, record, compare, faults, bench, vllm-engine.
 
 Exit codes: 0 success, 1 a divergence or regression was found, 2 bad input (one line on stderr), 130 Ctrl-C,
 143 SIGTERM (cleaned up as for Ctrl-C: no partial report, no temporary folder).
@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from harness.bench.cli import register as register_bench
     from harness.correctness.cli import register as register_correctness
+    from harness.vllm_engine.cli import register as register_vllm_engine
 
     register_correctness(sub)
     register_bench(sub)
+    register_vllm_engine(sub)
     return p
 
 

@@ -301,6 +301,7 @@ def _summarize(p: Prepared, rows: list[Row], opts: Options, modes_run=None) -> d
     summary["warnings"], summary["notes"] = p.warnings + blind, p.notes
     bugs = {f.name: f.upstream_bug for f in p.arch.reference_fixes()}
     summary["reference_fixes"] = {name: bugs[name] for name in p.fixes}
+    summary["groups_not_judged"] = []  # an output bundle answering some groups only (its "groups") sets them
     summary["ok"] = all(r.metrics.ok for r in rows)
     return summary
 
@@ -359,6 +360,8 @@ def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options, warnings: Sequ
     t0 = time.time()
     rows = modes.compare_outputs(p, got)
     summary = _summarize(p, rows, opts, ("e2e",))
+    judged = bundle.answered_groups(got)
+    summary["groups_not_judged"] = [g for g in bundle.GROUPS if g not in judged]
     for w in warnings:
         _log(f"  {p.arch.model_type}: WARNING: {w}")
     summary["warnings"] = summary["warnings"] + list(warnings)

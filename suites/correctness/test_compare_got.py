@@ -209,3 +209,44 @@ def test_compare_speaks_as_itself_times_itself_and_names_the_engine(ref, tmp_pat
 def test_a_malformed_engine_entry_is_refused(ref, tmp_path, capsys, engine):
     got = _got(ref, tmp_path / "got", engine=engine)
     _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"engine" is')
+
+
+# --- an output bundle answering some groups only ("groups") ---------------------------------------------------
+
+def _without_lm(ref: Path, folder: Path, **extra) -> Path:
+    """An honest output bundle of the tower and connector only: every language-model module left out."""
+    got = _got(ref, folder, **extra)
+    m = _manifest(got)
+    groups = {x["name"]: x["group"] for x in _manifest(ref)["modules"]}
+    m["modules"] = [x for x in m["modules"] if groups[x["name"]] != "language_model"]
+    _write_manifest(got, m)
+    return got
+
+
+def test_groups_judges_those_groups_and_says_loudly_which_were_not(ref, tmp_path, capsys):
+    got = _without_lm(ref, tmp_path / "got", groups=["tower", "connector"])
+    capsys.readouterr()
+    assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "NOT JUDGED: group 'language_model'" in err, err
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    arch = s["archs"][ARCH]
+    assert arch["groups_not_judged"] == ["language_model"]
+    assert any("NOT JUDGED: group 'language_model'" in w for w in s["warnings"])
+    assert "NOT JUDGED: group &#x27;language_model&#x27;" in (tmp_path / "o" / "index.html").read_text() \
+        or "NOT JUDGED: group 'language_model'" in (tmp_path / "o" / "index.html").read_text()
+    judged = {r.split(",")[_csv(tmp_path / "o")[0].split(",").index("group")] for r in _csv(tmp_path / "o")[1:]}
+    assert judged == {"tower", "connector"}, judged
+    # --strict turns the groups left out into exit 1, as any warning
+    assert main(["compare", str(ref), str(got), "--strict", "--out", str(tmp_path / "s")]) == 1
+
+
+def test_a_bundle_missing_a_language_model_module_without_groups_is_refused(ref, tmp_path, capsys):
+    got = _without_lm(ref, tmp_path / "got")
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, "lacks module", "language_model")
+
+
+@pytest.mark.parametrize("groups", [["tower", "vision"], [], "tower"])
+def test_groups_naming_an_unknown_group_is_refused(ref, tmp_path, capsys, groups):
+    got = _without_lm(ref, tmp_path / "got", groups=groups)
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"groups" is')

@@ -191,11 +191,29 @@ def _check_float(where: str, name: str, key: str, st_dtype: str, what: str) -> t
     return dt
 
 
+GROUPS = ("tower", "connector", "language_model")
+
+
+def answered_groups(got: Bundle) -> tuple[str, ...]:
+    """The module groups an output bundle answers: its manifest's optional `"groups"` (a non-empty list of
+    `GROUPS`), all of them without it. An engine that runs part of the model (vLLM's tower/connector path)
+    names what it answers; the rest is reported as not judged, never passed."""
+    g = got.manifest.get("groups")
+    if g is None:
+        return GROUPS
+    if not isinstance(g, list) or not g or not all(isinstance(x, str) for x in g) or set(g) - set(GROUPS):
+        raise BundleError(f"bundle {str(got.folder)!r}: \"groups\" is {g!r}, expected a non-empty list of "
+                          f"{', '.join(GROUPS)}")
+    return tuple(x for x in GROUPS if x in g)
+
+
 def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
     """An output bundle answers the reference's requests module by module: the reference it names (if it
-    names one), same requests (geometry, tokens, adapters), every module of the reference, the same rows and
-    features per request. Returns a warning per module the reference lacks (not judged)."""
+    names one), same requests (geometry, tokens, adapters), every module of the reference in the groups it
+    answers (`answered_groups`), the same rows and features per request. Returns a warning per module the
+    reference lacks (not judged) and one per group left out."""
     where = f"bundle {str(got.folder)!r}"
+    groups = answered_groups(got)
     named = got.manifest.get("reference")
     if named is not None and named != ref.sha256:
         raise BundleError(f"{where} answers the reference whose manifest.json has sha256 {named!r}, not "
@@ -210,6 +228,8 @@ def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
             if b[key] != a[key]:
                 raise BundleError(f"{where}: request {i} {key} {b[key]!r} differs from the reference's {a[key]!r}")
     for name, m in ref.modules.items():
+        if m.get("group", GROUPS[-1]) not in groups:
+            continue
         g = got.modules.get(name)
         if g is None:
             raise BundleError(f"{where} lacks module {name!r} (the reference bundle has it)")
@@ -223,8 +243,11 @@ def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
             if g_in is not None and r_in is not None and g_in[-1] != r_in[-1]:
                 raise BundleError(f"{where}: module {name!r} request {i}: {tensor_name(Key.IN, i)} has {g_in[-1]} "
                                   f"features, the reference's {r_in[-1]}")
+    left = [g for g in GROUPS if g not in groups and any(m.get("group") == g for m in ref.modules.values())]
     return [f"output bundle {str(got.folder)!r}: module {name!r} is not in the reference bundle (not judged)"
-            for name in got.modules if name not in ref.modules]
+            for name in got.modules if name not in ref.modules] + [
+        f"NOT JUDGED: group {g!r} ({sum(m.get('group') == g for m in ref.modules.values())} reference modules): the "
+        f"output bundle answers groups {list(groups)} only (its manifest's \"groups\")" for g in left]
 
 
 def engine_of(got: Bundle) -> str:

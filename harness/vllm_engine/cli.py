@@ -1,0 +1,61 @@
+"""`mmlora vllm-engine REF --out GOT`: a reference bundle's requests through vLLM's own tower/connector LoRA
+path, written as an output bundle that `mmlora compare REF GOT` judges (tower and connector groups)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def cmd_vllm_engine(args) -> int:
+    from harness.audit_vllm import VllmMissing, import_vllm
+    from harness.output import atomic_dir
+
+    try:
+        import_vllm()
+    except VllmMissing as e:
+        print(f"mmlora vllm-engine: {e}", file=sys.stderr)
+        return 2
+    from harness.vllm_engine.engine import run
+
+    out = Path(args.out)
+    with atomic_dir(out, "bundle", args.overwrite) as tmp:
+        m = run(Path(args.bundle), tmp, all_modules=args.all_modules, max_loras=args.max_loras,
+                per_image=args.per_image, rename_adapters=not args.adapters_as_saved)
+    if m["not_produced"]:
+        print(f"mmlora vllm-engine: vLLM's model does not build {len(m['not_produced'])} tower/connector modules of the "
+              f"reference (compare will refuse the bundle for them): {', '.join(m['not_produced'])}", file=sys.stderr)
+    for c in m["mm_lora_counts"]:
+        if c["embeddings"] != c["num_mm_embeds"]:
+            print(f"mmlora vllm-engine: vLLM's embed_multimodal gives {c['embeddings']} embeddings for request "
+                  f"{c['request']}'s image of {c['num_mm_embeds']} placeholders (its runner would refuse them)",
+                  file=sys.stderr)
+        for g in ("tower", "connector"):
+            if c[f"measured_{g}"] is not None and c[g] != c[f"measured_{g}"]:
+                print(f"mmlora vllm-engine: vLLM's get_mm_lora_token_counts gives {g} {c[g]} for request "
+                      f"{c['request']} (num_mm_embeds {c['num_mm_embeds']}); its {g} ran {c[f'measured_{g}']} rows",
+                      file=sys.stderr)
+    print(f"mmlora vllm-engine: output bundle in {out} (groups {', '.join(m['groups'])}; "
+          f"compare with: mmlora compare {args.bundle} {out})", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    v = sub.add_parser("vllm-engine", help="a reference bundle's requests through vLLM's tower/connector LoRA path "
+                                           "(vLLM's model class, LoRA manager, count helper), as an output bundle "
+                                           "for `mmlora compare REF GOT` (needs vLLM's model modules)")
+    v.add_argument("bundle", metavar="REF", help="a reference bundle (mmlora record)")
+    v.add_argument("--out", required=True, metavar="GOT", help="the output bundle folder to write")
+    v.add_argument("--max-loras", type=int, default=None, metavar="N",
+                   help="vLLM's --max-loras (default: one slot per adapter the batch uses)")
+    v.add_argument("--all-modules", action="store_true",
+                   help="vLLM's default deployment: every supported tower/connector module wrapped (no "
+                        "--lora-target-modules); default: the modules the adapters target")
+    v.add_argument("--per-image", action="store_true",
+                   help="one encoder step per image (the runner's mapping block and the encoder for each image "
+                        "alone); default: the whole mixed batch through one mapping")
+    v.add_argument("--adapters-as-saved", action="store_true",
+                   help="hand vLLM the adapters under the names they were saved with, where the arch's checkpoint "
+                        "needs a rename for vLLM (LLaVA-NeXT, harness/vllm_engine/layout.py); default: renamed too")
+    v.add_argument("--overwrite", action="store_true", help="replace an earlier bundle at --out")
+    v.set_defaults(func=cmd_vllm_engine)

@@ -1,0 +1,328 @@
+"""The vLLM engine: a reference bundle's requests through vLLM's own tower/connector LoRA path, written as an
+output bundle (docs/bundles.md) answering the groups `tower` and `connector` (manifest "groups").
+
+Built by vLLM's code (build.py): the model class (`--mm-encoder-only`), its weights, the worker LoRA manager with
+`enable_tower_connector_lora`, the adapters (`LoRAModel.from_local_checkpoint`, the model's `hf_to_vllm_mapper`).
+Run by vLLM's code (runner.py): `get_mm_lora_token_counts`, the TOWER / CONNECTOR mappings set through
+`set_active_adapters`, `group_and_batch_mm_kwargs`, `embed_multimodal`. This module only watches: forward hooks
+on vLLM's LoRA layers (input and output, cloned: vLLM adds the LoRA in place), fused outputs split into the HF
+modules' slices (docs/rows.md), rows split per image by the inputs' own units, and the boundaries `@tower_out`
+(the input of the module the reference names in `taken_at`) and `@lm_image_embeds` (what `embed_multimodal`
+returns per image: what vLLM scatters into the placeholders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from harness.vllm_engine import archs, build
+from harness.vllm_engine.runner import Image, run_images
+
+NAME = "vLLM tower/connector LoRA (mmlora vllm-engine)"
+GROUPS = ["tower", "connector"]
+NOTES = [
+    "vLLM's code: the model class built with --mm-encoder-only through initialize_model + its load_weights; "
+    "LRUCacheWorkerLoRAManager / LoRAModelManager with enable_tower_connector_lora (PunicaWrapperCPU per group); "
+    "adapters through LoRAModel.from_local_checkpoint with hf_to_vllm_mapper; get_mm_lora_token_counts; "
+    "set_active_adapters; group_and_batch_mm_kwargs; embed_multimodal",
+    "reproduced: the tower/connector mapping block of GPUModelRunner._execute_mm_encoder "
+    "(harness/vllm_engine/runner.py mm_lora_mappings); BaseModelLoader.load_model without its online-quantization "
+    "log; MultiModalBudget stood in for (buffer sizes only: the batch's largest image where vLLM asks its processor, "
+    "then vLLM's compute_mm_encoder_budget)",
+    "the adapters' language-model tensors are skipped with vLLM's lora_skip_prefixes (set to the LM prefix: the LM "
+    "is not built); --lora-target-modules names the adapters' tower/connector modules (lora_target_modules)",
+    "torch.ops._C ops vLLM binds but never calls on x86 CPU (gelu_quick), absent from the CUDA wheel, are defined "
+    "as ops that raise (build.stub_uncalled_c_ops)",
+    "not run: the language model (--mm-encoder-only leaves it a StageMissingLayer; vLLM's CPU attention needs "
+    "vllm._C, which the CUDA wheel does not carry)",
+]
+
+
+class EngineError(ValueError):
+    """A reference this engine cannot run (one line, exit 2)."""
+
+
+def _reference(folder: Path):
+    from harness.correctness.bundle import Bundle, Kind
+
+    b = Bundle.open(folder)
+    m = b.manifest
+    if m.get("kind") != Kind.REFERENCE:
+        raise EngineError(f"{folder}: not a reference bundle (kind {m.get('kind')!r})")
+    for key in ("arch", "dtype", "checkpoint", "adapters", "image_token_id"):
+        if key not in m:
+            raise EngineError(f"{folder}: manifest lacks {key!r} (re-record it with mmlora record)")
+    ckpt = Path(m["checkpoint"]["path"])
+    return b, (ckpt if ckpt.is_absolute() else b.folder / ckpt)
+
+
+def _lm_tokens(arch, config, geoms: list[str], prompt: torch.Tensor, image_token_id: int) -> list[int]:
+    """Each image's placeholder embeddings (vLLM's `pos_info.get_num_embeds()`): the registry's lm_tokens per
+    image, held to the prompt's count of image tokens."""
+    from harness.geometry_flags import parse_geometry
+
+    per = [arch.counts(config, parse_geometry(g)).lm_tokens for g in geoms]
+    have = int((prompt == image_token_id).sum())
+    if sum(per) != have:
+        raise EngineError(f"the prompt holds {have} image tokens, its images' lm_tokens sum to {sum(per)} ({per})")
+    return per
+
+
+class MappingMismatch(RuntimeError):
+    """A LoRA layer receives another number of rows than its group's mapping holds entries: on CPU, vLLM's torch
+    punica ops cannot run it (an einsum shape error); on CUDA its kernels would take the mapping's length."""
+
+
+def check_rows(modules: dict[str, torch.nn.Module], step: list):
+    """Forward pre-hooks on vLLM's LoRA layers: the rows each receives against the entries of its punica wrapper's
+    mapping (`indices_len[0]`), raising MappingMismatch that names the layer, both numbers and the count helper's
+    values per image of the step (`step[0]`: (images, counts)), before vLLM's own shape error."""
+    def hook(name):
+        def pre(m, args):
+            x = args[0]
+            rows, entries = x.reshape(-1, x.shape[-1]).shape[0], m.punica_wrapper.indices_len[0]
+            if entries is not None and rows != entries and not m.punica_wrapper.no_lora:
+                per = "; ".join(f"request {im.request}: tower {t}, connector {c}" for im, (t, c) in
+                                zip(*step[0]))
+                raise MappingMismatch(f"{name} receives {rows} rows, its mapping has {entries} entries "
+                                      f"(vLLM's get_mm_lora_token_counts per image: {per})")
+        return pre
+    return [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+
+
+class Capture:
+    """Forward hooks on vLLM's LoRA layers (and the boundary's module): every call's input and output, cloned."""
+
+    def __init__(self, model, modules: dict[str, torch.nn.Module], boundary: str | None):
+        self.ins: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        self.outs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        self.tower_out: list[torch.Tensor] = []
+        self.hooks = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        if boundary is not None:
+            self.hooks.append(model.get_submodule(boundary).register_forward_pre_hook(self._pre, with_kwargs=True))
+
+    def _pre(self, _m, args, kwargs):
+        # the module's main input: its first positional tensor, else its first tensor keyword (Gemma 4's
+        # embed_vision(inputs_embeds=...)), as docs/bundles.md says of "input"
+        t = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        self.tower_out.append(t.detach().clone())
+
+    def _hook(self, name: str):
+        def hook(_m, args, out):
+            self.ins[name].append(args[0].detach().clone())
+            self.outs[name].append((out[0] if isinstance(out, tuple) else out).detach().clone())
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _rows(calls: list[torch.Tensor]) -> torch.Tensor | None:
+    if not calls:
+        return None
+    return torch.cat([c.reshape(-1, c.shape[-1]) for c in calls])
+
+
+def _per_image(t: torch.Tensor, units: list[int], what: str) -> list[torch.Tensor]:
+    """A group's rows split into images, each image's share proportional to its units (a tile's rows, a patch's
+    or a merge block's: rows per unit may be a fraction, as Qwen2-VL's merger has one row per 4 patches)."""
+    total = sum(units)
+    if total == 0 and t.shape[0] == 0:
+        return [t] * len(units)
+    sizes = [u * t.shape[0] // total if total else -1 for u in units]
+    if total == 0 or any(u * t.shape[0] % total for u in units):
+        raise RuntimeError(f"{what}: {t.shape[0]} rows do not split into images in proportion to their units {units}")
+    return list(t.split(sizes))
+
+
+def _per_request(parts: list[torch.Tensor], images: list[Image], n: int) -> dict[int, torch.Tensor]:
+    by: dict[int, list[torch.Tensor]] = {}
+    for p, im in zip(parts, images):
+        by.setdefault(im.request, []).append(p)
+    return {i: t for i, t in ((i, torch.cat(v)) for i, v in by.items() if i < n) if t.shape[0]}  # no rows: no key
+
+
+def _lm_only(adapter: Path) -> bool:
+    """An adapter all of whose tensors lie in the language model. vLLM's --mm-encoder-only cannot load it (nothing
+    is left after `lora_skip_prefixes`: an empty LoRAModel stops `_create_merged_loras_inplace` with
+    StopIteration); the full model would load it and zero its slot in every tower / connector layer
+    (`reset_lora`), so its images run with no adapter (id 0), which adds nothing, as the zeroed slot would."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+        return all(".language_model." in k for k in f.keys())
+
+
+def target_modules(model, folders: list[Path]) -> list[str]:
+    """What a user passes as --lora-target-modules for these adapters' tower and connector: each module they hold
+    a LoRA for outside the language model, under vLLM's name (the model's `hf_to_vllm_mapper`, as vLLM's adapter
+    loading renames it), given whole (vLLM takes a full module name), or by its suffix where it is a packed part
+    (q_proj of qkv_proj: vLLM matches packed parts by suffix only). Suffixes alone would not do: on Gemma 4 an LM
+    suffix (q_proj, ...) also names the tower's Gemma4ClippableLinear wrappers, on Qwen2-VL `proj` also the
+    patch embedder's Conv3d, and vLLM refuses both ("matched the deployment configuration but could not be
+    wrapped"). The LM's are left out: the LM is not built."""
+    from safetensors import safe_open
+
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    parts = {p for children in model.packed_modules_mapping.values() for p in children}
+    out = set()
+    for f in folders:
+        with safe_open(str(f / "adapter_model.safetensors"), framework="pt") as st:
+            for k in st.keys():
+                if ".lora_" not in k or ".language_model." in k:
+                    continue
+                name = k.split(".lora_")[0].removeprefix("base_model.model.")
+                vname = (mapper._map_name(name) if mapper is not None else name) or name
+                suffix = vname.rsplit(".", 1)[-1]
+                out.add(suffix if suffix in parts else vname)
+    return sorted(out)
+
+
+def _images(b, s, arch, config, ids: dict) -> tuple[list[Image], list[dict]]:
+    """Every image of the reference's requests, in request order, as the runner sees it, and its units per group."""
+    m = b.manifest
+    images: list[Image] = []
+    units: list[dict] = []
+    for i, r in enumerate(m["requests"]):
+        if not r["geometry"]:
+            continue
+        inputs = b.inputs(i)
+        embeds = _lm_tokens(arch, config, r["geometry"], inputs["input_ids"], m["image_token_id"])
+        for (item, u), e in zip(archs.request_items(s, config, inputs, r["geometry"], embeds), embeds):
+            images.append(Image(i, ids[r["adapter"]] if r["adapter"] else 0, item, e))
+            units.append(u)
+    return images, units
+
+
+def _group(mm, vname: str) -> str:
+    """vLLM's own split of the model (`get_mm_mapping()`), connector prefixes first (Llama 4's vision_adapter lies
+    under the tower's prefix)."""
+    if any(vname.startswith(p) for p in mm.connector):
+        return "connector"
+    if any(vname.startswith(p) for p in mm.tower_model):
+        return "tower"
+    return "language_model"
+
+
+def _write_modules(writer, s, model, mgr, cap: Capture, images: list[Image], units: list[dict],
+                   embeds: list[torch.Tensor], n: int) -> dict[str, list[int]]:
+    """Each LoRA layer's captures under the HF names (packed outputs split into their parts' slices), per request,
+    and the boundaries; returns each group's measured rows per image (its first layer's input)."""
+    measured: dict[str, list[int]] = {}
+    for vname, module in mgr.modules.items():
+        x, y = _rows(cap.ins[vname]), _rows(cap.outs[vname])
+        group = _group(model.get_mm_mapping(), vname)
+        subs = mgr.packed_modules.get(vname)
+        slices = list(getattr(module, "output_slices", (y.shape[-1] if y is not None else 0,)))
+        names_out = list(subs) if subs else [vname]  # vLLM keeps the packed parts under their full names
+        ys = list(y.split(slices, dim=-1)) if y is not None and len(names_out) > 1 else [y]
+        gu = [u[group] for u in units]
+        xs_img = _per_image(x, gu, vname) if x is not None else None
+        if xs_img is not None:
+            measured.setdefault(group, [p.shape[0] for p in xs_img])
+        for hname, yk in zip(names_out, ys):
+            tensors = {}
+            if yk is not None:
+                for i, t in _per_request(_per_image(yk, gu, vname), images, n).items():
+                    tensors[f"out.{i}"] = t
+                for i, t in _per_request(xs_img, images, n).items():
+                    tensors[f"in.{i}"] = t
+            writer.add(archs.hf_name(s, hname), group, tensors)
+    if cap.tower_out:
+        t = _per_request(_per_image(_rows(cap.tower_out), [u["connector"] for u in units], "@tower_out"), images, n)
+        writer.add("@tower_out", "connector", {f"out.{i}": v for i, v in t.items()})
+    writer.add("@lm_image_embeds", "connector",
+               {f"out.{i}": v for i, v in _per_request(embeds, images, n).items()})
+    return measured
+
+
+def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None = None,
+        per_image: bool = False, rename_adapters: bool = True) -> dict:
+    """Runs the reference's requests and writes the output bundle at `out`; returns its manifest.
+    `all_modules`: vLLM's default deployment (no --lora-target-modules: every supported module of the tower and
+    connector wrapped); else --lora-target-modules names the modules the adapters target. `max_loras`: vLLM's
+    --max-loras (default: the adapters the batch uses, each its own slot). `per_image`: one encoder step per
+    image (runner.run_images). `rename_adapters`: layout.py's rename applied to the adapters too (where the arch
+    has one)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmlora-vllm-") as work:
+        return _run(ref, out, all_modules, max_loras, per_image, rename_adapters, Path(work))
+
+
+def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_image: bool, rename_adapters: bool,
+         work: Path) -> dict:
+    import vllm
+
+    from harness.correctness.bundle.writer import BundleWriter
+    from harness.vllm_engine import layout
+    from vlm.checkpoint import read_checkpoint_config
+
+    b, ckpt = _reference(ref)
+    m = b.manifest
+    s = archs.spec(m["arch"])
+    arch, raw = read_checkpoint_config(ckpt)
+    config = arch.model_class().config_class.from_dict(raw)
+    ckpt, folders, layout_notes = layout.for_vllm(m["arch"], ckpt, {n: b.folder / a["path"] for n, a in
+                                                                     m["adapters"].items()}, work, rename_adapters)
+    lm_only = [n for n in sorted(m["adapters"]) if _lm_only(folders[n])]
+    names = [n for n in sorted(m["adapters"]) if n not in lm_only]
+    ids = {name: k + 1 for k, name in enumerate(names)} | {name: 0 for name in lm_only}
+    reqs = m["requests"]
+    images, units = _images(b, s, arch, config, ids)
+    ranks = [json.loads((folders[n] / "adapter_config.json").read_text())["r"]
+             for n in names] if names else [8]
+    slots = max(1, len(names)) if max_loras is None else max_loras
+    if slots < len(names):
+        raise EngineError(f"--max-loras {slots}: the batch uses {len(names)} adapters, each needs a slot")
+    vc = build.vllm_config(ckpt, m["dtype"], slots, max(ranks),
+                           s.processor_kwargs(config) if s.processor_kwargs else None, None,
+                           s.hf_overrides(config) if s.hf_overrides else None)
+    with build.vllm_context(vc):
+        from vllm.lora.request import LoRARequest
+
+        model = build.load_model(vc)
+        # --lora-target-modules, read by the LoRA manager only (built next): named from the model's own mapper
+        targets = None if all_modules else target_modules(model, list(folders.values()))
+        vc.lora_config.target_modules = targets
+        # the LM is not built (--mm-encoder-only), so vLLM's adapter check would refuse an adapter's LM tensors;
+        # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out
+        model.lora_skip_prefixes = [f"{p.rstrip('.')}." for p in model.get_mm_mapping().language_model]
+        wm = build.lora_manager(model, vc, per_item=max([1] + [im.num_mm_embeds for im in images]),
+                                limit=max(r["images"] for r in reqs))
+        mgr = wm._adapter_manager
+        lora_requests = {ids[n]: LoRARequest(n, ids[n], str(folders[n].resolve()))
+                         for n in names}
+        taken = next((x["taken_at"]["module"] for x in m["modules"] if x["name"] == "@tower_out"), None)
+        cap = Capture(model, mgr.modules, archs.vllm_name(s, taken) if taken else None)
+        step: list = [None]
+        checks = check_rows(mgr.modules, step)
+        try:
+            embeds, counts = run_images(model, wm, images, lora_requests, per_image,
+                                        on_counts=lambda ims, cs: step.__setitem__(0, (ims, cs)))
+        finally:
+            cap.remove()
+            for h in checks:
+                h.remove()
+    writer = BundleWriter(out, len(reqs))
+    measured = _write_modules(writer, s, model, mgr, cap, images, units, embeds, len(reqs))
+    helper = [{"request": im.request, "num_mm_embeds": im.num_mm_embeds, "embeddings": int(embeds[k].shape[0]),
+               "tower": t, "connector": c,
+               "measured_tower": measured.get("tower", [None] * len(images))[k],
+               "measured_connector": measured.get("connector", [None] * len(images))[k]}
+              for k, (im, (t, c)) in enumerate(zip(images, counts))]
+    produced = {x["name"] for x in writer.modules}
+    # reference modules of the answered groups that vLLM's model does not build (LLaVA-NeXT: vLLM's CLIP tower stops
+    # at vision_feature_layer; HF runs the layers after it too, whose output nothing reads)
+    missing = [x["name"] for x in m["modules"] if x.get("group") in GROUPS and x["name"] not in produced]
+    manifest = {"kind": "outputs", "reference": b.sha256, "groups": GROUPS,
+                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + layout_notes},
+                "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots,
+                "per_image": per_image, "not_produced": missing,
+                "adapters_run_as_none": {n: "language-model tensors only: run with no adapter (see _lm_only)"
+                                         for n in lm_only}}
+    writer.finish(manifest)
+    return manifest

@@ -1,0 +1,232 @@
+"""`mmlora vllm-engine` (harness/vllm_engine): vLLM's own tower/connector LoRA path (its model class, LoRA
+manager, count helper and embed_multimodal) judged by `mmlora compare REF GOT` on fp32 reference bundles.
+Needs vLLM's model modules (`nox -s vllm_towers`); skipped otherwise with the reason.
+
+What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs):
+- rows with no adapter in a batch that has one take the LAST slot's adapter: vLLM's torch punica ops index the
+  stacked weights with the mapping's -1 (`lora_b_weights[-1]`), where its CUDA kernels skip -1 rows. With an
+  empty last slot (--max-loras one above the adapters) the numbers agree with PEFT.
+- Gemma 4: LoRAModelManager sizes the tower's punica wrapper for one image (the count helper's tower tokens do
+  not depend on the budget), so a mixed batch of images outgrows it; one image per encoder step agrees.
+- a count helper one row short per image: the tower LoRA layer receives more rows than its mapping has entries,
+  which vLLM's CPU ops cannot run; the engine names the layer and the helper's counts (exit 2).
+- LLaVA-NeXT: vLLM's CLIP tower stops at vision_feature_layer, so the reference's last tower layer has no vLLM
+  module (compare refuses the bundle, naming it); every module vLLM runs matches the reference. A PEFT adapter
+  saved under transformers 5's names (no `vision_model.`) loads in vLLM without an error and applies none of its
+  tower LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import audit_vllm
+from harness.cli import main
+
+pytestmark = pytest.mark.vllm_towers
+
+# geometries (patches, Hp x Wp) whose sides are multiples of the pooling kernel: vLLM runs transformers' own
+# Gemma4VisionPooler, whose floor row stride the reference corrects (fix gemma4-pooler-ceil-stride) for the others
+GEMMA4 = ["patches=4x4", "patches=2x6", "patches=6x2"]
+
+
+def _vllm_or_skip():
+    try:
+        audit_vllm.import_vllm()
+        import vllm.model_executor.models.gemma4_mm  # noqa: F401
+        import vllm.model_executor.models.llava_next  # noqa: F401
+        import vllm.model_executor.models.mllama4  # noqa: F401
+        import vllm.model_executor.models.qwen2_vl  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason
+        reason = f"vLLM's model modules do not import here: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    _vllm_or_skip()
+    root = tmp_path_factory.mktemp("vllm-engine")
+    out = {}
+    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4), ("qwen2_vl", []), ("llava_next", []),
+                        ("gemma4-odd", ["patches=3x5"])):
+        argv = ["record", "--arch", arch.split("-")[0], "--dtype", "fp32", "--out", str(root / arch)]
+        for g in geoms:
+            argv += ["--geometry", g]
+        assert main(argv) == 0
+        out[arch] = root / arch
+    return out
+
+
+def _engine(ref: Path, got: Path, capsys, *flags: str) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["vllm-engine", str(ref), "--out", str(got), *flags])
+    return rc, capsys.readouterr().err
+
+
+def _compare(ref: Path, got: Path, out: Path, capsys) -> tuple[int, dict, str]:
+    capsys.readouterr()
+    rc = main(["compare", str(ref), str(got), "--out", str(out)])
+    err = capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return rc, s, err
+
+
+def _slots(ref: Path) -> str:
+    """One slot above the adapters the engine loads: the last slot stays empty (see the module docstring)."""
+    return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
+
+
+@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ())])
+def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_path, capsys, arch, flags):
+    ref = refs[arch]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), *flags)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    assert m["groups"] == ["tower", "connector"] and m["engine"]["version"].startswith("vllm ")
+    assert any("mm_lora_mappings" in n for n in m["engine"]["notes"])
+    # the helper's counts are the rows vLLM's layers ran, image by image
+    assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] and c["connector"] == c["measured_connector"]
+                                       for c in m["mm_lora_counts"])
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 0, err
+    a = s["archs"][arch]
+    assert a["groups_not_judged"] == ["language_model"] and "NOT JUDGED: group 'language_model'" in err
+    assert set(a["worst_margin"]) == {"e2e/tower", "e2e/connector"}
+    assert all(v < 1 for v in a["worst_margin"].values()), a["worst_margin"]
+
+
+def test_cpu_rows_without_adapter_take_the_last_slot(refs, tmp_path, capsys):
+    """vLLM's CPU punica path with every slot filled: the requests without an adapter diverge from their first
+    row (they got the last slot's adapter); compare names the first such request."""
+    ref = refs["llama4"]
+    assert _engine(ref, tmp_path / "got", capsys)[0] == 0
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 1, err
+    first = s["archs"]["llama4"]["first_divergence"]["e2e"]
+    reqs = json.loads((ref / "manifest.json").read_text())["requests"]
+    no_adapter = [i for i, r in enumerate(reqs) if r["images"] and r["adapter"] in (None, "lm")]
+    assert first["group"] == "tower" and first["request"] == no_adapter[0] and first["row"] == 0, first
+
+
+def test_smallest_reproducer_vllm_torch_ops_index_minus_one_is_the_last_slot():
+    """vLLM's own op, nothing of the harness: a row mapped to -1 (no LoRA) gets slot 1's A (the last)."""
+    _vllm_or_skip()
+    from vllm.lora.ops.torch_ops.lora_ops import bgmv_shrink
+
+    x = torch.ones(1, 4)
+    a = torch.stack([torch.zeros(1, 2, 4), torch.ones(1, 2, 4)])  # [slots, 1, rank, hidden]: slot 1 all ones
+    out = torch.zeros(1, 2)
+    bgmv_shrink(x, a, out, torch.tensor([-1]), 1.0)
+    assert out.tolist() == [[4.0, 4.0]]  # CUDA's kernels leave a -1 row untouched: [[0.0, 0.0]]
+
+
+def test_gemma4_mixed_batch_outgrows_the_tower_wrapper(refs, tmp_path, capsys):
+    rc, err = _engine(refs["gemma4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["gemma4"]))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "tower punica wrapper LoRAModelManager sized holds 64" in err and "--per-image" in err, err
+    assert not (tmp_path / "got").exists()
+
+
+def _seed_helper(monkeypatch, how):
+    from vllm.model_executor.models.mllama4 import Llama4ForConditionalGeneration
+
+    real = Llama4ForConditionalGeneration.get_mm_lora_token_counts
+    calls = []
+
+    def seeded(self, *, modality, mm_kwargs, num_mm_embeds):
+        t, c = real(self, modality=modality, mm_kwargs=mm_kwargs, num_mm_embeds=num_mm_embeds)
+        if mm_kwargs is None:  # the manager sizing its wrappers: left as vLLM gives it
+            return t, c
+        calls.append(t)
+        return how(len(calls) - 1, t), c
+
+    monkeypatch.setattr(Llama4ForConditionalGeneration, "get_mm_lora_token_counts", seeded)
+
+
+def test_a_count_helper_one_row_short_per_image_is_named(refs, tmp_path, capsys, monkeypatch):
+    _seed_helper(monkeypatch, lambda k, t: t - 1)
+    rc, err = _engine(refs["llama4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["llama4"]))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    # the first tower LoRA layer (vLLM's fused qkv_proj of HF's q/k/v_proj) and the helper's count per image
+    assert "MappingMismatch: vision_model.model.layers.0.self_attn.qkv_proj receives 306 rows, its mapping has " \
+           "300 entries" in err, err
+    assert "request 0: tower 16, connector 4" in err, err
+
+
+def test_a_count_helper_that_shifts_images_is_caught_by_compare(refs, tmp_path, capsys, monkeypatch):
+    """One row short for every image but the last, which takes the rows left: the mapping is as long as the rows,
+    so vLLM runs it; image 0's last row (its CLS) runs under image 1's adapter."""
+    counts = json.loads((refs["llama4"] / "manifest.json").read_text())
+    n = sum(r["images"] for r in counts["requests"])
+    _seed_helper(monkeypatch, lambda k, t: t - 1 if k < n - 1 else t + n - 1)
+    ref = refs["llama4"]
+    assert _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))[0] == 0
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 1, err
+    first = s["archs"]["llama4"]["first_divergence"]["e2e"]
+    assert first["module"] == "vision_model.model.layers.0.self_attn.q_proj", first
+    assert (first["request"], first["row"]) == (0, 16), first  # request 0: one tile, 16 patches + CLS (row 16)
+
+
+def _outs(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    entry = next(x for x in json.loads((folder / "manifest.json").read_text())["modules"] if x["name"] == name)
+    return load_file(str(folder / entry["file"]))
+
+
+def test_llava_next_last_tower_layer_is_not_built_and_the_rest_matches(refs, tmp_path, capsys):
+    ref = refs["llava_next"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    assert rc == 0, err
+    m = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    last = json.loads((ref / "checkpoint" / "config.json").read_text())["vision_config"]["num_hidden_layers"] - 1
+    assert m["not_produced"] and all(f"encoder.layers.{last}." in n for n in m["not_produced"]), m["not_produced"]
+    assert "does not build" in err
+    rc, _, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 2 and f"lacks module 'model.vision_tower.encoder.layers.{last}." in err, err
+    # what vLLM runs matches the reference (fp32: both are torch's linear; LoRA deltas at 0.1 of the output)
+    for x in json.loads((ref / "manifest.json").read_text())["modules"]:
+        if x["group"] == "language_model" or x["name"] in m["not_produced"]:
+            continue
+        r, g = _outs(ref, x["name"]), _outs(tmp_path / "got", x["name"])
+        for key in (k for k in r if k.startswith("out.")):
+            scale = float(r[key].abs().max())
+            assert float((g[key] - r[key]).abs().max()) <= 1e-5 * scale, (x["name"], key)
+
+
+def test_llava_next_adapter_under_transformers5_names_applies_no_tower_lora(refs, tmp_path, capsys):
+    ref = refs["llava_next"]
+    assert _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--adapters-as-saved")[0] == 0
+    name = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
+    r, g = _outs(ref, name), _outs(tmp_path / "got", name)
+    reqs = json.loads((ref / "manifest.json").read_text())["requests"]
+    i = next(k for k, q in enumerate(reqs) if q["adapter"] == "tower")
+    base = r[f"base.{i}"]  # the base Linear on the reference's input: vLLM added nothing to it
+    assert float((g[f"out.{i}"] - base).abs().max()) <= 1e-5 * float(base.abs().max())
+    assert float((r[f"out.{i}"] - base).abs().max()) > 1e-2 * float(base.abs().max())  # PEFT's delta is there
+
+
+def test_gemma4_odd_patch_grid_gives_fewer_embeddings_than_placeholders(refs, tmp_path, capsys):
+    """A 3x5 patch grid (not a multiple of the 2x2 pooling kernel): vLLM runs transformers' own pooler, whose floor
+    row stride the reference corrects, and gets 5 soft tokens where the prompt holds 6 placeholders; the
+    connector's mapping (the helper: num_mm_embeds) has 6 entries for the 5 rows."""
+    ref = refs["gemma4-odd"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--per-image")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "MappingMismatch: embed_vision.embedding_projection receives 5 rows, its mapping has 6 entries" in err, err
+
+
+def test_llama4_every_supported_module_wrapped_fails_at_the_patch_embedding(refs, tmp_path, capsys):
+    """vLLM's default deployment (no --lora-target-modules): Llama 4's patch embedding Linear is wrapped too and
+    runs before CLS is added, 16 rows per tile under the tower mapping's 17."""
+    ref = refs["llama4"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
+    assert rc == 2 and "MappingMismatch: vision_model.patch_embedding.linear receives 288 rows, its mapping has " \
+                       "306 entries" in err, err

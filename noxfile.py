@@ -19,13 +19,13 @@ TORCH = os.environ.get("MMLORA_TORCH", "torch==2.13.0")
 PYTHON = os.environ.get("MMLORA_PYTHON", "3.11")
 
 
-def _install(session: nox.Session, extras: str = "") -> None:
+def _install(session: nox.Session, extras: str = "", torch: str = TORCH) -> None:
     if isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
         return  # --no-venv: the system python already holds the stack
     # --no-compile: pip byte-compiles every module it installs (torch, transformers, ... : ~70 of the ~140 s a
     # fresh CI venv took on 2 cores), while a run imports a fraction of them. Python compiles those on first
     # import into the venv instead, which it may do here even where the caller's environment forbids it.
-    session.install("--no-compile", TORCH)
+    session.install("--no-compile", torch)
     session.install("--no-compile", "-e", f".[{extras}]" if extras else ".")
     session.env["PYTHONDONTWRITEBYTECODE"] = ""  # empty: unset for Python
 
@@ -125,22 +125,54 @@ def vllm_kernels(session: nox.Session) -> None:
     _vllm_kernel_tests(session, session.posargs)
 
 
+# vLLM's model modules import transformers' Llama 4 image processor, which imports torchvision, and PyPI builds
+# torchvision only for its CUDA torch (with the CPU torch `import torchvision` fails: "operator torchvision::nms
+# does not exist"). The sessions that import them therefore default to PyPI's pair: CUDA builds (~4 GB) that run
+# fine without a GPU. 2.14.1 / 0.29.1 is the newest pair this machine's pip allows; vLLM 0.32 pins 2.13.0 / 0.28.0
+# and 0.33 pins 2.14.0 / 0.29.0, and both ran their model modules, LoRA path and kernels with this pair.
+# Override both with MMLORA_TORCH / MMLORA_TORCHVISION (e.g. 0.33's own: torch==2.14.0, torchvision==0.29.0).
+VLLM_MODEL_TORCH = os.environ.get("MMLORA_TORCH", "torch==2.14.1")
+VLLM_MODEL_TORCHVISION = os.environ.get("MMLORA_TORCHVISION", "torchvision==0.29.1")
+
+
+def _install_vllm_models(session: nox.Session) -> dict:
+    """The project, vLLM's kernels and what vLLM's model modules import (see VLLM_MODEL_DEPS), on the torch +
+    torchvision pair above; returns the environment their runs need."""
+    _install(session, "test", torch=VLLM_MODEL_TORCH)
+    _install_vllm_kernels(session)
+    if not isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
+        session.install("--no-compile", "--no-deps", VLLM_MODEL_TORCHVISION)  # --no-deps: never let it swap torch
+        session.install("--no-compile", *VLLM_MODEL_DEPS)
+    return {**_vllm_env(), "MMLORA_REQUIRE_VLLM": "1"}
+
+
 @nox.session(python=PYTHON)
 def vllm_towers(session: nox.Session) -> None:
     """vLLM's own vision towers (Llama 4, Gemma 4) vs HF's, layer by layer (suites/unit/test_vllm_towers.py), and
     vLLM's tower/connector LoRA count helpers vs the registry (suites/unit/test_vllm_audit.py, `mmlora audit-vllm`).
-    Not part of `tests`: vLLM's model modules import transformers' Llama 4 image processor, which imports
-    torchvision, and PyPI builds torchvision only for its CUDA torch: a CPU torch cannot import it. On a CPU
-    machine run it with PyPI's pair, e.g. MMLORA_TORCH=torch==2.14.1 MMLORA_TORCHVISION=torchvision==0.29.1
-    (CUDA builds, ~4 GB, run fine without a GPU); on a GPU runner with vLLM installed: `nox --no-venv -s ...`."""
-    _install(session, "test")
-    _install_vllm_kernels(session)
-    if not isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv):
-        if os.environ.get("MMLORA_TORCHVISION"):
-            session.install("--no-deps", os.environ["MMLORA_TORCHVISION"])  # never let it swap torch
-        session.install(*VLLM_MODEL_DEPS)
-    env = {**_vllm_env(), "MMLORA_REQUIRE_VLLM": "1"}
+    Not part of `tests`: it needs vLLM's model modules and a torch that can import torchvision (the CUDA pair
+    above; on a GPU runner with vLLM installed: `nox --no-venv -s ...`)."""
+    env = _install_vllm_models(session)
     session.run("python", "-m", "pytest", *(session.posargs or ["suites", "-m", "vllm_towers", "-v"]), env=env)
+
+
+@nox.session(python=PYTHON)
+def vllm_engine(session: nox.Session) -> None:
+    """vLLM's own multimodal LoRA path under the judge (docs/vllm.md): `mmlora audit-vllm` (every vLLM count
+    helper against the measured rows), then the survey (`python -m harness.vllm_engine.survey`: per arch, record
+    a reference, run it through vLLM's model class + LoRA manager with tower/connector LoRA, `mmlora compare
+    REF GOT`), then the engine's tests. Args after -- go to the survey (e.g. `-- --arch llama4 --out DIR`).
+    vLLM 0.33: MMLORA_VLLM=vllm==0.33.0 (torch pair: see VLLM_MODEL_TORCH). Not in `tests` (the CUDA torch pair
+    is ~4 GB); nightly, or by hand."""
+    import time
+
+    start = time.monotonic()
+    env = _install_vllm_models(session)
+    session.run("python", "-m", "harness.cli", "audit-vllm", env=env)
+    session.run("python", "-m", "harness.vllm_engine.survey", *session.posargs, env=env)
+    if not session.posargs:
+        session.run("python", "-m", "pytest", "suites/unit/test_vllm_engine.py", "-q", env=env)
+    session.log(f"vllm_engine: {time.monotonic() - start:.0f} s in all, installs included")
 
 
 @nox.session(python=PYTHON)

@@ -44,7 +44,7 @@ def check_writable(out: Path) -> None:
 # every report folder this tool writes holds this file, naming the kind of report: a folder without it is the
 # user's, and is never written into or replaced
 MARKER = ".mmlora-report"
-KINDS = ("correctness", "bundle", "compare", "bench", "bench-merge", "power")
+KINDS = ("correctness", "bundle", "compare", "bench", "bench-merge", "power", "vllm-survey")
 
 
 def report_kind(out: Path) -> str | None:

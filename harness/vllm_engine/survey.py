@@ -1,0 +1,147 @@
+"""`python -m harness.vllm_engine.survey`: vLLM's tower/connector LoRA path judged on each arch it runs here, the
+way a user would do it by hand (`nox -s vllm_engine` runs it after `mmlora audit-vllm`). Per case, each in its
+own process: `mmlora record` a reference bundle, `mmlora vllm-engine` it, `mmlora compare REF GOT`; one table row
+per case as it finishes, and the table as markdown under --out.
+
+A verdict that vLLM disagrees (compare exit 1) or an engine refusal that names what vLLM cannot run (exit 2) is a
+result about vLLM, printed in the table; the survey itself fails (exit 1) only when a step ends some other way
+(a crash: no one-line verdict to report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    dtype: str = "fp32"
+    geometries: tuple[str, ...] = ()  # --geometry items; () = the arch's default mixed batch
+    flags: tuple[str, ...] = ()  # vllm-engine flags
+    why: str = ""
+
+
+# One empty slot above the adapters (--max-loras = adapters + 1): on CPU, vLLM 0.32's torch punica ops give rows
+# mapped to no adapter (-1) the LAST slot's adapter (docs/vllm.md); with the slot empty the rest is judged. The
+# "every slot filled" row shows that finding itself.
+CASES = (
+    Case("llama4", flags=("--spare-slot",), why="tiled tower, CLS per tile, pixel-shuffle connector"),
+    Case("llama4", why="every slot filled: vLLM's CPU ops give -1 rows the last slot"),
+    Case("qwen2_vl", flags=("--spare-slot",), why="packed qkv, patch merger"),
+    Case("gemma4", geometries=("patches=4x4", "patches=2x6", "patches=6x2"), flags=("--spare-slot", "--per-image"),
+         why="full pooling bins, one image per encoder step"),
+    Case("gemma4", flags=("--spare-slot", "--per-image"), why="default batch: holds a partial pooling bin (3x5)"),
+    Case("gemma4", geometries=("patches=4x4", "patches=2x6", "patches=6x2"), flags=("--spare-slot",),
+         why="several images per encoder step"),
+    Case("llava_next", flags=("--spare-slot",), why="CLIP tower cut at vision_feature_layer, anyres tiles"),
+)
+
+
+def _mmlora(*argv: str) -> tuple[int, str]:
+    p = subprocess.run([sys.executable, "-m", "harness.cli", *argv], capture_output=True, text=True)
+    return p.returncode, p.stderr
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return " ".join(lines[-1].split())[:240] if lines else ""
+
+
+def _slots(ref: Path) -> str:
+    return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
+
+
+def run_case(c: Case, work: Path) -> dict:
+    t0 = time.monotonic()
+    ref, got, cmp = work / "ref", work / "got", work / "cmp"
+    row = {"arch": c.arch, "dtype": c.dtype, "geometry": " ".join(c.geometries) or "default batch",
+           "flags": " ".join(c.flags), "why": c.why}
+    argv = ["record", "--arch", c.arch, "--dtype", c.dtype, "--out", str(ref)]
+    for g in c.geometries:
+        argv += ["--geometry", g]
+    rc, err = _mmlora(*argv)
+    if rc != 0:
+        return {**row, "step": "record", "rc": rc, "verdict": f"record failed: {_last_line(err)}",
+                "seconds": time.monotonic() - t0}
+    flags = [f for f in c.flags if f != "--spare-slot"]
+    if "--spare-slot" in c.flags:
+        flags += ["--max-loras", _slots(ref)]
+    rc, err = _mmlora("vllm-engine", str(ref), "--out", str(got), *flags)
+    if rc != 0:
+        return {**row, "step": "vllm-engine", "rc": rc, "verdict": f"engine refused: {_last_line(err)}",
+                "seconds": time.monotonic() - t0}
+    rc, err = _mmlora("compare", str(ref), str(got), "--out", str(cmp))
+    s = json.loads((cmp / "summary.json").read_text()) if (cmp / "summary.json").exists() else {}
+    a = s.get("archs", {}).get(c.arch, {})
+    margins = a.get("worst_margin", {})
+    first = (a.get("first_divergence") or {}).get("e2e")
+    verdict = {0: "pass", 1: "DIVERGES"}.get(rc, f"compare refused: {_last_line(err)}")
+    if first:
+        verdict += (f" at {first.get('module')} request {first.get('request')} row {first.get('row')} "
+                    f"(margin {first.get('margin', float('nan')):.3g})")
+    return {**row, "step": "compare", "rc": rc, "verdict": verdict,
+            "tower": margins.get("e2e/tower"), "connector": margins.get("e2e/connector"),
+            "not_judged": a.get("groups_not_judged", []), "seconds": time.monotonic() - t0}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| arch | dtype | geometry | engine flags | verdict (tower + connector) | worst margin tower / connector "
+            "| seconds |\n|---|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['arch']} | {r['dtype']} | {r['geometry']} | {r['flags'] or '-'} | {r['verdict']} | "
+                          f"{_fmt(r.get('tower'))} / {_fmt(r.get('connector'))} | {r['seconds']:.0f} |\n"
+                          for r in rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.vllm_engine.survey", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", action="append", help="only the cases of this arch (repeatable)")
+    ap.add_argument("--out", type=Path, help="write survey.md and survey.json into this folder (a new one, or an "
+                                             "earlier survey's with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier survey at --out")
+    args = ap.parse_args(argv)
+    cases = [c for c in CASES if not args.arch or c.arch in args.arch]
+    if not cases:
+        print(f"survey: no case for --arch {', '.join(args.arch)}; cases exist for "
+              f"{', '.join(sorted({c.arch for c in CASES}))}", file=sys.stderr)
+        return 2
+    if args.out:
+        from harness.output import check_out
+
+        try:  # before the minutes of work, not after
+            check_out(args.out.resolve(), "vllm-survey", args.overwrite)
+        except ValueError as e:
+            print(f"survey: {e}", file=sys.stderr)
+            return 2
+    rows, t0 = [], time.monotonic()
+    for k, c in enumerate(cases, 1):
+        with tempfile.TemporaryDirectory(prefix="mmlora-vllm-survey-") as work:
+            r = run_case(c, Path(work))
+        rows.append(r)
+        print(f"[{k}/{len(cases)}] {r['arch']} {r['dtype']} {r['geometry']} {r['flags']}: {r['verdict']} "
+              f"({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    print(f"survey: {len(rows)} cases in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    if args.out:
+        from harness.output import atomic_dir
+
+        with atomic_dir(args.out, "vllm-survey", args.overwrite) as tmp:
+            (tmp / "survey.md").write_text(text)
+            (tmp / "survey.json").write_text(json.dumps(rows, indent=1) + "\n")
+    crashed = [r for r in rows if r["rc"] not in (0, 1, 2)]
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

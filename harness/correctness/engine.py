@@ -302,6 +302,7 @@ def _summarize(p: Prepared, rows: list[Row], opts: Options, modes_run=None) -> d
     bugs = {f.name: f.upstream_bug for f in p.arch.reference_fixes()}
     summary["reference_fixes"] = {name: bugs[name] for name in p.fixes}
     summary["groups_not_judged"] = []  # an output bundle answering some groups only (its "groups") sets them
+    summary["modules_not_produced"] = []  # and one listing modules its engine's model lacks (its "not_produced")
     summary["ok"] = all(r.metrics.ok for r in rows)
     return summary
 
@@ -362,6 +363,7 @@ def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options, warnings: Sequ
     summary = _summarize(p, rows, opts, ("e2e",))
     judged = bundle.answered_groups(got)
     summary["groups_not_judged"] = [g for g in bundle.GROUPS if g not in judged]
+    summary["modules_not_produced"] = list(bundle.not_produced(got))
     for w in warnings:
         _log(f"  {p.arch.model_type}: WARNING: {w}")
     summary["warnings"] = summary["warnings"] + list(warnings)

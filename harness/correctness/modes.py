@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from harness.correctness.bundle import Key, answered_groups, stream_outputs
+from harness.correctness.bundle import Key, answered_groups, not_produced, stream_outputs
 from harness.correctness.compare import Metrics, Row, check, error_metrics, held_adapter, judge_tensor
 from harness.correctness.rules import rule
 from harness.output import one_line
@@ -144,12 +144,13 @@ def _base_weight(p, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 def compare_outputs(p, got) -> list[Row]:
     """Each module's output of a full runtime (or engine) forward, an output bundle, against the reference
     and the truth of each request run alone; read one module and request at a time. Rows come request by
-    request, modules in the reference's order; only the groups the bundle answers (its "groups")."""
+    request, modules in the reference's order; only the groups the bundle answers (its "groups"), less the
+    modules its engine's model does not have (its "not_produced")."""
     rows = []
     r = rule(p.dtype, "e2e")
-    groups = answered_groups(got)
+    groups, omitted = answered_groups(got), not_produced(got)
     for name in p.order:
-        if p.bundle.modules[name].get("group", "language_model") not in groups:
+        if p.bundle.modules[name].get("group", "language_model") not in groups or name in omitted:
             continue
         base = None  # its base Linear, read once for all requests (at real widths a weight is hundreds of MB)
         for i in range(len(p.reqs)):

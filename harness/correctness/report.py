@@ -184,6 +184,11 @@ def render_html(results, summary, who: str = "mmlora correctness") -> str:
         parts.append(f"<h2 id='{esc(r.arch)}'>{esc(r.arch)} {_verdict(s['ok'])} ({esc(s['seconds'])} s)</h2>")
         for note in s.get("notes", []):
             parts.append(f"<p>note: {esc(note)}</p>")
+        if s.get("modules_not_produced"):
+            parts.append(f"<p class='fail'>NOT JUDGED: {len(s['modules_not_produced'])} reference modules the engine's "
+                         f"model does not have (its output manifest's \"not_produced\"), judged only through the "
+                         f"boundaries after them:</p><ul>"
+                         + "".join(f"<li>{esc(n)}</li>" for n in s["modules_not_produced"]) + "</ul>")
         if "fault" in s:
             parts.append(_fault(s["fault"]))
         if "quantization" in s:

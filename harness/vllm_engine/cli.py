@@ -24,7 +24,8 @@ def cmd_vllm_engine(args) -> int:
                 per_image=args.per_image, rename_adapters=not args.adapters_as_saved)
     if m["not_produced"]:
         print(f"mmlora vllm-engine: vLLM's model does not build {len(m['not_produced'])} tower/connector modules of the "
-              f"reference (compare will refuse the bundle for them): {', '.join(m['not_produced'])}", file=sys.stderr)
+              f"reference (listed in \"not_produced\": compare leaves them unjudged, warning): "
+              f"{', '.join(m['not_produced'])}", file=sys.stderr)
     for c in m["mm_lora_counts"]:
         if c["embeddings"] != c["num_mm_embeds"]:
             print(f"mmlora vllm-engine: vLLM's embed_multimodal gives {c['embeddings']} embeddings for request "

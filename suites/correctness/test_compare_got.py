@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -250,3 +251,98 @@ def test_a_bundle_missing_a_language_model_module_without_groups_is_refused(ref,
 def test_groups_naming_an_unknown_group_is_refused(ref, tmp_path, capsys, groups):
     got = _without_lm(ref, tmp_path / "got", groups=groups)
     _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"groups" is')
+
+
+# --- an output bundle listing reference modules its engine's model does not have ("not_produced") --------------
+
+def _last_tower_layer(ref: Path) -> list[str]:
+    """The modules of the CLIP tower's last layer: LLaVA selects `vision_feature_layer` -2, so HF runs that layer
+    and nothing reads its output (vLLM does not build it)."""
+    tower = [x["name"] for x in _manifest(ref)["modules"] if x["group"] == "tower"]
+    last = max(int(re.search(r"\.layers\.(\d+)\.", n).group(1)) for n in tower)
+    return [n for n in tower if f".layers.{last}." in n]
+
+
+def _not_built(ref: Path, folder: Path, left_out: list[str], listed: list[str] | None = None, **extra) -> Path:
+    """An honest output bundle without the modules `left_out`, its manifest's "not_produced" `listed` (those
+    left out when None)."""
+    got = _got(ref, folder, not_produced=left_out if listed is None else listed, **extra)
+    m = _manifest(got)
+    m["modules"] = [x for x in m["modules"] if x["name"] not in left_out]
+    _write_manifest(got, m)
+    return got
+
+
+def test_not_produced_modules_are_not_judged_and_said_loudly(ref, tmp_path, capsys):
+    gone = _last_tower_layer(ref)
+    assert len(gone) > 1, gone
+    got = _not_built(ref, tmp_path / "got", gone)
+    capsys.readouterr()
+    assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    # one warning, on one line (printed where it is found and again with the run's warnings at the end, as any)
+    loud = {line.split("NOT JUDGED", 1)[1] for line in err.splitlines() if "NOT JUDGED" in line}
+    assert len(loud) == 1, err
+    assert f"{len(gone)} reference modules" in next(iter(loud)) and repr(gone[0]) in next(iter(loud)), err
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["archs"][ARCH]["modules_not_produced"] == gone
+    assert [w for w in s["warnings"] if "NOT JUDGED" in w] == [f"{ARCH}: NOT JUDGED{next(iter(loud))}"]
+    html = (tmp_path / "o" / "index.html").read_text()
+    assert all(f"<li>{n}</li>" in html for n in gone), "the report must name every module not produced"
+    rows = _csv(tmp_path / "o")
+    col = rows[0].split(",").index("module")
+    judged = {r.split(",")[col] for r in rows[1:]}
+    assert not judged & set(gone) and "@tower_out" in judged
+    # --strict turns it into exit 1, as any warning; a bundle answering everything has an empty list
+    assert main(["compare", str(ref), str(got), "--strict", "--out", str(tmp_path / "s")]) == 1
+    assert main(["compare", str(ref), str(_got(ref, tmp_path / "all")), "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["archs"][ARCH]["modules_not_produced"] == []
+
+
+def _lm_module(ref: Path) -> str:
+    return next(x["name"] for x in _manifest(ref)["modules"] if x["group"] == "language_model"
+                and not x["name"].startswith("@"))
+
+
+# each: (modules left out, "not_produced", extra manifest keys) from the reference, and what the line must say
+LISTS = {
+    "still-present": (lambda r: [], lambda r: _last_tower_layer(r)[:1], {}, 'also in its "modules"'),
+    "boundary": (lambda r: [], lambda r: ["@tower_out"], {}, "an @ boundary"),
+    "unknown": (lambda r: [], lambda r: ["model.vision_tower.no_such_module"], {}, "not a module of the reference"),
+    "group-not-answered": (lambda r: [], lambda r: [_lm_module(r)], {"groups": ["tower", "connector"]},
+                           "which the bundle does not answer"),
+    "twice": (_last_tower_layer, lambda r: _last_tower_layer(r)[:1] * 2, {}, '"not_produced" is'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LISTS))
+def test_a_not_produced_list_naming_what_it_may_not_is_refused(ref, tmp_path, capsys, case):
+    left_out, listed, extra, needle = LISTS[case]
+    got = _not_built(ref, tmp_path / "got", left_out(ref), listed(ref), **extra)
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"not_produced"', repr(listed(ref)[0]), needle)
+
+
+@pytest.mark.parametrize("groups", [None, ["tower"]])
+def test_a_module_left_out_without_the_boundaries_after_it_is_refused(ref, tmp_path, capsys, groups):
+    """Without the key every boundary is required and the bundle drops the connector's two; with groups
+    ["tower"] no boundary after the tower is judged at all."""
+    gone = _last_tower_layer(ref)
+    got = _not_built(ref, tmp_path / "got", gone, **({} if groups is None else {"groups": groups}))
+    if groups is None:
+        m = _manifest(got)
+        m["modules"] = [x for x in m["modules"] if x["name"] not in ("@tower_out", "@lm_image_embeds")]
+        _write_manifest(got, m)
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, f"leaves out {gone[0]!r}", '"not_produced"',
+             "must supply boundary '@tower_out'", *([] if groups is None else ["answer group 'connector'"]))
+
+
+def test_not_produced_hides_no_failure_after_it(ref, tmp_path, capsys):
+    gone = _last_tower_layer(ref)
+    got = _not_built(ref, tmp_path / "got", gone)
+    entry = next(x for x in _manifest(got)["modules"] if x["name"] == "@tower_out")
+    t = load_file(str(got / entry["file"]))
+    save_file({**t, "out.0": t["out.0"] * 1.5}, str(got / entry["file"]))
+    assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 1
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["archs"][ARCH]["first_divergence"]["e2e"]["module"] == "@tower_out"
+    assert s["archs"][ARCH]["modules_not_produced"] == gone

@@ -18,12 +18,19 @@ from the reference and its truth) and `outputs` (an output bundle from the runti
 from harness.correctness.bundle.format import HELD, BundleError, Key, Kind
 from harness.correctness.bundle.inputs import InputRecord
 from harness.correctness.bundle.outputs import stream_outputs
-from harness.correctness.bundle.reader import GROUPS, Bundle, answered_groups, check_outputs, engine_of
+from harness.correctness.bundle.reader import (
+    GROUPS,
+    Bundle,
+    answered_groups,
+    check_outputs,
+    engine_of,
+    not_produced,
+)
 from harness.correctness.bundle.record import finish_reference, write_reference
 from harness.correctness.bundle.requests import recorded_requests
 from harness.correctness.bundle.sources import open_reference
 from harness.correctness.bundle.stage import Stage, captured
 
 __all__ = ["GROUPS", "HELD", "Bundle", "answered_groups", "BundleError", "InputRecord", "Key", "Kind", "Stage", "captured", "check_outputs",
-           "engine_of", "finish_reference", "open_reference", "recorded_requests", "stream_outputs",
+           "engine_of", "not_produced", "finish_reference", "open_reference", "recorded_requests", "stream_outputs",
            "write_reference"]

@@ -207,13 +207,59 @@ def answered_groups(got: Bundle) -> tuple[str, ...]:
     return tuple(x for x in GROUPS if x in g)
 
 
+def not_produced(got: Bundle) -> tuple[str, ...]:
+    """The reference modules an output bundle says its engine's model does not have: its manifest's optional
+    `"not_produced"`, a list of distinct module names (none without it). Which names it may list, and what
+    the bundle must then supply, is `check_outputs`' to say."""
+    n = got.manifest.get("not_produced")
+    if n is None:
+        return ()
+    if not isinstance(n, list) or not all(isinstance(x, str) for x in n) or len(set(n)) != len(n):
+        raise BundleError(f"bundle {str(got.folder)!r}: \"not_produced\" is {n!r}, expected a list of distinct "
+                          f"module names of the reference")
+    return tuple(n)
+
+
+def _check_not_produced(ref: Bundle, got: Bundle, groups: tuple[str, ...], omitted: tuple[str, ...]) -> None:
+    """Each name a module of the reference, in a group the bundle answers, not an `@` boundary, not also in its
+    `modules`; and every boundary of an answered group that runs after it in the reference is there (at least
+    one): a module left out that fed anything shows at the next boundary, judged."""
+    where = f"bundle {str(got.folder)!r}"
+    order = list(ref.modules)  # a reference manifest lists its modules in execution order
+    for name in omitted:
+        m = ref.modules.get(name)
+        why = ("is not a module of the reference" if m is None
+               else "is an @ boundary (an engine takes every boundary)" if name.startswith("@")
+               else f"is in group {m.get('group')!r}, which the bundle does not answer (its \"groups\")"
+               if m.get("group", GROUPS[-1]) not in groups
+               else "is also in its \"modules\"" if name in got.modules else None)
+        if why is not None:
+            raise BundleError(f"{where}: \"not_produced\" lists {name!r}, which {why}")
+        after = [b for b in order[order.index(name) + 1:] if b.startswith("@")]
+        judged = [b for b in after if ref.modules[b].get("group", GROUPS[-1]) in groups]
+        lacking = [b for b in judged if b not in got.modules]
+        if lacking:
+            what = f"supply boundary {lacking[0]!r}"
+        elif not judged and after:
+            what = f"supply boundary {after[0]!r} (answer group {ref.modules[after[0]].get('group')!r} in \"groups\")"
+        elif not judged:
+            what = "be followed by a boundary, and the reference has none after it"
+        else:
+            continue
+        raise BundleError(f"{where} leaves out {name!r} (\"not_produced\"), so it must {what}: a module left out "
+                          f"is judged only through the boundaries after it")
+
+
 def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
     """An output bundle answers the reference's requests module by module: the reference it names (if it
     names one), same requests (geometry, tokens, adapters), every module of the reference in the groups it
-    answers (`answered_groups`), the same rows and features per request. Returns a warning per module the
-    reference lacks (not judged) and one per group left out."""
+    answers (`answered_groups`) but those it lists as not produced (`not_produced`, with the boundaries after
+    them), the same rows and features per request. Returns a warning per module the reference lacks (not
+    judged), one per group left out and one for the modules not produced."""
     where = f"bundle {str(got.folder)!r}"
     groups = answered_groups(got)
+    omitted = not_produced(got)
+    _check_not_produced(ref, got, groups, omitted)
     named = got.manifest.get("reference")
     if named is not None and named != ref.sha256:
         raise BundleError(f"{where} answers the reference whose manifest.json has sha256 {named!r}, not "
@@ -228,7 +274,7 @@ def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
             if b[key] != a[key]:
                 raise BundleError(f"{where}: request {i} {key} {b[key]!r} differs from the reference's {a[key]!r}")
     for name, m in ref.modules.items():
-        if m.get("group", GROUPS[-1]) not in groups:
+        if m.get("group", GROUPS[-1]) not in groups or name in omitted:
             continue
         g = got.modules.get(name)
         if g is None:
@@ -247,7 +293,10 @@ def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
     return [f"output bundle {str(got.folder)!r}: module {name!r} is not in the reference bundle (not judged)"
             for name in got.modules if name not in ref.modules] + [
         f"NOT JUDGED: group {g!r} ({sum(m.get('group') == g for m in ref.modules.values())} reference modules): the "
-        f"output bundle answers groups {list(groups)} only (its manifest's \"groups\")" for g in left]
+        f"output bundle answers groups {list(groups)} only (its manifest's \"groups\")" for g in left] + ([
+        f"NOT JUDGED: {len(omitted)} reference module{'s' if len(omitted) > 1 else ''} the engine's model does not "
+        f"have (its manifest's \"not_produced\"; judged only through the boundaries after them), first "
+        f"{omitted[0]!r}; every name in summary.json modules_not_produced"] if omitted else [])
 
 
 def engine_of(got: Bundle) -> str:

@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 
+def _run(r: dict) -> str:
+    if r["counted_for_request"] is None:
+        return "no LoRA (past the mapping's end)"
+    return f"{r['adapter'] or 'no adapter'} (request {r['counted_for_request']}'s entries)"
+
+
 def cmd_vllm_engine(args) -> int:
     from harness.audit_vllm import VllmMissing, import_vllm
     from harness.output import atomic_dir
@@ -31,6 +37,11 @@ def cmd_vllm_engine(args) -> int:
     if len(m["rows_beyond_mapping"]) > 3:
         print(f"mmlora vllm-engine: ... and {len(m['rows_beyond_mapping']) - 3} more LoRA layers (manifest "
               f"rows_beyond_mapping)", file=sys.stderr)
+    for x in m["rows_as_run"]:
+        runs = "; ".join(f"rows {a}-{b - 1} " + _run(r) for r in x["runs"] for a, b in [r["rows"]])
+        print(f"mmlora vllm-engine: request {x['request']}'s image {x['image']} ({x['group']}, {x['rows']} rows, helper "
+              f"count {x['helper_count']}, its adapter {x['own_adapter']}) runs under vLLM's kernels as: {runs}",
+              file=sys.stderr)
     for c in m["mm_lora_counts"]:
         if c["embeddings"] != c["num_mm_embeds"]:
             print(f"mmlora vllm-engine: vLLM's embed_multimodal gives {c['embeddings']} embeddings for request "

@@ -258,6 +258,41 @@ def _write_modules(writer, s, model, mgr, cap: Capture, images: list[Image], uni
     return measured
 
 
+def rows_as_run(images: list[Image], counts: list, measured: list[int | None], group: str, per_image: bool,
+                names: dict[int, str]) -> list[dict]:
+    """Where an image's rows in `group` differ from the count helper's: which adapter each of its rows runs under
+    with vLLM's Triton kernels (PunicaWrapperGPU). The mapping vLLM set is the helper's count per image of the step,
+    each repeated as the image's LoRA id (runner.mm_lora_mappings); the layer's rows are the images' measured rows
+    back to back; `LoRAKernelMeta` groups the mapping's entries only, so row r runs under entry r, and a row past
+    the mapping's end under none. Per image whose count differs: ranges of its rows (image-local, end exclusive)
+    with the adapter (None: no LoRA) and the request whose image that entry was counted for."""
+    k = 0 if group == "tower" else 1
+    steps = [[j] for j in range(len(images))] if per_image else [list(range(len(images)))]
+    out = []
+    for step in steps:
+        owner = [j for j in step for _ in range(counts[j][k] or 0)]  # the image each mapping entry was counted for
+        start = 0
+        for j in step:
+            rows = measured[j]
+            if rows is None or counts[j][k] is None:
+                continue
+            if rows != counts[j][k]:
+                runs: list[dict] = []
+                for r in range(rows):
+                    o = owner[start + r] if start + r < len(owner) else None
+                    key = (None if o is None else names.get(images[o].lora_id),
+                           None if o is None else images[o].request)
+                    if runs and (runs[-1]["adapter"], runs[-1]["counted_for_request"]) == key:
+                        runs[-1]["rows"][1] = r + 1
+                    else:
+                        runs.append({"rows": [r, r + 1], "adapter": key[0], "counted_for_request": key[1]})
+                out.append({"group": group, "request": images[j].request, "image": j, "rows": rows,
+                            "helper_count": counts[j][k], "own_adapter": names.get(images[j].lora_id),
+                            "runs": runs})
+            start += rows
+    return out
+
+
 def _first_per_module(seen: list[dict]) -> list[dict]:
     """Each LoRA layer's first mismatch (a layer called once per image group may repeat it)."""
     out: dict[str, dict] = {}
@@ -346,6 +381,11 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
                "measured_tower": measured.get("tower", [None] * len(images))[k],
                "measured_connector": measured.get("connector", [None] * len(images))[k]}
               for k, (im, (t, c)) in enumerate(zip(images, counts))]
+    as_run = []
+    if punica == "gpu":
+        names_by_id = {i: n for n, i in ids.items() if i > 0}
+        for g in GROUPS:
+            as_run += rows_as_run(images, counts, measured.get(g, [None] * len(images)), g, per_image, names_by_id)
     produced = {x["name"] for x in writer.modules}
     # reference modules of the answered groups that vLLM's model does not build (LLaVA-NeXT: vLLM's CLIP tower stops
     # at vision_feature_layer; HF runs the layers after it too, whose output nothing reads)
@@ -356,7 +396,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
                 "per_image": per_image, "punica": punica,
                 "punica_wrappers": sorted({type(w).__name__ for w in mgr.punica_wrapper_mapping.values()}),
                 "not_produced": missing,
-                "rows_beyond_mapping": _first_per_module(mismatches or []),
+                "rows_beyond_mapping": _first_per_module(mismatches or []), "rows_as_run": as_run,
                 "adapters_run_as_none": {n: "language-model tensors only: run with no adapter (see _lm_only)"
                                          for n in lm_only}}
     writer.finish(manifest)

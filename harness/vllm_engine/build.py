@@ -118,21 +118,21 @@ class PunicaRefused(ValueError):
 
 
 def punica_refusal(punica: str, dtype: str) -> str | None:
-    """Why vLLM's Triton LoRA kernels cannot run at `dtype` here (one line), or None. Off CUDA they run in the
-    Triton interpreter, which must be on before triton is imported (runtime/__init__.py sets TRITON_INTERPRET)."""
+    """Why vLLM's Triton LoRA kernels cannot run at `dtype` here (one line), or None. The engine builds vLLM's
+    model on CPU (`load_model`), where Triton kernels run only in the Triton interpreter, which must be on before
+    triton is imported (runtime/__init__.py sets TRITON_INTERPRET when torch sees no CUDA); there vLLM's shrink
+    asserts fp16 / bf16 and the interpreter's bf16 `tl.dot` is wrong: fp16 only."""
+    from runtime.kernels._util import interpreted
+
     if punica != "gpu":
         return None
-    if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return ("--punica gpu without CUDA runs vLLM's Triton kernels in the Triton interpreter: set "
-                    "TRITON_INTERPRET=1 before anything imports triton")
-        if dtype != "fp16":
-            return (f"--punica gpu runs vLLM's Triton LoRA kernels in the Triton interpreter here, which needs an "
-                    f"fp16 reference (the bundle is {dtype}: vLLM's lora_shrink asserts fp16 / bf16, and the "
-                    f"interpreter's bf16 tl.dot is wrong); record one with mmlora record --dtype fp16")
-        return None
-    if dtype not in ("fp16", "bf16"):
-        return f"--punica gpu: vLLM's lora_shrink asserts fp16 / bf16 inputs, the bundle is {dtype}"
+    if not interpreted():
+        return ("--punica gpu: the engine builds vLLM's model on CPU, where vLLM's Triton kernels run only in the "
+                "Triton interpreter: set TRITON_INTERPRET=1 before anything imports triton")
+    if dtype != "fp16":
+        return (f"--punica gpu runs vLLM's Triton LoRA kernels in the Triton interpreter here, which needs an "
+                f"fp16 reference (the bundle is {dtype}: vLLM's lora_shrink asserts fp16 / bf16, and the "
+                f"interpreter's bf16 tl.dot is wrong); record one with mmlora record --dtype fp16")
     return None
 
 

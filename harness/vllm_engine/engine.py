@@ -260,12 +260,13 @@ def _write_modules(writer, s, model, mgr, cap: Capture, images: list[Image], uni
 
 def rows_as_run(images: list[Image], counts: list, measured: list[int | None], group: str, per_image: bool,
                 names: dict[int, str]) -> list[dict]:
-    """Where an image's rows in `group` differ from the count helper's: which adapter each of its rows runs under
-    with vLLM's Triton kernels (PunicaWrapperGPU). The mapping vLLM set is the helper's count per image of the step,
-    each repeated as the image's LoRA id (runner.mm_lora_mappings); the layer's rows are the images' measured rows
-    back to back; `LoRAKernelMeta` groups the mapping's entries only, so row r runs under entry r, and a row past
-    the mapping's end under none. Per image whose count differs: ranges of its rows (image-local, end exclusive)
-    with the adapter (None: no LoRA) and the request whose image that entry was counted for."""
+    """Which adapter each row of an image runs under with vLLM's Triton kernels (PunicaWrapperGPU), for each image
+    whose rows do not all run under its own mapping entries (its count is off, or an earlier image's was). The
+    mapping vLLM set is the helper's count per image of the step, each repeated as the image's LoRA id
+    (runner.mm_lora_mappings); the layer's rows are the images' measured rows back to back; `LoRAKernelMeta`
+    groups the mapping's entries only, so row r runs under entry r, and a row past the mapping's end under none.
+    Per such image: ranges of its rows (image-local, end exclusive) with the adapter (None: no adapter, or no LoRA
+    where `counted_for_request` is None too) and the request whose image that entry was counted for."""
     k = 0 if group == "tower" else 1
     steps = [[j] for j in range(len(images))] if per_image else [list(range(len(images)))]
     out = []
@@ -276,10 +277,10 @@ def rows_as_run(images: list[Image], counts: list, measured: list[int | None], g
             rows = measured[j]
             if rows is None or counts[j][k] is None:
                 continue
-            if rows != counts[j][k]:
+            who = [owner[start + r] if start + r < len(owner) else None for r in range(rows)]
+            if rows != counts[j][k] or any(o != j for o in who):
                 runs: list[dict] = []
-                for r in range(rows):
-                    o = owner[start + r] if start + r < len(owner) else None
+                for r, o in enumerate(who):
                     key = (None if o is None else names.get(images[o].lora_id),
                            None if o is None else images[o].request)
                     if runs and (runs[-1]["adapter"], runs[-1]["counted_for_request"]) == key:

@@ -251,16 +251,33 @@ def refs16(tmp_path_factory):
     return out
 
 
-def test_punica_gpu_refuses_what_the_interpreter_cannot_run():
+def test_punica_gpu_refuses_what_the_interpreter_cannot_run(monkeypatch):
     from harness.vllm_engine import build
 
     assert build.punica_refusal("cpu", "fp32") is None
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter's refusals are for a machine without CUDA")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     for dtype in ("fp32", "bf16"):
         why = build.punica_refusal("gpu", dtype)
         assert why and "fp16" in why and "\n" not in why, why
     assert build.punica_refusal("gpu", "fp16") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's model is on CPU: no interpreter, no Triton kernels
+    assert "TRITON_INTERPRET=1" in build.punica_refusal("gpu", "fp16")
+
+
+def test_rows_as_run_follows_the_mapping_entries_not_the_images():
+    """Pure bookkeeping: two images of 3 rows, the helper counting 2 for the first and 3 for the second: the
+    first's row 2 runs under the second's entry, the second's last row past the mapping (5 entries) under none."""
+    from harness.vllm_engine.engine import rows_as_run
+    from harness.vllm_engine.runner import Image
+
+    ims = [Image(0, 1, None, 3), Image(1, 2, None, 3)]
+    got = rows_as_run(ims, [(2, 2), (3, 3)], [3, 3], "tower", False, {1: "a", 2: "b"})
+    assert [x["runs"] for x in got] == [
+        [{"rows": [0, 2], "adapter": "a", "counted_for_request": 0},
+         {"rows": [2, 3], "adapter": "b", "counted_for_request": 1}],
+        [{"rows": [0, 2], "adapter": "b", "counted_for_request": 1},
+         {"rows": [2, 3], "adapter": None, "counted_for_request": None}]]
+    assert rows_as_run(ims, [(3, 3), (3, 3)], [3, 3], "tower", False, {1: "a", 2: "b"}) == []
 
 
 def test_punica_gpu_the_honest_engine_agrees_with_peft(refs16, tmp_path, capsys):

@@ -85,26 +85,35 @@ PUNICA_NOTES = {
 
 class MappingMismatch(RuntimeError):
     """A LoRA layer receives another number of rows than its group's mapping holds entries: on CPU, vLLM's torch
-    punica ops cannot run it (an einsum shape error); vLLM's Triton kernels (PunicaWrapperGPU) run it: each row
-    past the mapping's length gets no LoRA (LoRAKernelMeta groups only the mapping's entries)."""
+    punica ops cannot run it (an einsum shape error). vLLM's Triton kernels (PunicaWrapperGPU) run more rows than
+    entries (each row past the mapping's length gets no LoRA: LoRAKernelMeta groups only the mapping's entries),
+    and fewer rows than entries by indexing rows past the layer's tensors (out-of-bounds reads and writes): refused."""
 
 
 def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | None = None):
     """Forward pre-hooks on vLLM's LoRA layers: the rows each receives against the entries of its punica wrapper's
     mapping (`indices_len[0]`). `seen` None (vLLM's CPU ops, which cannot run it): raise MappingMismatch that names
     the layer, both numbers and the count helper's values per image of the step (`step[0]`: (images, counts)),
-    before vLLM's own shape error. Else (vLLM's Triton kernels, which run it) each mismatch is appended to `seen`
-    as a dict and the layer runs."""
+    before vLLM's own shape error. Else (vLLM's Triton kernels) a layer with more rows than entries runs, each
+    such mismatch appended to `seen` as a dict; fewer rows than entries raise MappingMismatch (the kernels would
+    write past the layer's tensors)."""
     def hook(name):
         def pre(m, args):
             x = args[0]
             rows, entries = x.reshape(-1, x.shape[-1]).shape[0], m.punica_wrapper.indices_len[0]
             if entries is not None and rows != entries and not m.punica_wrapper.no_lora:
-                if seen is not None:
+                if seen is not None and rows > entries:
                     seen.append({"module": name, "rows": rows, "mapping_entries": entries})
                     return
                 per = "; ".join(f"request {im.request}: tower {t}, connector {c}" for im, (t, c) in
                                 zip(*step[0]))
+                if seen is not None:
+                    raise MappingMismatch(
+                        f"{name} receives {rows} rows under a mapping of {entries} entries: vLLM's Triton kernels "
+                        f"index rows up to {entries - 1}, so lora_shrink / lora_expand read and write {entries - rows} "
+                        f"rows past the layer's input, its fp32 buffer and its output (on a GPU: writes into "
+                        f"neighbouring memory, or an illegal-address fault); not run here, where the interpreter "
+                        f"would write into this process's heap (vLLM's get_mm_lora_token_counts per image: {per})")
                 raise MappingMismatch(f"{name} receives {rows} rows, its mapping has {entries} entries "
                                       f"(vLLM's get_mm_lora_token_counts per image: {per})")
         return pre

@@ -378,3 +378,37 @@ def test_smallest_reproducer_vllm_kernels_give_rows_past_the_mapping_no_lora():
     out = torch.full((1, 5, 16), 7.0, device=dev)
     ops.lora_shrink(x, [a], out, *meta.meta_args(5, False), 1.0)
     assert out[0, :4].eq(16).all() and out[0, 4].eq(0).all(), out[0, :, 0]
+
+
+def test_punica_gpu_a_mapping_longer_than_the_rows_is_refused_naming_the_layer(refs16, tmp_path, capsys):
+    """vLLM's default deployment on Llama 4 (--all-modules): the patch embedding's Linear runs 288 rows (before CLS)
+    under the tower mapping's 306 entries. vLLM's kernels would index rows up to 305 of 288-row tensors (see the
+    reproducer below); the engine refuses it, naming the layer, before the interpreter writes into its heap."""
+    ref = refs16["llama4"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--punica", "gpu", "--all-modules")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "vision_model.patch_embedding.linear receives 288 rows under a mapping of 306 entries" in err, err
+    assert "write 18 rows past the layer's input" in err, err
+
+
+def test_smallest_reproducer_vllm_kernels_write_past_the_rows_of_a_longer_mapping():
+    """vLLM's lora_shrink / lora_expand with a LoRAKernelMeta prepared from 6 entries over a layer of 4 rows: both
+    write rows 4 and 5, past the tensors they were given (each a view of a 6-row allocation here, so the writes land
+    somewhere visible; in vLLM, wherever the allocator put the next tensor)."""
+    _vllm_or_skip()
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and no Triton interpreter")
+    from runtime import vllm_lora
+
+    ops = vllm_lora.load()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = ops.LoRAKernelMeta.make(1, 8, dev)
+    meta.prepare_tensors(torch.zeros(6, dtype=torch.int32, device=dev))
+    x = torch.ones(6, 16, dtype=torch.float16, device=dev)[:4]
+    a = torch.ones(1, 16, 16, dtype=torch.float16, device=dev)
+    b = torch.ones(1, 64, 16, dtype=torch.float16, device=dev)
+    buf6 = torch.zeros(1, 6, 16, device=dev)
+    ops.lora_shrink(x, [a], buf6[:, :4], *meta.meta_args(4, False), 1.0)
+    y6 = torch.zeros(6, 64, dtype=torch.float16, device=dev)
+    ops.lora_expand(buf6[:, :4], [b], y6[:4], *meta.meta_args(4, False), offset_start=0, add_inputs=True)
+    assert buf6[0, 4:].ne(0).all() and y6[4:].ne(0).all(), (buf6[0, :, 0], y6[:, 0])

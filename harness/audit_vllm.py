@@ -2,8 +2,9 @@
 
 vLLM's `--enable-tower-connector-lora` builds, per image, a tower mapping of `tower` copies of the request's
 adapter id and a connector mapping of `connector` copies, from the model class's own count helper. A count
-that is short leaves rows on a stale adapter index; one that is long runs indices past the rows and shifts
-every later image of the batch. The registry's `counts()` is held to the rows hooks measure on the real HF
+that is short shifts each image's last rows onto the next image's adapter and leaves the step's last rows with
+no LoRA (measured with vLLM's kernels by `mmlora vllm-engine --punica gpu`); one that is long runs indices past
+the rows and shifts every later image of the batch. The registry's `counts()` is held to the rows hooks measure on the real HF
 models (suites/properties), so it is the truth the helpers are compared with here.
 
 The helpers are called on a minimal instance, not a built model: `object.__new__(cls)` plus the attributes the
@@ -152,8 +153,9 @@ def effect(group: str, got, want: int) -> str:
     if got is None:
         return f"{group}: None, the runner sets no {group} mapping: the {group} runs on the previous (stale) one"
     if got < want:
-        return (f"{group}: {want - got} of {want} rows per image get no entry: they keep a stale adapter index "
-                f"(and every later image in the batch shifts by {want - got})")
+        return (f"{group}: {want - got} of {want} rows per image get no entry of their own: each image's last rows run "
+                f"under the next image's adapter (every later image shifts by {want - got}), the step's last rows past "
+                f"the mapping get no LoRA (vLLM's Triton kernels, `mmlora vllm-engine --punica gpu`; its CPU ops raise)")
     return (f"{group}: {got - want} entries past the image's {want} rows: later images' rows take this image's "
             f"adapter, the batch's last entries index past the rows (buffer)")
 

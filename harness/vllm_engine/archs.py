@@ -79,6 +79,14 @@ def _llava_next_items(config, inputs: dict, geoms: list[str], embeds: list[int])
     return {"pixel_values": list(px.split(tiles)), "image_sizes": inputs["image_sizes"]}, tiles
 
 
+def _llava_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
+    # one image, one [3, S, S] tensor (vLLM's processor's `pixel_values`, batched per image): every image's tower
+    # rows (CLS + patches) and connector rows (patches) are the same number, so one unit each
+    px = inputs["pixel_values"]
+    assert px.shape[0] == len(geoms), (px.shape, geoms)
+    return {"pixel_values": px}, [1] * len(geoms)
+
+
 def _qwen2_vl_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
     # the same keys as HF's (vLLM's processor keeps them): patches flat, split by each image's grid
     grid = inputs["image_grid_thw"]
@@ -98,6 +106,10 @@ SPECS = {
     "llava_next": Spec("llava_next", "llava_next", "LlavaNextMultiModalProcessor", _llava_next_items,
                        hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
                                   ("multi_modal_projector.", "model.multi_modal_projector."))),
+    # the same CLIP tower as LLaVA-NeXT's under vLLM's names (vision_model. level: layout.py renames the checkpoint)
+    "llava": Spec("llava", "llava", "LlavaMultiModalProcessor", _llava_items,
+                  hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
+                             ("multi_modal_projector.", "model.multi_modal_projector."))),
     "qwen2_vl": Spec("qwen2_vl", "qwen2_vl", "Qwen2VLMultiModalProcessor", _qwen2_vl_items,
                      hf_prefix=(("visual.", "model.visual."),)),
 }

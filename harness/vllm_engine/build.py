@@ -6,7 +6,8 @@ vLLM's own code, imported: `ModelConfig` / `VllmConfig` / `LoRAConfig` (with `mm
 `load_weights` through the default (safetensors) loader, `process_weights_after_loading`, and
 `LRUCacheWorkerLoRAManager` / `create_lora_manager` / `LoRAModelManager` with
 `enable_tower_connector_lora=True` exactly as `lora_model_runner_mixin.load_lora_model` creates them
-(on CPU the platform's punica wrapper is vLLM's `PunicaWrapperCPU`).
+(on CPU the platform's punica wrapper is vLLM's `PunicaWrapperCPU`; `punica="gpu"`: vLLM's `PunicaWrapperGPU`, its
+Triton kernels in the Triton interpreter, see `lora_manager`).
 
 Reproduced (two steps of vLLM's own loader / manager skipped, said where): `BaseModelLoader.load_model`'s body
 minus `log_online_quantization` (its import needs `compressed_tensors`, which the vllm_towers venv lacks; it only
@@ -108,17 +109,66 @@ def load_model(vc):
     return model.eval()
 
 
-def lora_manager(model, vc, per_item: int, limit: int):
+PUNICA = {"cpu": "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU",  # vLLM's CPU platform's answer
+          "gpu": "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"}  # its CUDA / ROCm platforms' answer
+
+
+class PunicaRefused(ValueError):
+    """`--punica gpu` cannot run here (one line, exit 2)."""
+
+
+def punica_refusal(punica: str, dtype: str) -> str | None:
+    """Why vLLM's Triton LoRA kernels cannot run at `dtype` here (one line), or None. The engine builds vLLM's
+    model on CPU (`load_model`), where Triton kernels run only in the Triton interpreter, which must be on before
+    triton is imported (runtime/__init__.py sets TRITON_INTERPRET when torch sees no CUDA); there vLLM's shrink
+    asserts fp16 / bf16 and the interpreter's bf16 `tl.dot` is wrong: fp16 only."""
+    from runtime.kernels._util import interpreted
+
+    if punica != "gpu":
+        return None
+    if not interpreted():
+        return ("--punica gpu: the engine builds vLLM's model on CPU, where vLLM's Triton kernels run only in the "
+                "Triton interpreter: set TRITON_INTERPRET=1 before anything imports triton")
+    if dtype != "fp16":
+        return (f"--punica gpu runs vLLM's Triton LoRA kernels in the Triton interpreter here, which needs an "
+                f"fp16 reference (the bundle is {dtype}: vLLM's lora_shrink asserts fp16 / bf16, and the "
+                f"interpreter's bf16 tl.dot is wrong); record one with mmlora record --dtype fp16")
+    return None
+
+
+def lora_manager(model, vc, per_item: int, limit: int, punica: str = "cpu"):
     """vLLM's worker LoRA manager for `model` (`lora_model_runner_mixin.load_lora_model`), with `_Budget` for
-    MultiModalBudget. Returns the worker manager; its `_adapter_manager` is the LRUCacheLoRAModelManager."""
+    MultiModalBudget. Returns the worker manager; its `_adapter_manager` is the LRUCacheLoRAModelManager.
+
+    `punica`: which punica wrapper vLLM's own selector (`get_punica_wrapper` in
+    vllm/lora/punica_wrapper/punica_selector.py) builds for every group. It asks the platform,
+    `current_platform.get_punica_wrapper()`; "cpu" leaves that alone (the CPU platform: `PunicaWrapperCPU`),
+    "gpu" answers that one question as vLLM's CUDA platform does (`PunicaWrapperGPU`) while the manager is built,
+    nothing else of the platform changed. Its Triton kernels (`lora_shrink` / `lora_expand`) then run in the
+    Triton interpreter, with the interpreter configs runtime/vllm_lora.py hands vLLM's own config loader."""
     import vllm.lora.model_manager as mm
+    import vllm.lora.punica_wrapper.punica_selector as selector
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
+    if punica not in PUNICA:
+        raise PunicaRefused(f"--punica {punica!r}: one of {', '.join(PUNICA)}")
+    patch = contextlib.nullcontext()
+    if punica == "gpu":
+        from runtime import vllm_lora
+
+        try:
+            vllm_lora.load()  # vLLM's kernels importable, Triton live; the interpreter's configs primed
+        except vllm_lora.VLLMUnavailable as e:
+            raise PunicaRefused(f"--punica gpu: {e}") from None
+        from unittest import mock
+
+        patch = mock.patch.object(selector.current_platform, "get_punica_wrapper", lambda: PUNICA["gpu"])
     held = mm.MultiModalBudget
     mm.MultiModalBudget = lambda *_a, **_k: _Budget(vc, per_item, limit)
     try:
-        wm = LRUCacheWorkerLoRAManager(vc, torch.device("cpu"), model.embedding_modules)
-        wm.create_lora_manager(model, vc)
+        with patch:
+            wm = LRUCacheWorkerLoRAManager(vc, torch.device("cpu"), model.embedding_modules)
+            wm.create_lora_manager(model, vc)
     finally:
         mm.MultiModalBudget = held
     return wm

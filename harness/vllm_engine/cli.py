@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 
+def _run(r: dict) -> str:
+    if r["counted_for_request"] is None:
+        return "no LoRA (past the mapping's end)"
+    return f"{r['adapter'] or 'no adapter'} (request {r['counted_for_request']}'s entries)"
+
+
 def cmd_vllm_engine(args) -> int:
     from harness.audit_vllm import VllmMissing, import_vllm
     from harness.output import atomic_dir
@@ -21,11 +27,22 @@ def cmd_vllm_engine(args) -> int:
     out = Path(args.out)
     with atomic_dir(out, "bundle", args.overwrite) as tmp:
         m = run(Path(args.bundle), tmp, all_modules=args.all_modules, max_loras=args.max_loras,
-                per_image=args.per_image, rename_adapters=not args.adapters_as_saved)
+                per_image=args.per_image, rename_adapters=not args.adapters_as_saved, punica=args.punica)
     if m["not_produced"]:
         print(f"mmlora vllm-engine: vLLM's model does not build {len(m['not_produced'])} tower/connector modules of the "
               f"reference (listed in \"not_produced\": compare leaves them unjudged, warning): "
               f"{', '.join(m['not_produced'])}", file=sys.stderr)
+    for x in m["rows_beyond_mapping"][:3]:
+        print(f"mmlora vllm-engine: {x['module']} received {x['rows']} rows under a mapping of {x['mapping_entries']} "
+              f"entries; vLLM's Triton kernels ran it (rows past the mapping's length get no LoRA)", file=sys.stderr)
+    if len(m["rows_beyond_mapping"]) > 3:
+        print(f"mmlora vllm-engine: ... and {len(m['rows_beyond_mapping']) - 3} more LoRA layers (manifest "
+              f"rows_beyond_mapping)", file=sys.stderr)
+    for x in m["rows_as_run"]:
+        runs = "; ".join(f"rows {a}-{b - 1} " + _run(r) for r in x["runs"] for a, b in [r["rows"]])
+        print(f"mmlora vllm-engine: request {x['request']}'s image {x['image']} ({x['group']}, {x['rows']} rows, helper "
+              f"count {x['helper_count']}, its adapter {x['own_adapter']}) runs under vLLM's kernels as: {runs}",
+              file=sys.stderr)
     for c in m["mm_lora_counts"]:
         if c["embeddings"] != c["num_mm_embeds"]:
             print(f"mmlora vllm-engine: vLLM's embed_multimodal gives {c['embeddings']} embeddings for request "
@@ -58,5 +75,9 @@ def register(sub) -> None:
     v.add_argument("--adapters-as-saved", action="store_true",
                    help="hand vLLM the adapters under the names they were saved with, where the arch's checkpoint "
                         "needs a rename for vLLM (LLaVA-NeXT, harness/vllm_engine/layout.py); default: renamed too")
+    v.add_argument("--punica", choices=["cpu", "gpu"], default="cpu",
+                   help="the punica wrapper vLLM's get_punica_wrapper builds: cpu (PunicaWrapperCPU, vLLM's CPU "
+                        "platform's torch ops; default) or gpu (PunicaWrapperGPU, vLLM's Triton LoRA kernels as its "
+                        "CUDA platform runs them; without CUDA in the Triton interpreter, fp16 references only)")
     v.add_argument("--overwrite", action="store_true", help="replace an earlier bundle at --out")
     v.set_defaults(func=cmd_vllm_engine)

@@ -24,7 +24,8 @@ NAME = "vLLM tower/connector LoRA (mmlora vllm-engine)"
 GROUPS = ["tower", "connector"]
 NOTES = [
     "vLLM's code: the model class built with --mm-encoder-only through initialize_model + its load_weights; "
-    "LRUCacheWorkerLoRAManager / LoRAModelManager with enable_tower_connector_lora (PunicaWrapperCPU per group); "
+    "LRUCacheWorkerLoRAManager / LoRAModelManager with enable_tower_connector_lora (one punica wrapper per group: "
+    "see the punica note); "
     "adapters through LoRAModel.from_local_checkpoint with hf_to_vllm_mapper; get_mm_lora_token_counts; "
     "set_active_adapters; group_and_batch_mm_kwargs; embed_multimodal",
     "reproduced: the tower/connector mapping block of GPUModelRunner._execute_mm_encoder "
@@ -70,22 +71,49 @@ def _lm_tokens(arch, config, geoms: list[str], prompt: torch.Tensor, image_token
     return per
 
 
+PUNICA_NOTES = {
+    "cpu": "punica wrapper: PunicaWrapperCPU (vLLM's CPU platform's, its torch ops), as vLLM's get_punica_wrapper "
+           "picks it on CPU",
+    "gpu": "punica wrapper: PunicaWrapperGPU (vLLM's CUDA platform's: its Triton lora_shrink / lora_expand reading "
+           "each row's adapter from LoRAKernelMeta), chosen by vLLM's own get_punica_wrapper with the one lookup it "
+           "makes, current_platform.get_punica_wrapper(), answered as vLLM's CUDA platform answers it while the "
+           "LoRA manager is built (harness/vllm_engine/build.py lora_manager); without CUDA the kernels run in the "
+           "Triton interpreter (fp16 only) with runtime/vllm_lora.py's interpreter configs handed to vLLM's config "
+           "loader",
+}
+
+
 class MappingMismatch(RuntimeError):
     """A LoRA layer receives another number of rows than its group's mapping holds entries: on CPU, vLLM's torch
-    punica ops cannot run it (an einsum shape error); on CUDA its kernels would take the mapping's length."""
+    punica ops cannot run it (an einsum shape error). vLLM's Triton kernels (PunicaWrapperGPU) run more rows than
+    entries (each row past the mapping's length gets no LoRA: LoRAKernelMeta groups only the mapping's entries),
+    and fewer rows than entries by indexing rows past the layer's tensors (out-of-bounds reads and writes): refused."""
 
 
-def check_rows(modules: dict[str, torch.nn.Module], step: list):
+def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | None = None):
     """Forward pre-hooks on vLLM's LoRA layers: the rows each receives against the entries of its punica wrapper's
-    mapping (`indices_len[0]`), raising MappingMismatch that names the layer, both numbers and the count helper's
-    values per image of the step (`step[0]`: (images, counts)), before vLLM's own shape error."""
+    mapping (`indices_len[0]`). `seen` None (vLLM's CPU ops, which cannot run it): raise MappingMismatch that names
+    the layer, both numbers and the count helper's values per image of the step (`step[0]`: (images, counts)),
+    before vLLM's own shape error. Else (vLLM's Triton kernels) a layer with more rows than entries runs, each
+    such mismatch appended to `seen` as a dict; fewer rows than entries raise MappingMismatch (the kernels would
+    write past the layer's tensors)."""
     def hook(name):
         def pre(m, args):
             x = args[0]
             rows, entries = x.reshape(-1, x.shape[-1]).shape[0], m.punica_wrapper.indices_len[0]
             if entries is not None and rows != entries and not m.punica_wrapper.no_lora:
+                if seen is not None and rows > entries:
+                    seen.append({"module": name, "rows": rows, "mapping_entries": entries})
+                    return
                 per = "; ".join(f"request {im.request}: tower {t}, connector {c}" for im, (t, c) in
                                 zip(*step[0]))
+                if seen is not None:
+                    raise MappingMismatch(
+                        f"{name} receives {rows} rows under a mapping of {entries} entries: vLLM's Triton kernels "
+                        f"index rows up to {entries - 1}, so lora_shrink / lora_expand read and write {entries - rows} "
+                        f"rows past the layer's input, its fp32 buffer and its output (on a GPU: writes into "
+                        f"neighbouring memory, or an illegal-address fault); not run here, where the interpreter "
+                        f"would write into this process's heap (vLLM's get_mm_lora_token_counts per image: {per})")
                 raise MappingMismatch(f"{name} receives {rows} rows, its mapping has {entries} entries "
                                       f"(vLLM's get_mm_lora_token_counts per image: {per})")
         return pre
@@ -239,22 +267,67 @@ def _write_modules(writer, s, model, mgr, cap: Capture, images: list[Image], uni
     return measured
 
 
+def rows_as_run(images: list[Image], counts: list, measured: list[int | None], group: str, per_image: bool,
+                names: dict[int, str]) -> list[dict]:
+    """Which adapter each row of an image runs under with vLLM's Triton kernels (PunicaWrapperGPU), for each image
+    whose rows do not all run under its own mapping entries (its count is off, or an earlier image's was). The
+    mapping vLLM set is the helper's count per image of the step, each repeated as the image's LoRA id
+    (runner.mm_lora_mappings); the layer's rows are the images' measured rows back to back; `LoRAKernelMeta`
+    groups the mapping's entries only, so row r runs under entry r, and a row past the mapping's end under none.
+    Per such image: ranges of its rows (image-local, end exclusive) with the adapter (None: no adapter, or no LoRA
+    where `counted_for_request` is None too) and the request whose image that entry was counted for."""
+    k = 0 if group == "tower" else 1
+    steps = [[j] for j in range(len(images))] if per_image else [list(range(len(images)))]
+    out = []
+    for step in steps:
+        owner = [j for j in step for _ in range(counts[j][k] or 0)]  # the image each mapping entry was counted for
+        start = 0
+        for j in step:
+            rows = measured[j]
+            if rows is None or counts[j][k] is None:
+                continue
+            who = [owner[start + r] if start + r < len(owner) else None for r in range(rows)]
+            if rows != counts[j][k] or any(o != j for o in who):
+                runs: list[dict] = []
+                for r, o in enumerate(who):
+                    key = (None if o is None else names.get(images[o].lora_id),
+                           None if o is None else images[o].request)
+                    if runs and (runs[-1]["adapter"], runs[-1]["counted_for_request"]) == key:
+                        runs[-1]["rows"][1] = r + 1
+                    else:
+                        runs.append({"rows": [r, r + 1], "adapter": key[0], "counted_for_request": key[1]})
+                out.append({"group": group, "request": images[j].request, "image": j, "rows": rows,
+                            "helper_count": counts[j][k], "own_adapter": names.get(images[j].lora_id),
+                            "runs": runs})
+            start += rows
+    return out
+
+
+def _first_per_module(seen: list[dict]) -> list[dict]:
+    """Each LoRA layer's first mismatch (a layer called once per image group may repeat it)."""
+    out: dict[str, dict] = {}
+    for x in seen:
+        out.setdefault(x["module"], x)
+    return list(out.values())
+
+
 def run(ref: Path, out: Path, all_modules: bool = False, max_loras: int | None = None,
-        per_image: bool = False, rename_adapters: bool = True) -> dict:
+        per_image: bool = False, rename_adapters: bool = True, punica: str = "cpu") -> dict:
     """Runs the reference's requests and writes the output bundle at `out`; returns its manifest.
     `all_modules`: vLLM's default deployment (no --lora-target-modules: every supported module of the tower and
     connector wrapped); else --lora-target-modules names the modules the adapters target. `max_loras`: vLLM's
     --max-loras (default: the adapters the batch uses, each its own slot). `per_image`: one encoder step per
     image (runner.run_images). `rename_adapters`: layout.py's rename applied to the adapters too (where the arch
-    has one)."""
+    has one). `punica`: the punica wrapper vLLM's selector builds, "cpu" (`PunicaWrapperCPU`) or "gpu"
+    (`PunicaWrapperGPU`, build.lora_manager)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mmlora-vllm-") as work:
-        return _run(ref, out, all_modules, max_loras, per_image, rename_adapters, Path(work))
+        return _run(ref, out, all_modules, max_loras, per_image, rename_adapters, punica, Path(work))
 
 
 def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_image: bool, rename_adapters: bool,
-         work: Path) -> dict:
+         punica: str, work: Path) -> dict:
     import vllm
 
     from harness.correctness.bundle.writer import BundleWriter
@@ -263,6 +336,9 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
 
     b, ckpt = _reference(ref)
     m = b.manifest
+    refused = build.punica_refusal(punica, m["dtype"])
+    if refused:
+        raise EngineError(refused)
     s = archs.spec(m["arch"])
     arch, raw = read_checkpoint_config(ckpt)
     config = arch.model_class().config_class.from_dict(raw)
@@ -292,14 +368,15 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
         # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out
         model.lora_skip_prefixes = [f"{p.rstrip('.')}." for p in model.get_mm_mapping().language_model]
         wm = build.lora_manager(model, vc, per_item=max([1] + [im.num_mm_embeds for im in images]),
-                                limit=max(r["images"] for r in reqs))
+                                limit=max(r["images"] for r in reqs), punica=punica)
         mgr = wm._adapter_manager
         lora_requests = {ids[n]: LoRARequest(n, ids[n], str(folders[n].resolve()))
                          for n in names}
         taken = next((x["taken_at"]["module"] for x in m["modules"] if x["name"] == "@tower_out"), None)
         cap = Capture(model, mgr.modules, archs.vllm_name(s, taken) if taken else None)
         step: list = [None]
-        checks = check_rows(mgr.modules, step)
+        mismatches: list | None = [] if punica == "gpu" else None
+        checks = check_rows(mgr.modules, step, mismatches)
         try:
             embeds, counts = run_images(model, wm, images, lora_requests, per_image,
                                         on_counts=lambda ims, cs: step.__setitem__(0, (ims, cs)))
@@ -314,14 +391,22 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
                "measured_tower": measured.get("tower", [None] * len(images))[k],
                "measured_connector": measured.get("connector", [None] * len(images))[k]}
               for k, (im, (t, c)) in enumerate(zip(images, counts))]
+    as_run = []
+    if punica == "gpu":
+        names_by_id = {i: n for n, i in ids.items() if i > 0}
+        for g in GROUPS:
+            as_run += rows_as_run(images, counts, measured.get(g, [None] * len(images)), g, per_image, names_by_id)
     produced = {x["name"] for x in writer.modules}
     # reference modules of the answered groups that vLLM's model does not build (LLaVA-NeXT: vLLM's CLIP tower stops
     # at vision_feature_layer; HF runs the layers after it too, whose output nothing reads)
     missing = [x["name"] for x in m["modules"] if x.get("group") in GROUPS and x["name"] not in produced]
     manifest = {"kind": "outputs", "reference": b.sha256, "groups": GROUPS,
-                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + layout_notes},
+                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + [PUNICA_NOTES[punica]] + layout_notes},
                 "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots,
-                "per_image": per_image, "not_produced": missing,
+                "per_image": per_image, "punica": punica,
+                "punica_wrappers": sorted({type(w).__name__ for w in mgr.punica_wrapper_mapping.values()}),
+                "not_produced": missing,
+                "rows_beyond_mapping": _first_per_module(mismatches or []), "rows_as_run": as_run,
                 "adapters_run_as_none": {n: "language-model tensors only: run with no adapter (see _lm_only)"
                                          for n in lm_only}}
     writer.finish(manifest)

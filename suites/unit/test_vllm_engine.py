@@ -13,7 +13,12 @@ What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs)
 - LLaVA-NeXT: vLLM's CLIP tower stops at vision_feature_layer, so the reference's last tower layer has no vLLM
   module (compare refuses the bundle, naming it); every module vLLM runs matches the reference. A PEFT adapter
   saved under transformers 5's names (no `vision_model.`) loads in vLLM without an error and applies none of its
-  tower LoRA."""
+  tower LoRA.
+
+With `--punica gpu` (vLLM's PunicaWrapperGPU: its Triton kernels, interpreted here, on fp16 references): rows of
+no adapter are left alone (no spare slot needed); a mapping shorter than the rows runs, each image's last rows
+under the next image's adapter and the step's last rows with no LoRA, which compare names; LLaVA's own count
+helper (64 tower entries for 65 CLIP rows per image on the tiny model) does exactly that."""
 
 from __future__ import annotations
 
@@ -232,3 +237,183 @@ def test_llama4_every_supported_module_wrapped_fails_at_the_patch_embedding(refs
     rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
     assert rc == 2 and "MappingMismatch: vision_model.patch_embedding.linear receives 288 rows, its mapping has " \
                        "306 entries" in err, err
+
+
+# --punica gpu: vLLM's PunicaWrapperGPU, its Triton LoRA kernels (in the Triton interpreter here: fp16 references)
+
+
+@pytest.fixture(scope="module")
+def refs16(tmp_path_factory):
+    _vllm_or_skip()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the engine builds vLLM's model on CPU, so --punica gpu runs vLLM's kernels in the Triton "
+                    "interpreter (TRITON_INTERPRET=1, which nox sets only without CUDA)")
+    root = tmp_path_factory.mktemp("vllm-engine-fp16")
+    out = {}
+    for arch in ("llama4", "llava"):
+        assert main(["record", "--arch", arch, "--dtype", "fp16", "--out", str(root / arch)]) == 0
+        out[arch] = root / arch
+    return out
+
+
+def test_punica_gpu_refuses_what_the_interpreter_cannot_run(monkeypatch):
+    from harness.vllm_engine import build
+
+    assert build.punica_refusal("cpu", "fp32") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for dtype in ("fp32", "bf16"):
+        why = build.punica_refusal("gpu", dtype)
+        assert why and "fp16" in why and "\n" not in why, why
+    assert build.punica_refusal("gpu", "fp16") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's model is on CPU: no interpreter, no Triton kernels
+    assert "TRITON_INTERPRET=1" in build.punica_refusal("gpu", "fp16")
+
+
+def test_rows_as_run_follows_the_mapping_entries_not_the_images():
+    """Pure bookkeeping: two images of 3 rows, the helper counting 2 for the first and 3 for the second: the
+    first's row 2 runs under the second's entry, the second's last row past the mapping (5 entries) under none."""
+    from harness.vllm_engine.engine import rows_as_run
+    from harness.vllm_engine.runner import Image
+
+    ims = [Image(0, 1, None, 3), Image(1, 2, None, 3)]
+    got = rows_as_run(ims, [(2, 2), (3, 3)], [3, 3], "tower", False, {1: "a", 2: "b"})
+    assert [x["runs"] for x in got] == [
+        [{"rows": [0, 2], "adapter": "a", "counted_for_request": 0},
+         {"rows": [2, 3], "adapter": "b", "counted_for_request": 1}],
+        [{"rows": [0, 2], "adapter": "b", "counted_for_request": 1},
+         {"rows": [2, 3], "adapter": None, "counted_for_request": None}]]
+    assert rows_as_run(ims, [(3, 3), (3, 3)], [3, 3], "tower", False, {1: "a", 2: "b"}) == []
+
+
+def test_punica_gpu_the_honest_engine_agrees_with_peft(refs16, tmp_path, capsys):
+    """vLLM's Triton kernels with every slot filled (no spare slot, unlike the CPU wrapper's tests): rows of no
+    adapter (-1) are left alone, as they must be."""
+    ref = refs16["llama4"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--punica", "gpu")
+    assert rc == 0, err
+    m = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    assert m["punica"] == "gpu" and m["punica_wrappers"] == ["PunicaWrapperGPU"], m["punica_wrappers"]
+    assert m["rows_beyond_mapping"] == [] and m["rows_as_run"] == []
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 0, err
+    assert all(v < 1 for v in s["archs"]["llama4"]["worst_margin"].values()), s["archs"]["llama4"]["worst_margin"]
+
+
+def test_punica_gpu_a_count_helper_one_row_short_per_image_is_caught_by_compare(refs16, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Where vLLM's CPU ops refuse a short mapping, its kernels run it: each image's rows slide onto the next
+    image's mapping entries, and the batch's last rows (past the mapping's end) get no LoRA. Request 0's image (one
+    tile: 16 patches + CLS, its adapter `all`) keeps 16 entries; its row 16 (CLS) runs under request 1's entry (no
+    adapter). compare names the first tower module, that request and that row."""
+    _seed_helper(monkeypatch, lambda k, t: t - 1)
+    ref = refs16["llama4"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--punica", "gpu")
+    assert rc == 0, err
+    assert "vision_model.model.layers.0.self_attn.qkv_proj received 306 rows under a mapping of 300 entries" in err
+    m = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    first = m["rows_as_run"][0]
+    assert (first["request"], first["rows"], first["helper_count"]) == (0, 17, 16), first
+    assert [r["rows"] for r in first["runs"]] == [[0, 16], [16, 17]], first
+    assert m["rows_as_run"][-1]["runs"][-1]["counted_for_request"] is None  # the last image's tail: no LoRA
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    assert rc == 1, err
+    d = s["archs"]["llama4"]["first_divergence"]["e2e"]
+    assert d["module"] == "vision_model.model.layers.0.self_attn.q_proj", d
+    assert (d["request"], d["row"]) == (0, 16), d
+
+
+def test_punica_gpu_llava_tower_count_one_short_shifts_adapters(refs16, tmp_path, capsys):
+    """vLLM 0.32's LLaVA count helper gives the tower num_mm_embeds (64 on the tiny model) where its CLIP tower runs
+    65 rows (CLS + 64 patches). With vLLM's kernels: request 0's image (adapter `all`) runs rows 0-63 under its
+    adapter and row 64 (its last patch) under request 1's entry (no adapter); the batch's last image's last rows
+    get no LoRA. (compare refuses the bundle: vLLM does not build the CLIP layer after vision_feature_layer.)"""
+    ref = refs16["llava"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--punica", "gpu")
+    assert rc == 0, err
+    m = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    assert all((c["tower"], c["measured_tower"]) == (64, 65) for c in m["mm_lora_counts"]), m["mm_lora_counts"]
+    assert all(c["connector"] == c["measured_connector"] == 64 for c in m["mm_lora_counts"])
+    first = m["rows_as_run"][0]
+    assert (first["request"], first["own_adapter"]) == (0, "all"), first
+    assert first["runs"] == [{"rows": [0, 64], "adapter": "all", "counted_for_request": 0},
+                             {"rows": [64, 65], "adapter": None, "counted_for_request": 1}], first
+    n = len(m["mm_lora_counts"])
+    assert m["rows_as_run"][-1]["runs"][-1] == {"rows": [65 - n, 65], "adapter": None, "counted_for_request": None}
+    assert "request 0's image 0 (tower, 65 rows, helper count 64, its adapter all)" in err, err
+    # measured, not derived: the first tower LoRA layer's rows against the reference's base Linear (`base.i`) and
+    # PEFT's output (`out.i`): row 64 of request 0 and the batch's last rows are exactly the base output (no LoRA)
+    name = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
+    r, g = _outs(ref, name), _outs(tmp_path / "got", name)
+    last = max(c["request"] for c in m["mm_lora_counts"])
+    assert torch.equal(g["out.0"][64], r["base.0"][64]) and not torch.equal(r["out.0"][64], r["base.0"][64])
+    assert torch.equal(g[f"out.{last}"][-n:], r[f"base.{last}"][-n:])
+    assert float((g["out.0"][:64].float() - r["out.0"][:64].float()).abs().max()) < 1e-2  # fp16: one ulp or so
+
+
+def test_smallest_reproducer_vllm_llava_tower_count_is_one_short_of_its_own_clip():
+    """vLLM's own numbers, nothing of the harness: at llava-1.5's shape (CLIP 336 px, patch 14) vLLM's CLIP info
+    says the tower runs 577 rows (24 x 24 patches + CLS), LLaVA's count helper maps 576 for an image of 576
+    placeholders."""
+    _vllm_or_skip()
+    from transformers import CLIPVisionConfig, LlavaConfig
+    from vllm.model_executor.models.clip import CLIPEncoderInfo
+    from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14).to_dict())
+    rows = CLIPEncoderInfo(cfg).get_num_image_tokens(image_width=336, image_height=336)
+    counts = LlavaForConditionalGeneration.get_mm_lora_token_counts(None, modality="image", mm_kwargs=None,
+                                                                    num_mm_embeds=576)
+    assert (rows, counts) == (577, (576, 576))
+
+
+def test_smallest_reproducer_vllm_kernels_give_rows_past_the_mapping_no_lora():
+    """vLLM's lora_shrink with its LoRAKernelMeta prepared from 4 entries (all slot 0) over 5 rows: rows 0-3 get
+    x @ A, row 4 nothing (where vLLM's CPU ops raise)."""
+    _vllm_or_skip()
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and no Triton interpreter")
+    from runtime import vllm_lora
+
+    ops = vllm_lora.load()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = ops.LoRAKernelMeta.make(1, 8, dev)
+    meta.prepare_tensors(torch.zeros(4, dtype=torch.int32, device=dev))
+    x = torch.ones(5, 16, dtype=torch.float16, device=dev)
+    a = torch.ones(1, 16, 16, dtype=torch.float16, device=dev)  # [slots, rank, hidden]
+    out = torch.full((1, 5, 16), 7.0, device=dev)
+    ops.lora_shrink(x, [a], out, *meta.meta_args(5, False), 1.0)
+    assert out[0, :4].eq(16).all() and out[0, 4].eq(0).all(), out[0, :, 0]
+
+
+def test_punica_gpu_a_mapping_longer_than_the_rows_is_refused_naming_the_layer(refs16, tmp_path, capsys):
+    """vLLM's default deployment on Llama 4 (--all-modules): the patch embedding's Linear runs 288 rows (before CLS)
+    under the tower mapping's 306 entries. vLLM's kernels would index rows up to 305 of 288-row tensors (see the
+    reproducer below); the engine refuses it, naming the layer, before the interpreter writes into its heap."""
+    ref = refs16["llama4"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--punica", "gpu", "--all-modules")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "vision_model.patch_embedding.linear receives 288 rows under a mapping of 306 entries" in err, err
+    assert "write 18 rows past the layer's input" in err, err
+
+
+def test_smallest_reproducer_vllm_kernels_write_past_the_rows_of_a_longer_mapping():
+    """vLLM's lora_shrink / lora_expand with a LoRAKernelMeta prepared from 6 entries over a layer of 4 rows: both
+    write rows 4 and 5, past the tensors they were given (each a view of a 6-row allocation here, so the writes land
+    somewhere visible; in vLLM, wherever the allocator put the next tensor)."""
+    _vllm_or_skip()
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and no Triton interpreter")
+    from runtime import vllm_lora
+
+    ops = vllm_lora.load()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = ops.LoRAKernelMeta.make(1, 8, dev)
+    meta.prepare_tensors(torch.zeros(6, dtype=torch.int32, device=dev))
+    x = torch.ones(6, 16, dtype=torch.float16, device=dev)[:4]
+    a = torch.ones(1, 16, 16, dtype=torch.float16, device=dev)
+    b = torch.ones(1, 64, 16, dtype=torch.float16, device=dev)
+    buf6 = torch.zeros(1, 6, 16, device=dev)
+    ops.lora_shrink(x, [a], buf6[:, :4], *meta.meta_args(4, False), 1.0)
+    y6 = torch.zeros(6, 64, dtype=torch.float16, device=dev)
+    ops.lora_expand(buf6[:, :4], [b], y6[:4], *meta.meta_args(4, False), offset_start=0, add_inputs=True)
+    assert buf6[0, 4:].ne(0).all() and y6[4:].ne(0).all(), (buf6[0, :, 0], y6[:, 0])

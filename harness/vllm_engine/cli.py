@@ -23,11 +23,17 @@ def cmd_vllm_engine(args) -> int:
         print(f"mmlora vllm-engine: {e}", file=sys.stderr)
         return 2
     from harness.vllm_engine.engine import run
+    from harness.vllm_engine.runner import VllmCannotRun
 
     out = Path(args.out)
-    with atomic_dir(out, "bundle", args.overwrite) as tmp:
-        m = run(Path(args.bundle), tmp, all_modules=args.all_modules, max_loras=args.max_loras,
-                per_image=args.per_image, rename_adapters=not args.adapters_as_saved, punica=args.punica)
+    try:
+        with atomic_dir(out, "bundle", args.overwrite) as tmp:
+            m = run(Path(args.bundle), tmp, all_modules=args.all_modules, max_loras=args.max_loras,
+                    per_image=args.per_image, rename_adapters=not args.adapters_as_saved, punica=args.punica)
+    except VllmCannotRun as e:  # the system under test fails on a valid reference: exit 1, not bad input
+        print(f"mmlora vllm-engine: vLLM cannot run this reference: {type(e).__name__}: {' '.join(str(e).split())} "
+              f"(nothing written)", file=sys.stderr)
+        return 1
     if m["not_produced"]:
         print(f"mmlora vllm-engine: vLLM's model does not build {len(m['not_produced'])} tower/connector modules of the "
               f"reference (listed in \"not_produced\": compare leaves them unjudged, warning): "

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from harness.vllm_engine import archs, build
-from harness.vllm_engine.runner import Image, run_images
+from harness.vllm_engine.runner import Image, VllmCannotRun, run_images
 
 NAME = "vLLM tower/connector LoRA (mmlora vllm-engine)"
 GROUPS = ["tower", "connector"]
@@ -83,7 +83,7 @@ PUNICA_NOTES = {
 }
 
 
-class MappingMismatch(RuntimeError):
+class MappingMismatch(VllmCannotRun):
     """A LoRA layer receives another number of rows than its group's mapping holds entries: on CPU, vLLM's torch
     punica ops cannot run it (an einsum shape error). vLLM's Triton kernels (PunicaWrapperGPU) run more rows than
     entries (each row past the mapping's length gets no LoRA: LoRAKernelMeta groups only the mapping's entries),

@@ -54,7 +54,12 @@ def mm_lora_mappings(model, images: list[Image]):
     return tower, connector, counts
 
 
-class WrapperTooSmall(RuntimeError):
+class VllmCannotRun(RuntimeError):
+    """vLLM's own path cannot run this reference (a failure of the system under test, named before vLLM's own
+    shape error or out-of-bounds access): `mmlora vllm-engine` exits 1 with one line, writing nothing."""
+
+
+class WrapperTooSmall(VllmCannotRun):
     """The batch's tower / connector mapping is longer than the punica wrapper vLLM's manager sized for it."""
 
 

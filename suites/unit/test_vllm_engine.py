@@ -133,7 +133,7 @@ def test_smallest_reproducer_vllm_torch_ops_index_minus_one_is_the_last_slot():
 
 def test_gemma4_mixed_batch_outgrows_the_tower_wrapper(refs, tmp_path, capsys):
     rc, err = _engine(refs["gemma4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["gemma4"]))
-    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "tower punica wrapper LoRAModelManager sized holds 64" in err and "--per-image" in err, err
     assert not (tmp_path / "got").exists()
 
@@ -157,7 +157,7 @@ def _seed_helper(monkeypatch, how):
 def test_a_count_helper_one_row_short_per_image_is_named(refs, tmp_path, capsys, monkeypatch):
     _seed_helper(monkeypatch, lambda k, t: t - 1)
     rc, err = _engine(refs["llama4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["llama4"]))
-    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
     # the first tower LoRA layer (vLLM's fused qkv_proj of HF's q/k/v_proj) and the helper's count per image
     assert "MappingMismatch: vision_model.model.layers.0.self_attn.qkv_proj receives 306 rows, its mapping has " \
            "300 entries" in err, err
@@ -226,7 +226,7 @@ def test_gemma4_odd_patch_grid_gives_fewer_embeddings_than_placeholders(refs, tm
     connector's mapping (the helper: num_mm_embeds) has 6 entries for the 5 rows."""
     ref = refs["gemma4-odd"]
     rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--per-image")
-    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "MappingMismatch: embed_vision.embedding_projection receives 5 rows, its mapping has 6 entries" in err, err
 
 
@@ -235,7 +235,7 @@ def test_llama4_every_supported_module_wrapped_fails_at_the_patch_embedding(refs
     runs before CLS is added, 16 rows per tile under the tower mapping's 17."""
     ref = refs["llama4"]
     rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
-    assert rc == 2 and "MappingMismatch: vision_model.patch_embedding.linear receives 288 rows, its mapping has " \
+    assert rc == 1 and "MappingMismatch: vision_model.patch_embedding.linear receives 288 rows, its mapping has " \
                        "306 entries" in err, err
 
 
@@ -391,7 +391,7 @@ def test_punica_gpu_a_mapping_longer_than_the_rows_is_refused_naming_the_layer(r
     reproducer below); the engine refuses it, naming the layer, before the interpreter writes into its heap."""
     ref = refs16["llama4"]
     rc, err = _engine(ref, tmp_path / "got", capsys, "--punica", "gpu", "--all-modules")
-    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "vision_model.patch_embedding.linear receives 288 rows under a mapping of 306 entries" in err, err
     assert "write 18 rows past the layer's input" in err, err
 

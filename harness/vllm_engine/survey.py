@@ -28,19 +28,30 @@ class Case:
     why: str = ""
 
 
-# One empty slot above the adapters (--max-loras = adapters + 1): on CPU, vLLM 0.32's torch punica ops give rows
-# mapped to no adapter (-1) the LAST slot's adapter (docs/vllm.md); with the slot empty the rest is judged. The
-# "every slot filled" row shows that finding itself.
+# Two punica wrappers: vLLM's CPU platform's (`cpu`, its torch ops: what the engine builds by default) and the one
+# vLLM's CUDA platform builds (`gpu`: PunicaWrapperGPU, vLLM's Triton LoRA kernels, here in the interpreter, which
+# needs fp16). With `cpu`, one empty slot above the adapters (--spare-slot: --max-loras = adapters + 1): vLLM 0.32's
+# torch ops give rows mapped to no adapter (-1) the LAST slot's adapter (docs/vllm.md); the "every slot filled" row
+# shows that finding itself. Its CUDA kernels leave such rows alone: no spare slot with `gpu`.
+GPU = ("--punica", "gpu")
+FULL_BINS = ("patches=4x4", "patches=2x6", "patches=6x2")  # Gemma 4 grids that are multiples of the pooling kernel
 CASES = (
     Case("llama4", flags=("--spare-slot",), why="tiled tower, CLS per tile, pixel-shuffle connector"),
     Case("llama4", why="every slot filled: vLLM's CPU ops give -1 rows the last slot"),
+    Case("llama4", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("llama4", "fp16", flags=(*GPU, "--all-modules"),
+         why="vLLM's default deployment: every supported module wrapped, the patch embedding too"),
     Case("qwen2_vl", flags=("--spare-slot",), why="packed qkv, patch merger"),
-    Case("gemma4", geometries=("patches=4x4", "patches=2x6", "patches=6x2"), flags=("--spare-slot", "--per-image"),
+    Case("qwen2_vl", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("gemma4", geometries=FULL_BINS, flags=("--spare-slot", "--per-image"),
          why="full pooling bins, one image per encoder step"),
-    Case("gemma4", flags=("--spare-slot", "--per-image"), why="default batch: holds a partial pooling bin (3x5)"),
-    Case("gemma4", geometries=("patches=4x4", "patches=2x6", "patches=6x2"), flags=("--spare-slot",),
-         why="several images per encoder step"),
+    Case("gemma4", "fp16", geometries=FULL_BINS, flags=(*GPU, "--per-image"), why="vLLM's Triton kernels"),
+    Case("gemma4", geometries=FULL_BINS, flags=("--spare-slot",), why="several images per encoder step"),
+    Case("gemma4", geometries=("patches=3x5",), flags=("--spare-slot", "--per-image"),
+         why="a partial pooling bin (3x5 patches)"),
     Case("llava_next", flags=("--spare-slot",), why="CLIP tower cut at vision_feature_layer, anyres tiles"),
+    Case("llava_next", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("llava", "fp16", flags=GPU, why="CLIP tower: CLS + patches, vLLM counts patches only"),
 )
 
 
@@ -74,8 +85,9 @@ def run_case(c: Case, work: Path) -> dict:
     if "--spare-slot" in c.flags:
         flags += ["--max-loras", _slots(ref)]
     rc, err = _mmlora("vllm-engine", str(ref), "--out", str(got), *flags)
-    if rc != 0:
-        return {**row, "step": "vllm-engine", "rc": rc, "verdict": f"engine refused: {_last_line(err)}",
+    if rc != 0:  # 1: vLLM's own path cannot run the reference (named); 2: the engine refused the reference
+        what = "vLLM fails" if rc == 1 else "engine refused"
+        return {**row, "step": "vllm-engine", "rc": rc, "verdict": f"{what}: {_last_line(err)}",
                 "seconds": time.monotonic() - t0}
     rc, err = _mmlora("compare", str(ref), str(got), "--out", str(cmp))
     s = json.loads((cmp / "summary.json").read_text()) if (cmp / "summary.json").exists() else {}
@@ -85,6 +97,7 @@ def run_case(c: Case, work: Path) -> dict:
     verdict = {0: "pass", 1: "DIVERGES"}.get(rc, f"compare refused: {_last_line(err)}")
     if first:
         verdict += (f" at {first.get('module')} request {first.get('request')} row {first.get('row')} "
+                    f"image {first.get('image')} "
                     f"(margin {first.get('margin', float('nan')):.3g})")
     return {**row, "step": "compare", "rc": rc, "verdict": verdict,
             "tower": margins.get("e2e/tower"), "connector": margins.get("e2e/connector"),

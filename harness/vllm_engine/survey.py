@@ -61,8 +61,13 @@ def _mmlora(*argv: str) -> tuple[int, str]:
 
 
 def _last_line(text: str) -> str:
+    """The command's last line, without the `mmlora <command>:` prefixes a table cell need not repeat."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return " ".join(lines[-1].split())[:240] if lines else ""
+    line = " ".join(lines[-1].split()) if lines else ""
+    for prefix in ("mmlora vllm-engine: vLLM cannot run this reference: ", "mmlora vllm-engine: ", "mmlora: error: ",
+                   "mmlora compare: "):
+        line = line.removeprefix(prefix)
+    return line[:300]
 
 
 def _slots(ref: Path) -> str:

@@ -35,3 +35,21 @@ def need_vllm() -> None:
     if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
         pytest.fail(f"MMLORA_REQUIRE_VLLM=1 but vLLM's kernels cannot run: {reason}")
     pytest.skip(reason)
+
+
+def need_vllm_models(*modules: str) -> None:
+    """Skip unless vLLM's model modules `vllm.model_executor.models.<m>` import here (`nox -s vllm_towers` /
+    `vllm_engine` install them); fail instead where MMLORA_REQUIRE_VLLM=1, as need_vllm."""
+    import importlib
+
+    if not torch.cuda.is_available():  # what vLLM must see before its first import on CPU (runtime/vllm_lora.py)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    try:
+        for m in modules:
+            importlib.import_module(f"vllm.model_executor.models.{m}")
+    except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason
+        reason = f"vLLM's model modules do not import here: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)

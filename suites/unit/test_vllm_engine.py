@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import audit_vllm
 from harness.cli import main
+from suites.helpers import need_vllm_models
 
 pytestmark = pytest.mark.vllm_towers
 
@@ -40,17 +40,7 @@ GEMMA4 = ["patches=4x4", "patches=2x6", "patches=6x2"]
 
 
 def _vllm_or_skip():
-    try:
-        audit_vllm.import_vllm()
-        import vllm.model_executor.models.gemma4_mm  # noqa: F401
-        import vllm.model_executor.models.llava_next  # noqa: F401
-        import vllm.model_executor.models.mllama4  # noqa: F401
-        import vllm.model_executor.models.qwen2_vl  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason
-        reason = f"vLLM's model modules do not import here: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need_vllm_models("gemma4_mm", "llava_next", "mllama4", "qwen2_vl")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from suites.helpers import assert_close_scaled
+from suites.helpers import assert_close_scaled, need_vllm_models
 
 pytestmark = pytest.mark.vllm_towers
 
@@ -16,19 +16,10 @@ REL = 1e-5
 
 
 def _vllm_models_or_skip():
-    import os
-
     from runtime import vllm_towers
 
-    try:
-        vllm_towers.setup()
-        import vllm.model_executor.models.gemma4_mm  # noqa: F401
-        import vllm.model_executor.models.mllama4  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason
-        reason = f"vLLM's model modules do not import here: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        if os.environ.get("MMLORA_REQUIRE_VLLM") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need_vllm_models("gemma4_mm", "mllama4")
+    vllm_towers.setup()
     return vllm_towers
 
 

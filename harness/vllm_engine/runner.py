@@ -106,12 +106,14 @@ def run_images(model, wm, images: list[Image], lora_requests: dict[int, object],
             # only a step of images without a connector row (a Gemma 4 image of no real patch, HF's patches=0x0,
             # which vLLM's processor never yields) alone: vLLM's compute_meta takes max() of an empty tensor
             raise WrapperTooSmall(f"this encoder step's connector mapping is empty ({len(images)} images, connector "
-                                  f"counts {[c for _, c in counts]}): vLLM's compute_meta cannot take it")
+                                  f"counts {[c for _, c in counts]}): vLLM's compute_meta cannot take it (latent: an "
+                                  f"image of no real patch, which vLLM's processor never yields)")
         wm.set_active_adapters(active, connector)
     out: list[torch.Tensor] = []
     with torch.no_grad():
         for _modality, n, kwargs in group_and_batch_mm_kwargs([("image", im.item) for im in images], device="cpu"):
             embeds = model.embed_multimodal(**kwargs)
-            assert len(embeds) == n, f"embed_multimodal gave {len(embeds)} embeddings for {n} images"
+            if len(embeds) != n:
+                raise VllmCannotRun(f"vLLM's embed_multimodal gave {len(embeds)} embeddings for {n} images")
             out.extend(e.detach().clone() for e in embeds)
     return out, counts

@@ -14,8 +14,7 @@ import math
 
 from harness.correctness.headline import divergence
 from harness.output import PAGE, esc
-
-GROUPS = ("tower", "connector", "language_model")
+from vlm.arch.base import GROUPS
 
 
 def _verdict(ok: bool) -> str:

@@ -346,3 +346,37 @@ def test_not_produced_hides_no_failure_after_it(ref, tmp_path, capsys):
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["archs"][ARCH]["first_divergence"]["e2e"]["module"] == "@tower_out"
     assert s["archs"][ARCH]["modules_not_produced"] == gone
+
+
+# --- every reference module has a group ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group", [None, "vision"])
+def test_a_reference_module_without_a_known_group_is_refused(ref, tmp_path, capsys, group):
+    """Its module would be left out of every judgement (a GOT without "groups" included), silently."""
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    entry = _lora(m)
+    if group is None:
+        del entry["group"]
+    else:
+        entry["group"] = group
+    _write_manifest(r, m)
+    _refused(["compare", str(r), str(_got(ref, tmp_path / "got"))], tmp_path, capsys, repr(entry["name"]),
+             f"has group {group!r}", "expected one of tower, connector, language_model")
+
+
+def test_groups_not_judged_lists_only_groups_the_reference_has(ref, tmp_path):
+    """A reference with no tower module (here: its tower entries dropped) answered for connector and language
+    model: no tower group was left out, so none is listed or said."""
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    m["modules"] = [x for x in m["modules"] if x["group"] != "tower"]
+    m["unused_modules"] = []
+    _write_manifest(r, m)
+    got = _got(ref, tmp_path / "got", groups=["connector", "language_model"])
+    assert main(["compare", str(r), str(got), "--out", str(tmp_path / "o")]) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["archs"][ARCH]["groups_not_judged"] == []
+    assert not [w for w in s["warnings"] if "NOT JUDGED" in w]

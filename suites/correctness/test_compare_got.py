@@ -348,6 +348,41 @@ def test_not_produced_hides_no_failure_after_it(ref, tmp_path, capsys):
     assert s["archs"][ARCH]["modules_not_produced"] == gone
 
 
+# --- "not_produced" is checked against the reference's "unused_modules" ---------------------------------------
+
+def test_record_lists_the_modules_whose_output_the_model_does_not_use(ref):
+    """LLaVA reads the tower's hidden state vision_feature_layer (-2): its last layer runs for nothing."""
+    assert _manifest(ref)["unused_modules"] == _last_tower_layer(ref)
+
+
+def test_an_arch_with_no_unused_module_lists_none():
+    from vlm.arch import get_arch
+
+    arch = get_arch("qwen2_vl")
+    assert arch.unused_modules(arch.tiny_config(), ["model.visual.blocks.0.attn.qkv"]) == []
+
+
+def test_every_module_listed_as_not_produced_but_the_boundaries_is_refused(ref, tmp_path, capsys):
+    """The review's bundle: every LoRA module "not produced", the boundaries kept; it passed with a warning."""
+    lora = [x["name"] for x in _manifest(ref)["modules"] if not x["name"].startswith("@")]
+    used = next(n for n in lora if n not in _manifest(ref)["unused_modules"])
+    got = _not_built(ref, tmp_path / "got", lora)
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"not_produced" lists', repr(used),
+             "is used by the model: an engine must produce it")
+
+
+def test_not_produced_against_a_reference_without_unused_modules_asks_to_re_record(ref, tmp_path, capsys):
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    del m["unused_modules"]
+    _write_manifest(r, m)
+    _refused(["compare", str(r), str(_not_built(ref, tmp_path / "got", _last_tower_layer(ref)))], tmp_path, capsys,
+             '"unused_modules"', "re-record")
+    # with nothing listed, such a reference is read as before
+    assert main(["compare", str(r), str(_got(ref, tmp_path / "all")), "--out", str(tmp_path / "a")]) == 0
+
+
 # --- every reference module has a group ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("group", [None, "vision"])

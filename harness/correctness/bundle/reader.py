@@ -82,6 +82,7 @@ class Bundle:
                                   f"expected one of {', '.join(GROUPS)}")
             shapes[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
         if m.get("kind") == Kind.REFERENCE:
+            _check_unused(where, m)
             for i, entry in enumerate(m["requests"]):
                 if not isinstance(entry, dict):
                     raise BundleError(f"{where}: request entry {i} is not an object")
@@ -115,6 +116,19 @@ class Bundle:
                 and not torch.isfinite(t).all():
             raise _not_recorded(f"bundle {str(self.folder)!r}", name, full)
         return t
+
+
+def _check_unused(where: str, m: dict) -> None:
+    """A reference's optional "unused_modules" (absent in bundles recorded before it): distinct names of its
+    LoRA modules (no @ boundary)."""
+    u = m.get("unused_modules")
+    if u is None:
+        return
+    names = {mod["name"] for mod in m["modules"]}
+    if not isinstance(u, list) or len(set(map(str, u))) != len(u) \
+            or not all(isinstance(x, str) and x in names and not x.startswith("@") for x in u):
+        raise BundleError(f"{where}: \"unused_modules\" is {u!r}, expected a list of distinct LoRA module names "
+                          f"of the bundle")
 
 
 def _check_finite(where: str, name: str, mod: dict, data: bytes) -> None:
@@ -239,17 +253,25 @@ def groups_left_out(ref: Bundle, got: Bundle) -> list[str]:
 
 def _check_not_produced(ref: Bundle, got: Bundle, groups: tuple[str, ...], omitted: tuple[str, ...]) -> None:
     """Each name a module of the reference, in a group the bundle answers, not an `@` boundary, not also in its
-    `modules`; and every boundary of an answered group that runs after it in the reference is there (at least
+    `modules`, and one the reference records as unused (its "unused_modules": the model never reads its
+    output); and every boundary of an answered group that runs after it in the reference is there (at least
     one): a module left out that fed anything shows at the next boundary, judged."""
     where = f"bundle {str(got.folder)!r}"
     order = list(ref.modules)  # a reference manifest lists its modules in execution order
+    unused = ref.manifest.get("unused_modules")
+    if omitted and unused is None:
+        raise BundleError(f"{where} lists modules as \"not_produced\", and the reference {str(ref.folder)!r} "
+                          f"records no \"unused_modules\" to check them against (recorded by an older harness): "
+                          f"re-record it with this harness (mmlora record)")
     for name in omitted:
         m = ref.modules.get(name)
         why = ("is not a module of the reference" if m is None
                else "is an @ boundary (an engine takes every boundary)" if name.startswith("@")
                else f"is in group {m['group']!r}, which the bundle does not answer (its \"groups\")"
                if m["group"] not in groups
-               else "is also in its \"modules\"" if name in got.modules else None)
+               else "is also in its \"modules\"" if name in got.modules
+               else "is used by the model: an engine must produce it (only the reference's \"unused_modules\", "
+                    "whose output the model never reads, may be left out)" if name not in unused else None)
         if why is not None:
             raise BundleError(f"{where}: \"not_produced\" lists {name!r}, which {why}")
         after = [b for b in order[order.index(name) + 1:] if b.startswith("@")]

@@ -280,9 +280,11 @@ def test_not_produced_modules_are_not_judged_and_said_loudly(ref, tmp_path, caps
     capsys.readouterr()
     assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
-    # one warning, on one line (printed where it is found and again with the run's warnings at the end, as any)
-    loud = {line.split("NOT JUDGED", 1)[1] for line in err.splitlines() if "NOT JUDGED" in line}
+    # one warning, on one line (printed where it is found and again with the run's warnings at the end, as any),
+    # and the verdict line itself says it
+    loud = {line.split("NOT JUDGED", 1)[1] for line in err.splitlines() if "WARNING" in line and "NOT JUDGED" in line}
     assert len(loud) == 1, err
+    assert f"mmlora compare: every judged module within the rule; NOT JUDGED: {len(gone)} modules not produced" in err
     assert f"{len(gone)} reference modules" in next(iter(loud)) and repr(gone[0]) in next(iter(loud)), err
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["archs"][ARCH]["modules_not_produced"] == gone
@@ -401,6 +403,32 @@ def test_a_reference_module_without_a_known_group_is_refused(ref, tmp_path, caps
              f"has group {group!r}", "expected one of tower, connector, language_model")
 
 
+# --- the verdict says what it did not judge --------------------------------------------------------------------
+
+def test_the_verdict_line_says_what_was_not_judged(ref, tmp_path, capsys):
+    gone = _last_tower_layer(ref)
+    got = _not_built(ref, tmp_path / "got", gone, groups=["tower", "connector"])
+    m = _manifest(got)
+    groups = {x["name"]: x["group"] for x in _manifest(ref)["modules"]}
+    m["modules"] = [x for x in m["modules"] if groups[x["name"]] != "language_model"]
+    _write_manifest(got, m)
+    capsys.readouterr()
+    assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 0
+    words = (f"every judged module within the rule; NOT JUDGED: group language_model, {len(gone)} modules not "
+             f"produced")
+    err = capsys.readouterr().err
+    assert f"mmlora compare: {words}; report in" in err and "every module within the rule" not in err, err
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["verdict"] == words and s["not_judged"] == f"group language_model, {len(gone)} modules not produced"
+    html = (tmp_path / "o" / "index.html").read_text()
+    assert f"&mdash; {words} (exit 0)</h1>" in html and "every module within its bound" not in html
+    assert "every judged module within its bound (NOT JUDGED: group language_model" in html
+    # a bundle answering everything keeps the plain words, with an empty "not_judged"
+    assert main(["compare", str(ref), str(_got(ref, tmp_path / "all")), "--out", str(tmp_path / "a")]) == 0
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["verdict"] == "every module within the rule" and s["not_judged"] == ""
+
+
 def test_groups_not_judged_lists_only_groups_the_reference_has(ref, tmp_path):
     """A reference with no tower module (here: its tower entries dropped) answered for connector and language
     model: no tower group was left out, so none is listed or said."""
@@ -413,5 +441,5 @@ def test_groups_not_judged_lists_only_groups_the_reference_has(ref, tmp_path):
     got = _got(ref, tmp_path / "got", groups=["connector", "language_model"])
     assert main(["compare", str(r), str(got), "--out", str(tmp_path / "o")]) == 0
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert s["archs"][ARCH]["groups_not_judged"] == []
+    assert s["archs"][ARCH]["groups_not_judged"] == [] and s["not_judged"] == ""
     assert not [w for w in s["warnings"] if "NOT JUDGED" in w]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from harness.correctness.compare import CSV_COLUMNS
-from harness.correctness.headline import divergence, print_fault_headlines
+from harness.correctness.headline import divergence, print_fault_headlines, run_not_judged, verdict
 from harness.flags import finite_float
 from harness.geometry_flags import parse_geometry
 from harness.output import atomic_dir, check_out, default_run_dir, write_csv, write_json
@@ -191,7 +191,10 @@ def _write_report(args, out: Path, results, opts, ok: bool, exit_code: int, engi
     _repro(args, results)
     with atomic_dir(out, args.cmd, args.overwrite) as tmp:
         write_csv(tmp / "layers.csv", [row.as_dict() for r in results for row in r.rows], CSV_COLUMNS)
+        left = run_not_judged(results)
         summary = {"ok": ok, "exit_code": exit_code, "strict": args.strict, "engine": engine,
+                   # the verdict line's words, and what the run left unjudged ("" when nothing)
+                   "verdict": _verdict_words(opts, ok, left), "not_judged": left,
                    "provenance": provenance(opts.device, args.argv), "options": _options_table(opts),
                    "rules": {f"{d}/{m}": vars(r) for (d, m), r in RULES.items() if d == opts.dtype},
                    "warnings": [f"{r.arch}: {w}" for r in results for w in r.summary.get("warnings", [])],
@@ -201,13 +204,15 @@ def _write_report(args, out: Path, results, opts, ok: bool, exit_code: int, engi
     return summary
 
 
-def _print_verdict(who: str, out: Path, results, opts, ok: bool, warnings: list[str]) -> None:
+def _verdict_words(opts, ok: bool, left: str) -> str:
     if opts.quantize:
-        verdict = ("quantized run ok: skip list honoured, unquantized groups within the rule (drift below)" if ok
-                   else "QUANTIZED RUN FAILED: a skip-list violation, or an unquantized group / error row")
-    else:
-        verdict = "every module within the rule" if ok else "DIVERGENCE"
-    print(f"{who}: {verdict}; report in {out}", file=sys.stderr)
+        return ("quantized run ok: skip list honoured, unquantized groups within the rule (drift below)" if ok
+                else "QUANTIZED RUN FAILED: a skip-list violation, or an unquantized group / error row")
+    return verdict(ok, left)
+
+
+def _print_verdict(who: str, out: Path, results, opts, ok: bool, warnings: list[str]) -> None:
+    print(f"{who}: {_verdict_words(opts, ok, run_not_judged(results))}; report in {out}", file=sys.stderr)
     for r in results:
         q = r.summary.get("quantization")
         if q:

@@ -361,8 +361,7 @@ def judge_outputs(p: Prepared, got: bundle.Bundle, opts: Options, warnings: Sequ
     t0 = time.time()
     rows = modes.compare_outputs(p, got)
     summary = _summarize(p, rows, opts, ("e2e",))
-    judged = bundle.answered_groups(got)
-    summary["groups_not_judged"] = [g for g in bundle.GROUPS if g not in judged]
+    summary["groups_not_judged"] = bundle.groups_left_out(p.bundle, got)  # the reference's groups only
     summary["modules_not_produced"] = list(bundle.not_produced(got))
     for w in warnings:
         _log(f"  {p.arch.model_type}: WARNING: {w}")

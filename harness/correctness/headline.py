@@ -39,6 +39,30 @@ def divergence(d: dict) -> str:
             + (f" - {d['detail']}" if d.get("detail") else ""))
 
 
+def not_judged(summary: dict) -> str:
+    """What one arch's run left unjudged, in words ('' when it judged everything): the groups an output
+    bundle does not answer and the modules it says its engine's model does not have."""
+    parts = [f"group {g}" for g in summary.get("groups_not_judged") or ()]
+    n = len(summary.get("modules_not_produced") or ())
+    if n:
+        parts.append(f"{n} module{'s' if n > 1 else ''} not produced")
+    return ", ".join(parts)
+
+
+def run_not_judged(results) -> str:
+    """`not_judged` over a run's archs ('' when every arch judged everything); each arch named when several ran."""
+    parts = [(r.arch, w) for r in results if (w := not_judged(r.summary))]
+    return "; ".join(w if len(results) < 2 else f"{arch}: {w}" for arch, w in parts)
+
+
+def verdict(ok: bool, left: str = "") -> str:
+    """The verdict line's words (terminal, summary.json's "verdict", the report's title): a run that left
+    something unjudged (`left`, from `run_not_judged`) says so in the verdict itself, never "every module"."""
+    if not left:
+        return "every module within the rule" if ok else "DIVERGENCE"
+    return f"{'every judged module within the rule' if ok else 'DIVERGENCE'}; NOT JUDGED: {left}"
+
+
 def fault_headline(arch: str, summary: dict) -> str | None:
     """The sentence for one arch's summary, or None when the run had no seeded fault."""
     f = summary.get("fault")

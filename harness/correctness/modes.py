@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from harness.correctness.bundle import Key, answered_groups, not_produced, stream_outputs
+from harness.correctness.bundle import Key, judged_modules, stream_outputs
 from harness.correctness.compare import Metrics, Row, check, error_metrics, held_adapter, judge_tensor
 from harness.correctness.rules import rule
 from harness.output import one_line
@@ -148,10 +148,7 @@ def compare_outputs(p, got) -> list[Row]:
     modules its engine's model does not have (its "not_produced")."""
     rows = []
     r = rule(p.dtype, "e2e")
-    groups, omitted = answered_groups(got), not_produced(got)
-    for name in p.order:
-        if p.bundle.modules[name].get("group", "language_model") not in groups or name in omitted:
-            continue
+    for name in judged_modules(p.bundle, got):  # in the reference's order (p.order)
         base = None  # its base Linear, read once for all requests (at real widths a weight is hundreds of MB)
         for i in range(len(p.reqs)):
             if not p.bundle.has(i, name):

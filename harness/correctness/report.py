@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 
-from harness.correctness.headline import divergence
+from harness.correctness.headline import divergence, not_judged, verdict
 from harness.output import PAGE, esc
+from vlm.arch.base import GROUPS
 
-GROUPS = ("tower", "connector", "language_model")
 
-
-def _verdict(ok: bool) -> str:
-    return f"<span class='{'ok' if ok else 'fail'}'>{'ok' if ok else 'FAIL'}</span>"
+def _verdict(ok: bool, partial: bool = False) -> str:
+    """`partial`: something was not judged (an output bundle's groups or modules left out): not a plain "ok"."""
+    word = "FAIL" if not ok else "ok on what was judged" if partial else "ok"
+    return f"<span class='{'ok' if ok else 'fail'}'>{word}</span>"
 
 
 def _kv_table(d: dict) -> str:
@@ -148,8 +149,11 @@ def _headlines(results) -> list[str]:
             out.append(f"<p class='headline{' good' if good else ''}'>{esc(line)}</p>")
         if r.summary["ok"] and not f:
             worst = max(r.rows, key=lambda x: x.metrics.margin, default=None)
+            left = not_judged(r.summary)
             if worst is not None:
-                out.append(f"<p class='headline good'>{esc(r.arch)}: every module within its bound; worst margin "
+                what = f"every judged module within its bound (NOT JUDGED: {left})" if left else \
+                    "every module within its bound"
+                out.append(f"<p class='headline good'>{esc(r.arch)}: {esc(what)}; worst margin "
                            f"{_margin(worst.metrics.margin)} at {esc(worst.module)} ({esc(worst.mode)}, "
                            f"{esc(worst.group)})</p>")
         for mode, d in r.summary.get("first_divergence", {}).items():
@@ -164,8 +168,9 @@ def _headlines(results) -> list[str]:
 def render_html(results, summary, who: str = "mmlora correctness") -> str:
     """`who`: the command that judged, as its terminal lines name it."""
     modes = summary["options"]["modes"]
-    verdict = ("every module within the rule" if summary["ok"] else "DIVERGENCE")
-    parts = [_CSS, f"<h1>{esc(who)}: {_verdict(summary['ok'])} &mdash; {esc(verdict)} "
+    left = summary.get("not_judged", "")
+    words = summary.get("verdict") or verdict(summary["ok"], left)
+    parts = [_CSS, f"<h1>{esc(who)}: {_verdict(summary['ok'], bool(left))} &mdash; {esc(words)} "
              f"(exit {summary['exit_code']})</h1>"]
     parts += _headlines(results)
     parts.append(provenance_html(summary, results))
@@ -181,7 +186,7 @@ def render_html(results, summary, who: str = "mmlora correctness") -> str:
                         f"{v['floor_rms']}: {v['why']}" for k, v in summary["rules"].items()}) + "</details>")
     for r in results:
         s = r.summary
-        parts.append(f"<h2 id='{esc(r.arch)}'>{esc(r.arch)} {_verdict(s['ok'])} ({esc(s['seconds'])} s)</h2>")
+        parts.append(f"<h2 id='{esc(r.arch)}'>{esc(r.arch)} {_verdict(s['ok'], bool(not_judged(s)))} ({esc(s['seconds'])} s)</h2>")
         for note in s.get("notes", []):
             parts.append(f"<p>note: {esc(note)}</p>")
         if s.get("modules_not_produced"):

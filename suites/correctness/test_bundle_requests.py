@@ -171,3 +171,19 @@ def test_manifest_geometries_that_are_not_the_requests_are_a_bad_bundle(pair, tm
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "geometries" in err[0] and "(tiles=1, tiles=1, tiles=1" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_manifest_geometries_are_compared_as_geometries_not_as_dicts():
+    """An ImageGeometry that gains a field must not make every older bundle bad: an item without a field reads
+    as its default; a key no field has is a bad bundle, named."""
+    from harness.correctness.bundle.format import BundleError
+    from harness.correctness.bundle.requests import _check_geometries
+    from vlm.arch import ImageGeometry
+    from vlm.requests import Request
+
+    reqs = [Request((ImageGeometry(tiles=1), ImageGeometry(grid=(1, 2, 2))), (1, 2), None, 0)]
+    _check_geometries([{"tiles": 1}, {"grid": [1, 2, 2], "split": None}], reqs, "b")  # older: fewer fields
+    for bad, says in (([{"tiles": 1}, {"grid": [1, 2, 4]}], "are not the ones"),
+                      ([{"tiles": 1, "zoom": 2}], "'zoom'"), (["tiles=1"], "not an object")):
+        with pytest.raises(BundleError, match=says):
+            _check_geometries(bad, reqs, "b")

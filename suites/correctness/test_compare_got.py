@@ -280,9 +280,11 @@ def test_not_produced_modules_are_not_judged_and_said_loudly(ref, tmp_path, caps
     capsys.readouterr()
     assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
-    # one warning, on one line (printed where it is found and again with the run's warnings at the end, as any)
-    loud = {line.split("NOT JUDGED", 1)[1] for line in err.splitlines() if "NOT JUDGED" in line}
+    # one warning, on one line (printed where it is found and again with the run's warnings at the end, as any),
+    # and the verdict line itself says it
+    loud = {line.split("NOT JUDGED", 1)[1] for line in err.splitlines() if "WARNING" in line and "NOT JUDGED" in line}
     assert len(loud) == 1, err
+    assert f"mmlora compare: every judged module within the rule; NOT JUDGED: {len(gone)} modules not produced" in err
     assert f"{len(gone)} reference modules" in next(iter(loud)) and repr(gone[0]) in next(iter(loud)), err
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["archs"][ARCH]["modules_not_produced"] == gone
@@ -346,3 +348,98 @@ def test_not_produced_hides_no_failure_after_it(ref, tmp_path, capsys):
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["archs"][ARCH]["first_divergence"]["e2e"]["module"] == "@tower_out"
     assert s["archs"][ARCH]["modules_not_produced"] == gone
+
+
+# --- "not_produced" is checked against the reference's "unused_modules" ---------------------------------------
+
+def test_record_lists_the_modules_whose_output_the_model_does_not_use(ref):
+    """LLaVA reads the tower's hidden state vision_feature_layer (-2): its last layer runs for nothing."""
+    assert _manifest(ref)["unused_modules"] == _last_tower_layer(ref)
+
+
+def test_an_arch_with_no_unused_module_lists_none():
+    from vlm.arch import get_arch
+
+    arch = get_arch("qwen2_vl")
+    assert arch.unused_modules(arch.tiny_config(), ["model.visual.blocks.0.attn.qkv"]) == []
+
+
+def test_every_module_listed_as_not_produced_but_the_boundaries_is_refused(ref, tmp_path, capsys):
+    """The review's bundle: every LoRA module "not produced", the boundaries kept; it passed with a warning."""
+    lora = [x["name"] for x in _manifest(ref)["modules"] if not x["name"].startswith("@")]
+    used = next(n for n in lora if n not in _manifest(ref)["unused_modules"])
+    got = _not_built(ref, tmp_path / "got", lora)
+    _refused(["compare", str(ref), str(got)], tmp_path, capsys, '"not_produced" lists', repr(used),
+             "is used by the model: an engine must produce it")
+
+
+def test_not_produced_against_a_reference_without_unused_modules_asks_to_re_record(ref, tmp_path, capsys):
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    del m["unused_modules"]
+    _write_manifest(r, m)
+    _refused(["compare", str(r), str(_not_built(ref, tmp_path / "got", _last_tower_layer(ref)))], tmp_path, capsys,
+             '"unused_modules"', "re-record")
+    # with nothing listed, such a reference is read as before
+    assert main(["compare", str(r), str(_got(ref, tmp_path / "all")), "--out", str(tmp_path / "a")]) == 0
+
+
+# --- every reference module has a group ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group", [None, "vision"])
+def test_a_reference_module_without_a_known_group_is_refused(ref, tmp_path, capsys, group):
+    """Its module would be left out of every judgement (a GOT without "groups" included), silently."""
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    entry = _lora(m)
+    if group is None:
+        del entry["group"]
+    else:
+        entry["group"] = group
+    _write_manifest(r, m)
+    _refused(["compare", str(r), str(_got(ref, tmp_path / "got"))], tmp_path, capsys, repr(entry["name"]),
+             f"has group {group!r}", "expected one of tower, connector, language_model")
+
+
+# --- the verdict says what it did not judge --------------------------------------------------------------------
+
+def test_the_verdict_line_says_what_was_not_judged(ref, tmp_path, capsys):
+    gone = _last_tower_layer(ref)
+    got = _not_built(ref, tmp_path / "got", gone, groups=["tower", "connector"])
+    m = _manifest(got)
+    groups = {x["name"]: x["group"] for x in _manifest(ref)["modules"]}
+    m["modules"] = [x for x in m["modules"] if groups[x["name"]] != "language_model"]
+    _write_manifest(got, m)
+    capsys.readouterr()
+    assert main(["compare", str(ref), str(got), "--out", str(tmp_path / "o")]) == 0
+    words = (f"every judged module within the rule; NOT JUDGED: group language_model, {len(gone)} modules not "
+             f"produced")
+    err = capsys.readouterr().err
+    assert f"mmlora compare: {words}; report in" in err and "every module within the rule" not in err, err
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["verdict"] == words and s["not_judged"] == f"group language_model, {len(gone)} modules not produced"
+    html = (tmp_path / "o" / "index.html").read_text()
+    assert f"&mdash; {words} (exit 0)</h1>" in html and "every module within its bound" not in html
+    assert "every judged module within its bound (NOT JUDGED: group language_model" in html
+    # a bundle answering everything keeps the plain words, with an empty "not_judged"
+    assert main(["compare", str(ref), str(_got(ref, tmp_path / "all")), "--out", str(tmp_path / "a")]) == 0
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["verdict"] == "every module within the rule" and s["not_judged"] == ""
+
+
+def test_groups_not_judged_lists_only_groups_the_reference_has(ref, tmp_path):
+    """A reference with no tower module (here: its tower entries dropped) answered for connector and language
+    model: no tower group was left out, so none is listed or said."""
+    r = tmp_path / "ref"
+    shutil.copytree(ref, r)
+    m = _manifest(r)
+    m["modules"] = [x for x in m["modules"] if x["group"] != "tower"]
+    m["unused_modules"] = []
+    _write_manifest(r, m)
+    got = _got(ref, tmp_path / "got", groups=["connector", "language_model"])
+    assert main(["compare", str(r), str(got), "--out", str(tmp_path / "o")]) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["archs"][ARCH]["groups_not_judged"] == [] and s["not_judged"] == ""
+    assert not [w for w in s["warnings"] if "NOT JUDGED" in w]

@@ -101,6 +101,9 @@ class ForbiddenTarget:
     pattern: str   # regex, full match on a runtime module name
     reason: str
     refuse: bool = True  # False: the adapter runs and the report carries the reason as a warning
+    # the module runs but the model never reads its output (a reference bundle lists it in "unused_modules": the
+    # one kind of module an engine's output bundle may say it does not produce)
+    unused: bool = False
 
 
 def _require_int(name: str, value: Any, lo: int = 1) -> int:
@@ -194,6 +197,12 @@ class ArchSpec:
             more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""
             warnings.append(f"{adapter} targets {hits[0]!r}{more}: {rule.reason}")
         return warnings
+
+    def unused_modules(self, config: Any, modules: Sequence[str]) -> list[str]:
+        """Those of `modules` (in their order) that run but whose output the model never reads: the flagged
+        targets marked `unused` (the tower layers after `vision_feature_layer`); [] for an arch with none."""
+        rules = [r.pattern for r in self.forbidden_targets(config) if r.unused]
+        return [m for m in modules if any(re.fullmatch(rx, m) for rx in rules)]
 
     def quant_skip_modules(self) -> list[str]:
         """Regexes (full match) of modules that weight-only int8 must leave alone: the whole tower and
@@ -437,7 +446,7 @@ def unused_feature_layers(config: Any, tower_prefix: str) -> tuple[ForbiddenTarg
     layers = "|".join(str(i) for i in unused)
     return (ForbiddenTarget(re.escape(tower_prefix) + rf"encoder\.layers\.({layers})\..*",
                             f"tower layer(s) {unused} run but their output is unused (vision_feature_layer={f}): "
-                            f"a LoRA there changes nothing downstream", refuse=False),)
+                            f"a LoRA there changes nothing downstream", refuse=False, unused=True),)
 
 
 # -------------------------------------------------------------------- recipe fragments

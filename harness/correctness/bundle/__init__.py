@@ -24,6 +24,8 @@ from harness.correctness.bundle.reader import (
     answered_groups,
     check_outputs,
     engine_of,
+    groups_left_out,
+    judged_modules,
     not_produced,
 )
 from harness.correctness.bundle.record import finish_reference, write_reference
@@ -32,5 +34,5 @@ from harness.correctness.bundle.sources import open_reference
 from harness.correctness.bundle.stage import Stage, captured
 
 __all__ = ["GROUPS", "HELD", "Bundle", "answered_groups", "BundleError", "InputRecord", "Key", "Kind", "Stage", "captured", "check_outputs",
-           "engine_of", "not_produced", "finish_reference", "open_reference", "recorded_requests", "stream_outputs",
+           "engine_of", "groups_left_out", "judged_modules", "not_produced", "finish_reference", "open_reference", "recorded_requests", "stream_outputs",
            "write_reference"]

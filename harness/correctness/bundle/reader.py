@@ -23,6 +23,7 @@ from harness.correctness.bundle.format import (
     tensor_name,
 )
 from harness.correctness.bundle.inputs import check_inputs, read_inputs
+from vlm.arch.base import GROUPS
 
 
 class Bundle:
@@ -74,8 +75,14 @@ class Bundle:
                                   f"manifest lists {n}")
             if m.get("kind") == Kind.REFERENCE and not isinstance(mod.get("sha256"), str):
                 raise BundleError(f"{where}: module {name!r} has no sha256 in {MANIFEST}")
+            # which modules an output bundle is judged on goes by group: a reference module of no known group
+            # would be left out of every judgement, silently
+            if m.get("kind") == Kind.REFERENCE and mod.get("group") not in GROUPS:
+                raise BundleError(f"{where}: module {name!r} has group {mod.get('group')!r} in {MANIFEST}, "
+                                  f"expected one of {', '.join(GROUPS)}")
             shapes[name] = _check_file(where, folder, mod, verify, m.get("kind") == Kind.REFERENCE)
         if m.get("kind") == Kind.REFERENCE:
+            _check_unused(where, m)
             for i, entry in enumerate(m["requests"]):
                 if not isinstance(entry, dict):
                     raise BundleError(f"{where}: request entry {i} is not an object")
@@ -109,6 +116,19 @@ class Bundle:
                 and not torch.isfinite(t).all():
             raise _not_recorded(f"bundle {str(self.folder)!r}", name, full)
         return t
+
+
+def _check_unused(where: str, m: dict) -> None:
+    """A reference's optional "unused_modules" (absent in bundles recorded before it): distinct names of its
+    LoRA modules (no @ boundary)."""
+    u = m.get("unused_modules")
+    if u is None:
+        return
+    names = {mod["name"] for mod in m["modules"]}
+    if not isinstance(u, list) or len(set(map(str, u))) != len(u) \
+            or not all(isinstance(x, str) and x in names and not x.startswith("@") for x in u):
+        raise BundleError(f"{where}: \"unused_modules\" is {u!r}, expected a list of distinct LoRA module names "
+                          f"of the bundle")
 
 
 def _check_finite(where: str, name: str, mod: dict, data: bytes) -> None:
@@ -191,9 +211,6 @@ def _check_float(where: str, name: str, key: str, st_dtype: str, what: str) -> t
     return dt
 
 
-GROUPS = ("tower", "connector", "language_model")
-
-
 def answered_groups(got: Bundle) -> tuple[str, ...]:
     """The module groups an output bundle answers: its manifest's optional `"groups"` (a non-empty list of
     `GROUPS`), all of them without it. An engine that runs part of the model (vLLM's tower/connector path)
@@ -220,23 +237,45 @@ def not_produced(got: Bundle) -> tuple[str, ...]:
     return tuple(n)
 
 
+def judged_modules(ref: Bundle, got: Bundle) -> list[str]:
+    """The reference's modules an output bundle is judged on, in the reference's order: those of the groups it
+    answers (`answered_groups`; a reference module's group is checked when the reference is opened) but the
+    ones it says its engine's model does not have (`not_produced`)."""
+    groups, omitted = answered_groups(got), set(not_produced(got))
+    return [name for name, m in ref.modules.items() if m["group"] in groups and name not in omitted]
+
+
+def groups_left_out(ref: Bundle, got: Bundle) -> list[str]:
+    """The reference's groups (those it has modules of) that the output bundle does not answer."""
+    groups = answered_groups(got)
+    return [g for g in GROUPS if g not in groups and any(m["group"] == g for m in ref.modules.values())]
+
+
 def _check_not_produced(ref: Bundle, got: Bundle, groups: tuple[str, ...], omitted: tuple[str, ...]) -> None:
     """Each name a module of the reference, in a group the bundle answers, not an `@` boundary, not also in its
-    `modules`; and every boundary of an answered group that runs after it in the reference is there (at least
+    `modules`, and one the reference records as unused (its "unused_modules": the model never reads its
+    output); and every boundary of an answered group that runs after it in the reference is there (at least
     one): a module left out that fed anything shows at the next boundary, judged."""
     where = f"bundle {str(got.folder)!r}"
     order = list(ref.modules)  # a reference manifest lists its modules in execution order
+    unused = ref.manifest.get("unused_modules")
+    if omitted and unused is None:
+        raise BundleError(f"{where} lists modules as \"not_produced\", and the reference {str(ref.folder)!r} "
+                          f"records no \"unused_modules\" to check them against (recorded by an older harness): "
+                          f"re-record it with this harness (mmlora record)")
     for name in omitted:
         m = ref.modules.get(name)
         why = ("is not a module of the reference" if m is None
                else "is an @ boundary (an engine takes every boundary)" if name.startswith("@")
-               else f"is in group {m.get('group')!r}, which the bundle does not answer (its \"groups\")"
-               if m.get("group", GROUPS[-1]) not in groups
-               else "is also in its \"modules\"" if name in got.modules else None)
+               else f"is in group {m['group']!r}, which the bundle does not answer (its \"groups\")"
+               if m["group"] not in groups
+               else "is also in its \"modules\"" if name in got.modules
+               else "is used by the model: an engine must produce it (only the reference's \"unused_modules\", "
+                    "whose output the model never reads, may be left out)" if name not in unused else None)
         if why is not None:
             raise BundleError(f"{where}: \"not_produced\" lists {name!r}, which {why}")
         after = [b for b in order[order.index(name) + 1:] if b.startswith("@")]
-        judged = [b for b in after if ref.modules[b].get("group", GROUPS[-1]) in groups]
+        judged = [b for b in after if ref.modules[b]["group"] in groups]
         lacking = [b for b in judged if b not in got.modules]
         if lacking:
             what = f"supply boundary {lacking[0]!r}"
@@ -273,10 +312,8 @@ def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
                 raise BundleError(f"{where}: request {i} lacks {key!r}")
             if b[key] != a[key]:
                 raise BundleError(f"{where}: request {i} {key} {b[key]!r} differs from the reference's {a[key]!r}")
-    for name, m in ref.modules.items():
-        if m.get("group", GROUPS[-1]) not in groups or name in omitted:
-            continue
-        g = got.modules.get(name)
+    for name in judged_modules(ref, got):
+        m, g = ref.modules[name], got.modules.get(name)
         if g is None:
             raise BundleError(f"{where} lacks module {name!r} (the reference bundle has it)")
         if g["features"] != m["features"]:
@@ -289,10 +326,10 @@ def check_outputs(ref: Bundle, got: Bundle) -> list[str]:
             if g_in is not None and r_in is not None and g_in[-1] != r_in[-1]:
                 raise BundleError(f"{where}: module {name!r} request {i}: {tensor_name(Key.IN, i)} has {g_in[-1]} "
                                   f"features, the reference's {r_in[-1]}")
-    left = [g for g in GROUPS if g not in groups and any(m.get("group") == g for m in ref.modules.values())]
+    left = groups_left_out(ref, got)
     return [f"output bundle {str(got.folder)!r}: module {name!r} is not in the reference bundle (not judged)"
             for name in got.modules if name not in ref.modules] + [
-        f"NOT JUDGED: group {g!r} ({sum(m.get('group') == g for m in ref.modules.values())} reference modules): the "
+        f"NOT JUDGED: group {g!r} ({sum(m['group'] == g for m in ref.modules.values())} reference modules): the "
         f"output bundle answers groups {list(groups)} only (its manifest's \"groups\")" for g in left] + ([
         f"NOT JUDGED: {len(omitted)} reference module{'s' if len(omitted) > 1 else ''} the engine's model does not "
         f"have (its manifest's \"not_produced\"; judged only through the boundaries after them), first "

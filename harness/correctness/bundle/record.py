@@ -63,6 +63,10 @@ def finish_reference(writer: BundleWriter, *, opts, arch, reqs, inputs: list[dic
         "image_token_id": arch.image_token_id(model.config),
         "attn_implementation": model.config._attn_implementation,
         "geometries": [dataclasses.asdict(g) for g in opts.geometries],
+        # the LoRA modules that run but whose output the model never reads (the tower layers after
+        # vision_feature_layer): the only names an output bundle's "not_produced" may list (bundle.reader)
+        "unused_modules": arch.unused_modules(model.config, [m["name"] for m in writer.modules
+                                                             if not m["name"].startswith("@")]),
         # the seed draws the project's own pixels (bundle.requests); an engine feeds the recorded inputs
         "requests": [{**request_entry(r), "seed": r.seed, **f} for r, f in zip(reqs, inputs, strict=True)],
         **fields})

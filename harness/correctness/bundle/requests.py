@@ -4,7 +4,6 @@ fed exactly what the reference ran."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import torch
@@ -13,6 +12,7 @@ from harness.correctness.bundle.format import BundleError
 from harness.correctness.bundle.reader import Bundle
 from harness.correctness.bundle.writer import prompt_sha256
 from harness.geometry_flags import geometry_text, parse_geometry
+from vlm.arch import ImageGeometry
 from vlm.requests import Request, build_batch
 
 
@@ -63,11 +63,23 @@ def _check_geometries(listed, reqs: list[Request], where: str) -> None:
     if not isinstance(listed, list):
         raise BundleError(f"{where}: geometries {listed!r} is not a list")
     images = [g for r in reqs for g in r.images]
-    # as the manifest holds them: dataclasses.asdict through JSON (tuples become lists)
-    taken = json.loads(json.dumps([dataclasses.asdict(g) for g in images]))
-    if listed and taken != [listed[k % len(listed)] for k in range(len(images))]:
+    # compared as geometries, not as the dicts a harness wrote: a field ImageGeometry gains later is absent
+    # from older bundles (its default then) and does not make them bad
+    parsed = [_geometry(where, item) for item in listed]
+    if parsed and images != [parsed[k % len(parsed)] for k in range(len(images))]:
         raise BundleError(f"{where}: geometries {json.dumps(listed)} are not the ones the requests' images take "
                           f"in turn ({', '.join(geometry_text(g) for g in images)})")
+
+
+def _geometry(where: str, item) -> ImageGeometry:
+    """One `geometries` item (dataclasses.asdict through JSON: tuples became lists) as an ImageGeometry."""
+    try:
+        if not isinstance(item, dict):
+            raise TypeError("not an object")
+        return ImageGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in item.items()})
+    except TypeError as e:
+        raise BundleError(f"{where}: geometries item {json.dumps(item)} is not an image geometry "
+                          f"({' '.join(str(e).split())})") from None
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -9,11 +9,11 @@ What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs)
 - Gemma 4: LoRAModelManager sizes the tower's punica wrapper for one image (the count helper's tower tokens do
   not depend on the budget), so a mixed batch of images outgrows it; one image per encoder step agrees.
 - a count helper one row short per image: the tower LoRA layer receives more rows than its mapping has entries,
-  which vLLM's CPU ops cannot run; the engine names the layer and the helper's counts (exit 2).
+  which vLLM's CPU ops cannot run; the engine names the layer and the helper's counts (exit 1: vLLM's failure).
 - LLaVA-NeXT: vLLM's CLIP tower stops at vision_feature_layer, so the reference's last tower layer has no vLLM
-  module (compare refuses the bundle, naming it); every module vLLM runs matches the reference. A PEFT adapter
-  saved under transformers 5's names (no `vision_model.`) loads in vLLM without an error and applies none of its
-  tower LoRA.
+  module (the output bundle's not_produced, which must be the reference's unused_modules; compare leaves them NOT
+  JUDGED and says so); every module vLLM runs matches the reference. A PEFT adapter saved under transformers 5's
+  names (no `vision_model.`) loads in vLLM without an error and applies none of its tower LoRA: compare names it.
 
 With `--punica gpu` (vLLM's PunicaWrapperGPU: its Triton kernels, interpreted here, on fp16 references): rows of
 no adapter are left alone (no spare slot needed); a mapping shorter than the rows runs, each image's last rows
@@ -85,6 +85,7 @@ def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_pat
     m = json.loads((tmp_path / "got" / "manifest.json").read_text())
     assert m["groups"] == ["tower", "connector"] and m["engine"]["version"].startswith("vllm ")
     assert any("mm_lora_mappings" in n for n in m["engine"]["notes"])
+    assert m["not_produced"] == []  # vLLM builds every module of these archs' towers and connectors
     # the helper's counts are the rows vLLM's layers ran, image by image
     assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] and c["connector"] == c["measured_connector"]
                                        for c in m["mm_lora_counts"])
@@ -199,8 +200,15 @@ def test_llava_next_last_tower_layer_is_not_built_and_the_rest_matches(refs, tmp
 
 
 def test_llava_next_adapter_under_transformers5_names_applies_no_tower_lora(refs, tmp_path, capsys):
+    """vLLM loads a PEFT adapter saved under transformers 5's CLIP names (no `vision_model.`) without an error and
+    applies none of its tower LoRA: the modules it then does not wrap are captured plainly, and compare names the
+    first tower module of the first request with an adapter there (before: listed as 'not built', unjudged)."""
     ref = refs["llava_next"]
-    assert _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--adapters-as-saved")[0] == 0
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--adapters-as-saved")
+    assert rc == 0, err
+    got = json.loads((tmp_path / "got" / "manifest.json").read_text())
+    unused = json.loads((ref / "manifest.json").read_text())["unused_modules"]
+    assert got["not_produced"] and set(got["not_produced"]) <= set(unused), (got["not_produced"], unused)
     name = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
     r, g = _outs(ref, name), _outs(tmp_path / "got", name)
     reqs = json.loads((ref / "manifest.json").read_text())["requests"]
@@ -208,6 +216,11 @@ def test_llava_next_adapter_under_transformers5_names_applies_no_tower_lora(refs
     base = r[f"base.{i}"]  # the base Linear on the reference's input: vLLM added nothing to it
     assert float((g[f"out.{i}"] - base).abs().max()) <= 1e-5 * float(base.abs().max())
     assert float((r[f"out.{i}"] - base).abs().max()) > 1e-2 * float(base.abs().max())  # PEFT's delta is there
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    first = s["archs"]["llava_next"]["first_divergence"]["e2e"]
+    with_tower_lora = [k for k, q in enumerate(reqs) if q["images"] and q["adapter"] in ("all", "tower")]
+    assert rc == 1 and first["group"] == "tower" and first["request"] == with_tower_lora[0], (first, err)
+    assert first["module"].startswith("model.vision_tower.encoder.layers.0."), first
 
 
 def test_gemma4_odd_patch_grid_gives_fewer_embeddings_than_placeholders(refs, tmp_path, capsys):
@@ -316,7 +329,8 @@ def test_punica_gpu_llava_tower_count_one_short_shifts_adapters(refs16, tmp_path
     """vLLM 0.32's LLaVA count helper gives the tower num_mm_embeds (64 on the tiny model) where its CLIP tower runs
     65 rows (CLS + 64 patches). With vLLM's kernels: request 0's image (adapter `all`) runs rows 0-63 under its
     adapter and row 64 (its last patch) under request 1's entry (no adapter); the batch's last image's last rows
-    get no LoRA. (compare refuses the bundle: vLLM does not build the CLIP layer after vision_feature_layer.)"""
+    get no LoRA. compare names the first tower module, request 0, row 64 (the CLIP layer vLLM does not build, after
+    vision_feature_layer, is NOT JUDGED: the reference lists it unused)."""
     ref = refs16["llava"]
     rc, err = _engine(ref, tmp_path / "got", capsys, "--punica", "gpu")
     assert rc == 0, err
@@ -338,6 +352,9 @@ def test_punica_gpu_llava_tower_count_one_short_shifts_adapters(refs16, tmp_path
     assert torch.equal(g["out.0"][64], r["base.0"][64]) and not torch.equal(r["out.0"][64], r["base.0"][64])
     assert torch.equal(g[f"out.{last}"][-n:], r[f"base.{last}"][-n:])
     assert float((g["out.0"][:64].float() - r["out.0"][:64].float()).abs().max()) < 1e-2  # fp16: one ulp or so
+    rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    first = s["archs"]["llava"]["first_divergence"]["e2e"]
+    assert rc == 1 and (first["module"], first["request"], first["row"]) == (name, 0, 64), (first, err)
 
 
 def test_smallest_reproducer_vllm_llava_tower_count_is_one_short_of_its_own_clip():
@@ -407,3 +424,25 @@ def test_smallest_reproducer_vllm_kernels_write_past_the_rows_of_a_longer_mappin
     y6 = torch.zeros(6, 64, dtype=torch.float16, device=dev)
     ops.lora_expand(buf6[:, :4], [b], y6[:4], *meta.meta_args(4, False), offset_start=0, add_inputs=True)
     assert buf6[0, 4:].ne(0).all() and y6[4:].ne(0).all(), (buf6[0, :, 0], y6[:, 0])
+
+
+def test_max_lora_rank_is_the_adapters_largest_rounded_up_to_what_vllm_accepts(tmp_path):
+    """An r=4 adapter, and one whose rank_pattern raises a module to 24: vLLM's LoRAConfig accepts only
+    1, 8, 16, 32, ... (its MaxLoRARanks), so the engine asks for 8 and 32 (read from the lora_A shapes, as vLLM's
+    own check reads r and rank_pattern); the config's r alone made vLLM refuse both references."""
+    need_vllm_models()
+    from safetensors.torch import save_file
+
+    from harness.vllm_engine.engine import max_lora_rank
+
+    def adapter(name, ranks):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({f"base_model.model.m{k}.lora_A.weight": torch.zeros(r, 8) for k, r in enumerate(ranks)},
+                  str(d / "adapter_model.safetensors"))
+        return d
+
+    assert max_lora_rank([adapter("r4", [4, 4])]) == 8
+    assert max_lora_rank([adapter("pattern", [8, 24]), adapter("r1", [1])]) == 32
+    assert max_lora_rank([adapter("r1b", [1])]) == 1
+

@@ -20,11 +20,34 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM was received."""
 
 
+def _swallowing(frame) -> bool:
+    """Whether Python would ignore an exception raised in `frame`: inside a weakref finalizer or a `__del__`, which
+    the garbage collector and object deallocation call, printing "Exception ignored in ..." and going on (CI saw a
+    SIGTERM land in one: the run finished with exit 0)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or (code.co_name == "__call__" and code.co_filename.endswith("weakref.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+RETRY_S = 0.01  # how soon a Terminated held back from a finalizer is raised again
+
+
+def _raise_when_safe(signum, frame):
+    if _swallowing(frame):  # not here, where it would be lost: again in RETRY_S, once the finalizer has returned
+        signal.signal(signal.SIGALRM, _raise_when_safe)
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        return
+    raise Terminated()
+
+
 def _on_sigterm(signum, frame):
     # a second SIGTERM while the first one's cleanup runs would cut that cleanup short and leave temporary data:
     # it is ignored (SIGKILL still stops the process)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
+    _raise_when_safe(signum, frame)
 
 
 @contextmanager
@@ -35,9 +58,12 @@ def sigterm_raises():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    alarm = signal.getsignal(signal.SIGALRM)
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # a retry still armed (see _raise_when_safe) is dropped
+        signal.signal(signal.SIGALRM, alarm)
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -22,14 +22,34 @@ def test_an_out_folder_holding_user_files_is_refused_before_any_case_runs(tmp_pa
     assert not ran and (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_a_crashed_step_fails_the_survey_and_a_vllm_finding_does_not(tmp_path, capsys, monkeypatch):
-    rows = iter([{"rc": 1}, {"rc": 2}, {"rc": 0}])
+def _fake(outcomes, margin=0.5):
+    it = iter(outcomes)
 
     def fake(c, work):
+        outcome = next(it)
+        if isinstance(outcome, Exception):
+            raise outcome
         return {"arch": c.arch, "dtype": c.dtype, "geometry": "g", "flags": "", "verdict": "v", "seconds": 0.0,
-                **next(rows)}
+                "rc": 0, "outcome": outcome, "tower": margin, "connector": None}
+    return fake
 
-    monkeypatch.setattr(survey, "run_case", fake)
-    assert survey.main(["--arch", "qwen2_vl"]) == 0  # a divergence (1) and a named refusal (2) are results
-    rows = iter([{"rc": -11}] * 2)  # a step killed by a signal: no verdict to report
-    assert survey.main(["--arch", "qwen2_vl"]) == 1
+
+def test_a_known_vllm_finding_passes_the_survey_and_a_change_or_an_error_fails_it(capsys, monkeypatch):
+    # llava's one case is measured to diverge (vLLM's tower count): that outcome is a result, the survey passes
+    monkeypatch.setattr(survey, "run_case", _fake(["diverges"]))
+    assert survey.main(["--arch", "llava"]) == 0
+    out = capsys.readouterr().out
+    assert "| yes |" in out and "| 0.5 / - |" in out, out  # a margin vLLM never produced prints as -
+    # the same case passing (a vLLM release that fixed its count), or erring, is a change to look at: exit 1
+    for outcome in ("pass", "error", RuntimeError("boom")):
+        monkeypatch.setattr(survey, "run_case", _fake([outcome]))
+        assert survey.main(["--arch", "llava"]) == 1, outcome
+        err = capsys.readouterr().err
+        assert "UNEXPECTED" in err and "diverges" in err, err
+
+
+def test_an_outcome_can_be_stated_per_vllm_version():
+    case = next(c for c in survey.CASES if c.expect_since)
+    assert case.expected("0.32.0") != case.expected("0.33.0")
+    assert all(c.expected("0.32.0") in survey.OUTCOMES and c.expected("0.33.0") in survey.OUTCOMES
+               for c in survey.CASES)

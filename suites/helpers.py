@@ -37,15 +37,18 @@ def need_vllm() -> None:
     pytest.skip(reason)
 
 
-def need_vllm_models(*modules: str) -> None:
+def need_vllm_models(*modules: str, before=None) -> None:
     """Skip unless vLLM's model modules `vllm.model_executor.models.<m>` import here (`nox -s vllm_towers` /
-    `vllm_engine` install them); fail instead where MMLORA_REQUIRE_VLLM=1, as need_vllm."""
+    `vllm_engine` install them); fail instead where MMLORA_REQUIRE_VLLM=1, as need_vllm. `before`: called first,
+    inside the same check (runtime.vllm_towers.setup, which picks vLLM's platform before its first import)."""
     import importlib
 
     if not torch.cuda.is_available():  # what vLLM must see before its first import on CPU (runtime/vllm_lora.py)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     try:
+        if before is not None:
+            before()
         for m in modules:
             importlib.import_module(f"vllm.model_executor.models.{m}")
     except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason

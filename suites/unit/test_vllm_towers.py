@@ -18,8 +18,8 @@ REL = 1e-5
 def _vllm_models_or_skip():
     from runtime import vllm_towers
 
-    need_vllm_models("gemma4_mm", "mllama4")
-    vllm_towers.setup()
+    # setup first, as before vLLM's first import: on a CUDA host it hides the GPU for these CPU comparisons
+    need_vllm_models("gemma4_mm", "mllama4", before=vllm_towers.setup)
     return vllm_towers
 
 

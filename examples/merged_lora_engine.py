@@ -102,7 +102,7 @@ def key_converter(model):
 
 
 def pattern_value(pattern: dict, name: str, default):
-    # bundles.md, adapters: a rank_pattern / alpha_pattern key is a regex matched against the loaded model's
+    # bundles.md, adapters: a rank_pattern / alpha_pattern key is a regex matched against the adapter file's
     # module name, anchored at the name's end and starting at its start or just after a dot; the first key in
     # the config's order that matches gives the value, none: the config's r / lora_alpha.
     for key, value in pattern.items():
@@ -143,10 +143,11 @@ def load_adapter(folder: Path, modules: dict, convert, seeded_bug: str | None = 
         if name not in modules:
             raise BundleError(f"{folder}: adapter module {peft_name!r} is not a module of the model")
         a, b = ab["lora_A"].double(), ab["lora_B"].double()
-        # bundles.md: the patterns are matched against the module name (converted), as PEFT matches them
-        # against the modules of the model it injects into. The seeded bug ignores alpha_pattern.
-        r = pattern_value(rank_pattern, name, r_default)
-        alpha = pattern_value({} if seeded_bug == "ignore-alpha-pattern" else alpha_pattern, name, alpha_default)
+        # bundles.md: the patterns are matched against the module name as the file holds it (before conversion:
+        # the names they were written for). The seeded bug ignores alpha_pattern.
+        r = pattern_value(rank_pattern, peft_name, r_default)
+        alpha = pattern_value({} if seeded_bug == "ignore-alpha-pattern" else alpha_pattern, peft_name,
+                              alpha_default)
         if a.shape[0] != r:
             raise BundleError(f"{folder}: {peft_name} has rank {a.shape[0]}, the config says {r}")
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r

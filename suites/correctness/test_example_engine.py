@@ -52,6 +52,19 @@ def _patterned_adapter(checkpoint: Path, out: Path) -> Path:
     return out
 
 
+def _old_names_patterned(adapter: Path, out: Path) -> Path:
+    """The patterned adapter with its tensors under transformers 4.x names and its rank key for LM layer 0's q_proj
+    rewritten to the old name (`language_model.model.layers...`), which the converted name
+    (`model.language_model.layers...`) does not match."""
+    from suites.unit.test_adapter_key_conversion import save_old_names
+
+    save_old_names("llava", adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {r"language_model\.model\.layers\.0\.self_attn\.q_proj": 2}
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
 def _engine(ref: Path, out: Path, *extra: str) -> subprocess.Popen:
     # A subprocess: the engine is an outside program, and its imports must not lean on the harness's.
     env = {**os.environ, "PYTHONPATH": ""}
@@ -84,6 +97,14 @@ def bundles(tmp_path_factory):
                 out = pat.parent / (f"got-{bug}" if bug else "got")
                 running.append((("pattern", dtype, bug), pat, out,
                                 _engine(pat, out, *(["--seeded-bug", bug] if bug else []))))
+            # the same adapter under transformers 4.x names, its rank key written for the old name (which the
+            # converted name does not match): the patterns apply to the names the file holds (bundles.md)
+            old = _old_names_patterned(adapter, root / "pattern-old" / "adapter")
+            pat_old = root / "pattern-old" / "ref"
+            assert main(["record", "--arch", arch, "--dtype", dtype, "--model", str(ref / "checkpoint"),
+                         "--adapter", f"pat={old}", "--out", str(pat_old)]) == 0
+            running.append((("pattern-old", dtype, None), pat_old, pat_old.parent / "got",
+                            _engine(pat_old, pat_old.parent / "got")))
     done = {}
     for key, ref, out, proc in running:
         log, _ = proc.communicate(timeout=300)
@@ -184,6 +205,15 @@ def test_rank_and_alpha_patterns_follow_peft_and_a_wrong_rule_is_caught(bundles,
     assert rc == 1
     first = summary["archs"]["llava"]["first_divergence"]["e2e"]
     assert first["module"] in hit, first
+
+
+def test_patterns_apply_to_the_names_the_adapter_file_holds(bundles, tmp_path):
+    """A 4.x-named adapter whose rank key matches only the old name: the reference gives that module rank 2, and
+    the engine, matching the file's names as bundles.md says, agrees (matching the converted name it would expect
+    rank 4 and refuse the adapter)."""
+    ref, got = bundles[("pattern-old", "fp32", None)]
+    rc, summary = _compare(ref, got, tmp_path / "report")
+    assert rc == 0, summary["archs"]["llava"]["first_divergence"]
 
 
 def test_mistral3_bundle_lists_its_one_row_fix(bundles):

@@ -173,7 +173,13 @@ def _per_request(parts: list[torch.Tensor], images: list[Image], n: int) -> dict
     return {i: t for i, t in ((i, torch.cat(v)) for i, v in by.items() if i < n) if t.shape[0]}  # no rows: no key
 
 
-def _lm_only(adapter: Path) -> bool:
+def _in_lm(key: str, lm: tuple[str, ...]) -> bool:
+    """A PEFT adapter tensor of the language model: its module under one of the registry arch's LM prefixes
+    (Idefics3's LM is model.text_model., not *.language_model.)."""
+    return key.removeprefix("base_model.model.").startswith(lm)
+
+
+def _lm_only(adapter: Path, lm: tuple[str, ...]) -> bool:
     """An adapter all of whose tensors lie in the language model. vLLM's --mm-encoder-only cannot load it (nothing
     is left after `lora_skip_prefixes`: an empty LoRAModel stops `_create_merged_loras_inplace` with
     StopIteration); the full model would load it and zero its slot in every tower / connector layer
@@ -181,10 +187,10 @@ def _lm_only(adapter: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
-        return all(".language_model." in k for k in f.keys())
+        return all(_in_lm(k, lm) for k in f.keys())
 
 
-def target_modules(model, folders: list[Path]) -> list[str]:
+def target_modules(model, folders: list[Path], lm: tuple[str, ...]) -> list[str]:
     """What a user passes as --lora-target-modules for these adapters' tower and connector: each module they hold
     a LoRA for outside the language model, under vLLM's name (the model's `hf_to_vllm_mapper`, as vLLM's adapter
     loading renames it), given whole (vLLM takes a full module name), or by its suffix where it is a packed part
@@ -200,7 +206,7 @@ def target_modules(model, folders: list[Path]) -> list[str]:
     for f in folders:
         with safe_open(str(f / "adapter_model.safetensors"), framework="pt") as st:
             for k in st.keys():
-                if ".lora_" not in k or ".language_model." in k:
+                if ".lora_" not in k or _in_lm(k, lm):
                     continue
                 name = k.split(".lora_")[0].removeprefix("base_model.model.")
                 vname = (mapper._map_name(name) if mapper is not None else name) or name
@@ -344,7 +350,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     config = arch.model_class().config_class.from_dict(raw)
     ckpt, folders, layout_notes = layout.for_vllm(m["arch"], ckpt, {n: b.folder / a["path"] for n, a in
                                                                      m["adapters"].items()}, work, rename_adapters)
-    lm_only = [n for n in sorted(m["adapters"]) if _lm_only(folders[n])]
+    lm_only = [n for n in sorted(m["adapters"]) if _lm_only(folders[n], arch.language_model)]
     names = [n for n in sorted(m["adapters"]) if n not in lm_only]
     ids = {name: k + 1 for k, name in enumerate(names)} | {name: 0 for name in lm_only}
     reqs = m["requests"]
@@ -362,7 +368,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
 
         model = build.load_model(vc)
         # --lora-target-modules, read by the LoRA manager only (built next): named from the model's own mapper
-        targets = None if all_modules else target_modules(model, list(folders.values()))
+        targets = None if all_modules else target_modules(model, list(folders.values()), arch.language_model)
         vc.lora_config.target_modules = targets
         # the LM is not built (--mm-encoder-only), so vLLM's adapter check would refuse an adapter's LM tensors;
         # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out

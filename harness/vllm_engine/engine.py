@@ -391,7 +391,10 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
             for h in checks:
                 h.remove()
     writer = BundleWriter(out, len(reqs))
-    measured = _write_modules(writer, s, model, mgr, cap, images, units, embeds, len(reqs))
+    # what vLLM's LM takes from embed_multimodal's output as the placeholders' embeddings, where it is not all of it
+    # (Qwen3-VL: DeepStack features ride along as extra columns; archs.Spec.lm_embeds)
+    lm_embeds = s.lm_embeds(model, embeds) if s.lm_embeds else embeds
+    measured = _write_modules(writer, s, model, mgr, cap, images, units, lm_embeds, len(reqs))
     helper = [{"request": im.request, "num_mm_embeds": im.num_mm_embeds, "embeddings": int(embeds[k].shape[0]),
                "tower": t, "connector": c,
                "measured_tower": measured.get("tower", [None] * len(images))[k],

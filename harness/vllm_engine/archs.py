@@ -147,6 +147,11 @@ SPECS = {
     "qwen3_vl": Spec("qwen3_vl", "qwen3_vl", "Qwen3VLMultiModalProcessor", _qwen2_vl_items,
                      hf_prefix=(("visual.", "model.visual."),), lm_embeds=_qwen3_vl_lm_embeds),
     "idefics3": Spec("idefics3", "idefics3", "Idefics3MultiModalProcessor", _idefics3_items),
+    # PaliGemma: one [3, S, S] image each, SigLIP rows (patches, no CLS) = connector rows: LLaVA's items; its SigLIP
+    # tower under vLLM's vision_model. level (layout.py renames the checkpoint)
+    "paligemma": Spec("paligemma", "paligemma", "PaliGemmaMultiModalProcessor", _llava_items,
+                      hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
+                                 ("multi_modal_projector.", "model.multi_modal_projector."))),
 }
 
 

@@ -90,6 +90,27 @@ class MappingMismatch(VllmCannotRun):
     and fewer rows than entries by indexing rows past the layer's tensors (out-of-bounds reads and writes): refused."""
 
 
+class UnwrappableTarget(VllmCannotRun):
+    """vLLM's LoRA manager refuses a module the adapters hold a LoRA for: no LoRA layer of vLLM's wraps its class
+    (PaliGemma's connector, a torch nn.Linear)."""
+
+
+def _unwrappable(model, err: str) -> str:
+    import re
+
+    m = re.search(r"LoRA target module (\S+) \((\w+)\)", err)
+    if m is None:
+        return err.split(" target_modules=")[0]
+    name, cls = m.groups()
+    mm = model.get_mm_mapping()
+    group = _group(mm, name)
+    return (f"vLLM's LoRAModelManager refuses to wrap {name} ({type(model.get_submodule(name)).__module__}."
+            f"{cls}), which the adapters hold a LoRA for: no vLLM LoRA layer takes that class, though the model "
+            f"declares tower/connector LoRA and names {name.split('.')[0]} its {group}; with vLLM's default "
+            f"(every supported module, --all-modules) the manager skips it with a warning and then refuses to load "
+            f"any adapter holding it")
+
+
 def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | None = None):
     """Forward pre-hooks on vLLM's LoRA layers: the rows each receives against the entries of its punica wrapper's
     mapping (`indices_len[0]`). `seen` None (vLLM's CPU ops, which cannot run it): raise MappingMismatch that names
@@ -373,8 +394,13 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
         # the LM is not built (--mm-encoder-only), so vLLM's adapter check would refuse an adapter's LM tensors;
         # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out
         model.lora_skip_prefixes = [f"{p.rstrip('.')}." for p in model.get_mm_mapping().language_model]
-        wm = build.lora_manager(model, vc, per_item=max([1] + [im.num_mm_embeds for im in images]),
-                                limit=max(r["images"] for r in reqs), punica=punica)
+        try:
+            wm = build.lora_manager(model, vc, per_item=max([1] + [im.num_mm_embeds for im in images]),
+                                    limit=max(r["images"] for r in reqs), punica=punica)
+        except ValueError as e:
+            if "could not be wrapped" not in str(e):
+                raise
+            raise UnwrappableTarget(_unwrappable(model, str(e))) from None
         mgr = wm._adapter_manager
         lora_requests = {ids[n]: LoRARequest(n, ids[n], str(folders[n].resolve()))
                          for n in names}
@@ -386,6 +412,11 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
         try:
             embeds, counts = run_images(model, wm, images, lora_requests, per_image,
                                         on_counts=lambda ims, cs: step.__setitem__(0, (ims, cs)))
+        except ValueError as e:  # vLLM's adapter loading (LoRAModel.from_local_checkpoint), in set_active_adapters
+            if "expected target modules" not in str(e):
+                raise
+            raise UnwrappableTarget(f"vLLM refuses an adapter: {' '.join(str(e).split())} (a module vLLM's "
+                                    f"LoRAModelManager did not wrap: --all-modules without it)") from None
         finally:
             cap.remove()
             for h in checks:

@@ -26,6 +26,9 @@ class Case:
     geometries: tuple[str, ...] = ()  # --geometry items; () = the arch's default mixed batch
     flags: tuple[str, ...] = ()  # vllm-engine flags
     why: str = ""
+    # record with only these of the arch's generated adapters (`mmlora record --adapter NAME=DIR`, from a first
+    # default record); () = all of them
+    adapters: tuple[str, ...] = ()
 
 
 # Two punica wrappers: vLLM's CPU platform's (`cpu`, its torch ops: what the engine builds by default) and the one
@@ -35,6 +38,7 @@ class Case:
 # shows that finding itself. Its CUDA kernels leave such rows alone: no spare slot with `gpu`.
 GPU = ("--punica", "gpu")
 FULL_BINS = ("patches=4x4", "patches=2x6", "patches=6x2")  # Gemma 4 grids that are multiples of the pooling kernel
+PALIGEMMA_TOWER = ("tower", "lm")  # PaliGemma's adapters without connector LoRA (vLLM's projector is an nn.Linear)
 CASES = (
     Case("llama4", flags=("--spare-slot",), why="tiled tower, CLS per tile, pixel-shuffle connector"),
     Case("llama4", why="every slot filled: vLLM's CPU ops give -1 rows the last slot"),
@@ -52,6 +56,16 @@ CASES = (
     Case("llava_next", flags=("--spare-slot",), why="CLIP tower cut at vision_feature_layer, anyres tiles"),
     Case("llava_next", "fp16", flags=GPU, why="vLLM's Triton kernels"),
     Case("llava", "fp16", flags=GPU, why="CLIP tower: CLS + patches, vLLM counts patches only"),
+    Case("qwen2_5_vl", flags=("--spare-slot",), why="Qwen2-VL's inputs, windowed attention, gated MLP"),
+    Case("qwen2_5_vl", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("qwen3_vl", flags=("--spare-slot",), why="DeepStack mergers as connector modules"),
+    Case("qwen3_vl", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("idefics3", flags=("--spare-slot",), why="sub-images, pixel-shuffle connector, LM at model.text_model"),
+    Case("idefics3", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("paligemma", flags=("--spare-slot",), why="the generated adapters hold connector LoRA"),
+    Case("paligemma", flags=("--spare-slot",), adapters=PALIGEMMA_TOWER,
+         why="tower LoRA only: vLLM cannot wrap the connector"),
+    Case("paligemma", "fp16", flags=GPU, adapters=PALIGEMMA_TOWER, why="vLLM's Triton kernels"),
 )
 
 
@@ -77,12 +91,23 @@ def _slots(ref: Path) -> str:
 def run_case(c: Case, work: Path) -> dict:
     t0 = time.monotonic()
     ref, got, cmp = work / "ref", work / "got", work / "cmp"
-    row = {"arch": c.arch, "dtype": c.dtype, "geometry": " ".join(c.geometries) or "default batch",
+    batch = " ".join(c.geometries) or "default batch"
+    if c.adapters:
+        batch += f" (adapters {', '.join(c.adapters)} only)"
+    row = {"arch": c.arch, "dtype": c.dtype, "geometry": batch,
            "flags": " ".join(c.flags), "why": c.why}
-    argv = ["record", "--arch", c.arch, "--dtype", c.dtype, "--out", str(ref)]
+    argv = ["record", "--arch", c.arch, "--dtype", c.dtype]
     for g in c.geometries:
         argv += ["--geometry", g]
-    rc, err = _mmlora(*argv)
+    if c.adapters:
+        full = work / "all-adapters"
+        rc, err = _mmlora(*argv, "--out", str(full))
+        if rc != 0:
+            return {**row, "step": "record", "rc": rc, "verdict": f"record failed: {_last_line(err)}",
+                    "seconds": time.monotonic() - t0}
+        for n in c.adapters:
+            argv += ["--adapter", f"{n}={full / 'adapters' / n}"]
+    rc, err = _mmlora(*argv, "--out", str(ref))
     if rc != 0:
         return {**row, "step": "record", "rc": rc, "verdict": f"record failed: {_last_line(err)}",
                 "seconds": time.monotonic() - t0}

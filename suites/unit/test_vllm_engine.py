@@ -40,22 +40,38 @@ GEMMA4 = ["patches=4x4", "patches=2x6", "patches=6x2"]
 
 
 def _vllm_or_skip():
-    need_vllm_models("gemma4_mm", "llava_next", "mllama4", "qwen2_vl")
+    need_vllm_models("gemma4_mm", "llava_next", "mllama4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
+                     "paligemma")
+
+
+class _Refs(dict):
+    """Reference bundles recorded on first use (a test run for one arch records that arch only)."""
+
+    GEOMS = {"gemma4": GEMMA4, "gemma4-odd": ["patches=3x5"]}
+
+    def __init__(self, root: Path, dtype: str):
+        super().__init__()
+        self.root, self.dtype = root, dtype
+
+    # a bundle recorded with some of another bundle's generated adapters only (mmlora record --adapter)
+    ADAPTERS = {"paligemma-tower": ("paligemma", ("tower", "lm"))}  # no connector LoRA: vLLM cannot wrap it
+
+    def __missing__(self, arch: str) -> Path:
+        argv = ["record", "--arch", arch.split("-")[0], "--dtype", self.dtype, "--out", str(self.root / arch)]
+        for g in self.GEOMS.get(arch, []):
+            argv += ["--geometry", g]
+        if arch in self.ADAPTERS:
+            src, names = self.ADAPTERS[arch]
+            argv += [a for n in names for a in ("--adapter", f"{n}={self[src] / 'adapters' / n}")]
+        assert main(argv) == 0
+        self[arch] = self.root / arch
+        return self[arch]
 
 
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory):
     _vllm_or_skip()
-    root = tmp_path_factory.mktemp("vllm-engine")
-    out = {}
-    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4), ("qwen2_vl", []), ("llava_next", []),
-                        ("gemma4-odd", ["patches=3x5"])):
-        argv = ["record", "--arch", arch.split("-")[0], "--dtype", "fp32", "--out", str(root / arch)]
-        for g in geoms:
-            argv += ["--geometry", g]
-        assert main(argv) == 0
-        out[arch] = root / arch
-    return out
+    return _Refs(tmp_path_factory.mktemp("vllm-engine"), "fp32")
 
 
 def _engine(ref: Path, got: Path, capsys, *flags: str) -> tuple[int, str]:
@@ -77,23 +93,61 @@ def _slots(ref: Path) -> str:
     return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
 
 
-@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ())])
+@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ()),
+                                        ("qwen2_5_vl", ()), ("qwen3_vl", ()), ("idefics3", ()),
+                                        ("paligemma-tower", ())])
 def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_path, capsys, arch, flags):
     ref = refs[arch]
+    arch = arch.split("-")[0]
     rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), *flags)
     assert rc == 0, err
     m = json.loads((tmp_path / "got" / "manifest.json").read_text())
     assert m["groups"] == ["tower", "connector"] and m["engine"]["version"].startswith("vllm ")
     assert any("mm_lora_mappings" in n for n in m["engine"]["notes"])
-    # the helper's counts are the rows vLLM's layers ran, image by image
-    assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] and c["connector"] == c["measured_connector"]
-                                       for c in m["mm_lora_counts"])
+    # the helper's counts are the rows vLLM's layers ran, image by image (a group with no LoRA layer measures none:
+    # PaliGemma's tower-only adapters wrap no connector module)
+    assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] for c in m["mm_lora_counts"])
+    assert all(c["connector"] == c["measured_connector"] or (c["measured_connector"] is None and
+                                                             ref.name == "paligemma-tower")
+               for c in m["mm_lora_counts"])
     rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
     assert rc == 0, err
     a = s["archs"][arch]
     assert a["groups_not_judged"] == ["language_model"] and "NOT JUDGED: group 'language_model'" in err
     assert set(a["worst_margin"]) == {"e2e/tower", "e2e/connector"}
     assert all(v < 1 for v in a["worst_margin"].values()), a["worst_margin"]
+
+
+def test_paligemma_connector_lora_cannot_be_wrapped_by_vllm(refs, tmp_path, capsys):
+    """vLLM 0.32 declares tower/connector LoRA for PaliGemma and names multi_modal_projector its connector, but its
+    projector is a torch nn.Linear, which no vLLM LoRA layer wraps: an adapter with connector LoRA is refused, by
+    the manager when --lora-target-modules names it, at adapter loading under vLLM's default deployment."""
+    ref = refs["paligemma"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "UnwrappableTarget: vLLM's LoRAModelManager refuses to wrap multi_modal_projector.linear " \
+           "(torch.nn.modules.linear.Linear)" in err, err
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
+    assert rc == 1 and "expected target modules in" in err and "'multi_modal_projector.linear'" in err, err
+    assert not (tmp_path / "got").exists()
+
+
+def test_smallest_reproducer_vllm_paligemma_connector_is_a_torch_linear():
+    """vLLM's own classes, nothing of the harness: PaliGemma declares connector LoRA on multi_modal_projector, whose
+    Linear is torch's nn.Linear, which vLLM's LoRA layer selection (`from_layer`) hands back unwrapped."""
+    _vllm_or_skip()
+    from vllm.config import LoRAConfig
+    from vllm.lora.utils import from_layer
+    from vllm.model_executor.models.paligemma import (
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaMultiModalProjector,
+    )
+
+    assert PaliGemmaForConditionalGeneration.supports_tower_connector_lora
+    assert PaliGemmaForConditionalGeneration.get_mm_mapping(None).connector == ["multi_modal_projector"]
+    linear = PaliGemmaMultiModalProjector(8, 8).linear
+    assert type(linear) is torch.nn.Linear
+    assert from_layer(linear, 1, LoRAConfig(max_lora_rank=8, max_loras=1), []) is linear
 
 
 def test_cpu_rows_without_adapter_take_the_last_slot(refs, tmp_path, capsys):
@@ -238,12 +292,7 @@ def refs16(tmp_path_factory):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the engine builds vLLM's model on CPU, so --punica gpu runs vLLM's kernels in the Triton "
                     "interpreter (TRITON_INTERPRET=1, which nox sets only without CUDA)")
-    root = tmp_path_factory.mktemp("vllm-engine-fp16")
-    out = {}
-    for arch in ("llama4", "llava"):
-        assert main(["record", "--arch", arch, "--dtype", "fp16", "--out", str(root / arch)]) == 0
-        out[arch] = root / arch
-    return out
+    return _Refs(tmp_path_factory.mktemp("vllm-engine-fp16"), "fp16")
 
 
 def test_punica_gpu_refuses_what_the_interpreter_cannot_run(monkeypatch):

@@ -111,7 +111,18 @@ def _unwrappable(model, err: str) -> str:
             f"any adapter holding it")
 
 
-def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | None = None):
+def _measured(rows: int, ims: list, units: dict | None, group: str | None) -> list[int] | None:
+    """A layer's rows split into the step's images in proportion to their units (None where they do not split)."""
+    if units is None or group not in ("tower", "connector"):
+        return None
+    u = [units[id(im)][group] for im in ims]
+    if not sum(u) or any(x * rows % sum(u) for x in u):
+        return None
+    return [x * rows // sum(u) for x in u]
+
+
+def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | None = None,
+               groups: dict[str, str] | None = None, units: dict | None = None):
     """Forward pre-hooks on vLLM's LoRA layers: the rows each receives against the entries of its punica wrapper's
     mapping (`indices_len[0]`). `seen` None (vLLM's CPU ops, which cannot run it): raise MappingMismatch that names
     the layer, both numbers and the count helper's values per image of the step (`step[0]`: (images, counts)),
@@ -126,8 +137,12 @@ def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | Non
                 if seen is not None and rows > entries:
                     seen.append({"module": name, "rows": rows, "mapping_entries": entries})
                     return
-                per = "; ".join(f"request {im.request}: tower {t}, connector {c}" for im, (t, c) in
-                                zip(*step[0]))
+                ims, counts = step[0]
+                group = (groups or {}).get(name)
+                rows_per = _measured(rows, ims, units, group) or [None] * len(ims)
+                per = "; ".join(f"request {im.request}: tower {t}, connector {c}"
+                                + (f" (its {group} rows here: {r})" if r is not None else "")
+                                for im, (t, c), r in zip(ims, counts, rows_per))
                 if seen is not None:
                     raise MappingMismatch(
                         f"{name} receives {rows} rows under a mapping of {entries} entries: vLLM's Triton kernels "
@@ -408,7 +423,8 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
         cap = Capture(model, mgr.modules, archs.vllm_name(s, taken) if taken else None)
         step: list = [None]
         mismatches: list | None = [] if punica == "gpu" else None
-        checks = check_rows(mgr.modules, step, mismatches)
+        checks = check_rows(mgr.modules, step, mismatches, {n: _group(model.get_mm_mapping(), n) for n in mgr.modules},
+                            {id(im): u for im, u in zip(images, units)})
         try:
             embeds, counts = run_images(model, wm, images, lora_requests, per_image,
                                         on_counts=lambda ims, cs: step.__setitem__(0, (ims, cs)))

@@ -110,6 +110,18 @@ def _idefics3_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
     return {"pixel_values": px[0], "pixel_attention_mask": mask[0], "num_patches": torch.tensor(n)}, n
 
 
+def _gemma3_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
+    # HF's pixel_values are every tower image of the request flat ([tiles, 3, S, S], pan-and-scan crops counted in
+    # the geometry's `tiles`); vLLM's processor gives them with `num_patches` (tower images per image), derived here
+    # from each geometry
+    from harness.geometry_flags import parse_geometry
+
+    n = [parse_geometry(g).tiles for g in geoms]
+    px = inputs["pixel_values"]
+    assert px.shape[0] == sum(n), (px.shape, n)
+    return {"pixel_values": px, "num_patches": torch.tensor(n)}, n
+
+
 def _qwen3_vl_lm_embeds(model, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
     # vLLM's Qwen3-VL embed_multimodal returns each image's merger output with the DeepStack mergers' outputs as
     # extra columns ([n, out_hidden * (1 + levels)]); its LM splits them off before the scatter, in
@@ -152,6 +164,10 @@ SPECS = {
     "paligemma": Spec("paligemma", "paligemma", "PaliGemmaMultiModalProcessor", _llava_items,
                       hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
                                  ("multi_modal_projector.", "model.multi_modal_projector."))),
+    # Gemma 3: PaliGemma's SigLIP tower (the same rename); its projector holds no Linear (a weight matmul)
+    "gemma3": Spec("gemma3", "gemma3_mm", "Gemma3MultiModalProcessor", _gemma3_items,
+                   hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
+                              ("multi_modal_projector.", "model.multi_modal_projector."))),
 }
 
 

@@ -396,9 +396,16 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     slots = max(1, len(names)) if max_loras is None else max_loras
     if slots < len(names):
         raise EngineError(f"--max-loras {slots}: the batch uses {len(names)} adapters, each needs a slot")
-    vc = build.vllm_config(ckpt, m["dtype"], slots, max(ranks),
-                           s.processor_kwargs(config) if s.processor_kwargs else None, None,
-                           s.hf_overrides(config) if s.hf_overrides else None)
+    try:
+        vc = build.vllm_config(ckpt, m["dtype"], slots, max(ranks),
+                               s.processor_kwargs(config) if s.processor_kwargs else None, None,
+                               s.hf_overrides(config) if s.hf_overrides else None)
+    except ValueError as e:  # vLLM's config validation (pydantic): e.g. Gemma 3 refuses float16
+        import re
+
+        why = re.search(r"Value error, (.*?) \[type=", " ".join(str(e).split()))
+        raise EngineError(f"vLLM's ModelConfig refuses this {m['arch']} {m['dtype']} reference: "
+                          f"{why.group(1) if why else ' '.join(str(e).split())}") from None
     with build.vllm_context(vc):
         from vllm.lora.request import LoRARequest
 
@@ -441,6 +448,10 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     # what vLLM's LM takes from embed_multimodal's output as the placeholders' embeddings, where it is not all of it
     # (Qwen3-VL: DeepStack features ride along as extra columns; archs.Spec.lm_embeds)
     lm_embeds = s.lm_embeds(model, embeds) if s.lm_embeds else embeds
+    lm_note = [] if not s.lm_embeds else [
+        "@lm_image_embeds: the part of embed_multimodal's output vLLM's LM scatters into the placeholders, split off "
+        "by the model's own method (Qwen3-VL: _compute_deepstack_embeds, called as embed_input_ids calls it, on a "
+        "zero text embedding; the DeepStack columns it splits off are the deepstack mergers' outputs)"]
     measured = _write_modules(writer, s, model, mgr, cap, images, units, lm_embeds, len(reqs))
     helper = [{"request": im.request, "num_mm_embeds": im.num_mm_embeds, "embeddings": int(embeds[k].shape[0]),
                "tower": t, "connector": c,
@@ -457,7 +468,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     # at vision_feature_layer; HF runs the layers after it too, whose output nothing reads)
     missing = [x["name"] for x in m["modules"] if x.get("group") in GROUPS and x["name"] not in produced]
     manifest = {"kind": "outputs", "reference": b.sha256, "groups": GROUPS,
-                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + [PUNICA_NOTES[punica]] + layout_notes},
+                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + [PUNICA_NOTES[punica]] + layout_notes + lm_note},
                 "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots,
                 "per_image": per_image, "punica": punica,
                 "punica_wrappers": sorted({type(w).__name__ for w in mgr.punica_wrapper_mapping.values()}),

@@ -66,6 +66,8 @@ CASES = (
     Case("paligemma", flags=("--spare-slot",), adapters=PALIGEMMA_TOWER,
          why="tower LoRA only: vLLM cannot wrap the connector"),
     Case("paligemma", "fp16", flags=GPU, adapters=PALIGEMMA_TOWER, why="vLLM's Triton kernels"),
+    Case("gemma3", flags=("--spare-slot",), why="SigLIP tower, 4x4 average pool (tiny: 8x8 patches to 4x4 tokens)"),
+    Case("gemma3", "fp16", flags=GPU, why="vLLM's Triton kernels"),
 )
 
 

@@ -14,6 +14,11 @@ What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs)
   module (compare refuses the bundle, naming it); every module vLLM runs matches the reference. A PEFT adapter
   saved under transformers 5's names (no `vision_model.`) loads in vLLM without an error and applies none of its
   tower LoRA.
+- PaliGemma: its connector (multi_modal_projector.linear, a torch nn.Linear) cannot be wrapped by any vLLM LoRA
+  layer, so an adapter with connector LoRA is refused (exit 1, named); tower-only adapters agree with PEFT.
+- Gemma 3: the count helper maps num_mm_embeds * 16 tower entries per image whatever the pool ratio: 256 for the
+  tiny model's 64 rows (refused, naming each image's count and rows).
+Qwen2.5-VL, Qwen3-VL (its DeepStack mergers as connector modules) and Idefics3 agree with PEFT.
 
 With `--punica gpu` (vLLM's PunicaWrapperGPU: its Triton kernels, interpreted here, on fp16 references): rows of
 no adapter are left alone (no spare slot needed); a mapping shorter than the rows runs, each image's last rows
@@ -41,7 +46,7 @@ GEMMA4 = ["patches=4x4", "patches=2x6", "patches=6x2"]
 
 def _vllm_or_skip():
     need_vllm_models("gemma4_mm", "llava_next", "mllama4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
-                     "paligemma")
+                     "paligemma", "gemma3_mm")
 
 
 class _Refs(dict):
@@ -148,6 +153,33 @@ def test_smallest_reproducer_vllm_paligemma_connector_is_a_torch_linear():
     linear = PaliGemmaMultiModalProjector(8, 8).linear
     assert type(linear) is torch.nn.Linear
     assert from_layer(linear, 1, LoRAConfig(max_lora_rank=8, max_loras=1), []) is linear
+
+
+def test_gemma3_tower_count_is_fixed_at_the_real_pool_ratio(refs, tmp_path, capsys):
+    """vLLM 0.32's Gemma 3 helper maps num_mm_embeds * 16 tower entries per image (the real 64x64 patches pooled to
+    16x16), so the tiny model's images (8x8 patches pooled to 4x4: 16 placeholders, 64 tower rows) get 256 each:
+    the first tower LoRA layer runs 64 rows per image under 256 entries, refused naming both per image."""
+    ref = refs["gemma3"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "MappingMismatch: vision_tower.vision_model.encoder.layers.0.self_attn.qkv_proj receives" in err, err
+    assert "request 0: tower 256, connector 256 (its tower rows here: 64)" in err, err
+
+
+def test_smallest_reproducer_vllm_gemma3_tower_count_ignores_the_config():
+    """vLLM's own helper, nothing of the harness: at a Gemma 3 config whose tower runs 8 x 8 = 64 patches pooled to
+    4 x 4 = 16 tokens per image, the helper gives 256 tower entries (16 * 16, whatever the config)."""
+    _vllm_or_skip()
+    from transformers import Gemma3Config
+    from vllm.model_executor.models.gemma3_mm import Gemma3ForConditionalGeneration
+
+    cfg = Gemma3Config(vision_config={"image_size": 64, "patch_size": 8}, mm_tokens_per_image=16)
+    me = object.__new__(Gemma3ForConditionalGeneration)
+    me.config = cfg
+    rows = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    got = Gemma3ForConditionalGeneration.get_mm_lora_token_counts(me, modality="image", mm_kwargs=None,
+                                                                   num_mm_embeds=cfg.mm_tokens_per_image)
+    assert (rows, got) == (64, (256, 256))
 
 
 def test_cpu_rows_without_adapter_take_the_last_slot(refs, tmp_path, capsys):

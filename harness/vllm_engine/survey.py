@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,9 @@ class Case:
     # record with only these of the arch's generated adapters (`mmlora record --adapter NAME=DIR`, from a first
     # default record); () = all of them
     adapters: tuple[str, ...] = ()
+    # top-level config.json values over the tiny checkpoint's (recorded with --model from a first default record's
+    # checkpoint, edited); () = the tiny config
+    config: tuple[tuple[str, object], ...] = ()
 
 
 # Two punica wrappers: vLLM's CPU platform's (`cpu`, its torch ops: what the engine builds by default) and the one
@@ -67,7 +71,9 @@ CASES = (
          why="tower LoRA only: vLLM cannot wrap the connector"),
     Case("paligemma", "fp16", flags=GPU, adapters=PALIGEMMA_TOWER, why="vLLM's Triton kernels"),
     Case("gemma3", flags=("--spare-slot",), why="SigLIP tower, 4x4 average pool (tiny: 8x8 patches to 4x4 tokens)"),
-    Case("gemma3", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("gemma3", "fp16", flags=GPU, why="vLLM's float16 refusal"),
+    Case("gemma3", flags=("--spare-slot",), config=(("mm_tokens_per_image", 4),),
+         why="the real checkpoints' 4x4 pool (8x8 patches to 2x2 tokens), which vLLM's helper assumes"),
 )
 
 
@@ -96,11 +102,23 @@ def run_case(c: Case, work: Path) -> dict:
     batch = " ".join(c.geometries) or "default batch"
     if c.adapters:
         batch += f" (adapters {', '.join(c.adapters)} only)"
+    if c.config:
+        batch += f" ({', '.join(f'{k}={v}' for k, v in c.config)})"
     row = {"arch": c.arch, "dtype": c.dtype, "geometry": batch,
            "flags": " ".join(c.flags), "why": c.why}
     argv = ["record", "--arch", c.arch, "--dtype", c.dtype]
     for g in c.geometries:
         argv += ["--geometry", g]
+    if c.config:
+        rc, err = _mmlora(*argv, "--out", str(work / "tiny"))
+        if rc != 0:
+            return {**row, "step": "record", "rc": rc, "verdict": f"record failed: {_last_line(err)}",
+                    "seconds": time.monotonic() - t0}
+        ckpt = work / "checkpoint"
+        shutil.copytree(work / "tiny" / "checkpoint", ckpt)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**cfg, **dict(c.config)}, indent=1))
+        argv += ["--model", str(ckpt)]
     if c.adapters:
         full = work / "all-adapters"
         rc, err = _mmlora(*argv, "--out", str(full))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,20 @@ class _Refs(dict):
     # a bundle recorded with some of another bundle's generated adapters only (mmlora record --adapter)
     ADAPTERS = {"paligemma-tower": ("paligemma", ("tower", "lm"))}  # no connector LoRA: vLLM cannot wrap it
 
+    # a bundle of another's checkpoint with these top-level config.json values (mmlora record --model)
+    CONFIG = {"gemma3-pool4": ("gemma3", {"mm_tokens_per_image": 4})}  # the real checkpoints' 4x4 pool
+
     def __missing__(self, arch: str) -> Path:
         argv = ["record", "--arch", arch.split("-")[0], "--dtype", self.dtype, "--out", str(self.root / arch)]
         for g in self.GEOMS.get(arch, []):
             argv += ["--geometry", g]
+        if arch in self.CONFIG:
+            src, values = self.CONFIG[arch]
+            ckpt = self.root / f"{arch}-checkpoint"
+            shutil.copytree(self[src] / "checkpoint", ckpt)
+            cfg = json.loads((ckpt / "config.json").read_text())
+            (ckpt / "config.json").write_text(json.dumps({**cfg, **values}))
+            argv += ["--model", str(ckpt)]
         if arch in self.ADAPTERS:
             src, names = self.ADAPTERS[arch]
             argv += [a for n in names for a in ("--adapter", f"{n}={self[src] / 'adapters' / n}")]
@@ -100,7 +111,7 @@ def _slots(ref: Path) -> str:
 
 @pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ()),
                                         ("qwen2_5_vl", ()), ("qwen3_vl", ()), ("idefics3", ()),
-                                        ("paligemma-tower", ())])
+                                        ("paligemma-tower", ()), ("gemma3-pool4", ())])
 def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_path, capsys, arch, flags):
     ref = refs[arch]
     arch = arch.split("-")[0]
@@ -112,8 +123,10 @@ def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_pat
     # the helper's counts are the rows vLLM's layers ran, image by image (a group with no LoRA layer measures none:
     # PaliGemma's tower-only adapters wrap no connector module)
     assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] for c in m["mm_lora_counts"])
+    # (Gemma 3's projector holds no Linear: no connector LoRA layer; its helper's connector count, 16 x the
+    # placeholders, is latent)
     assert all(c["connector"] == c["measured_connector"] or (c["measured_connector"] is None and
-                                                             ref.name == "paligemma-tower")
+                                                             ref.name in ("paligemma-tower", "gemma3-pool4"))
                for c in m["mm_lora_counts"])
     rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
     assert rc == 0, err

@@ -17,7 +17,8 @@ What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs)
 - PaliGemma: its connector (multi_modal_projector.linear, a torch nn.Linear) cannot be wrapped by any vLLM LoRA
   layer, so an adapter with connector LoRA is refused (exit 1, named); tower-only adapters agree with PEFT.
 - Gemma 3: the count helper maps num_mm_embeds * 16 tower entries per image whatever the pool ratio: 256 for the
-  tiny model's 64 rows (refused, naming each image's count and rows).
+  tiny model's 64 rows (refused, naming each image's count and rows); at the real checkpoints' 4x4 pool
+  (mm_tokens_per_image=4) the tower agrees with PEFT.
 Qwen2.5-VL, Qwen3-VL (its DeepStack mergers as connector modules) and Idefics3 agree with PEFT.
 
 With `--punica gpu` (vLLM's PunicaWrapperGPU: its Triton kernels, interpreted here, on fp16 references): rows of

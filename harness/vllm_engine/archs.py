@@ -27,6 +27,9 @@ class Spec:
     hf_prefix: tuple[tuple[str, str], ...] = ()  # (vLLM prefix, HF prefix) pairs, first match wins
     hf_overrides: object = None  # config -> vLLM's --hf-overrides (fields vLLM reads that the config lacks)
     processor_kwargs: object = None  # config -> vLLM's --mm-processor-kwargs
+    # (model, embed_multimodal's per-image outputs) -> what vLLM's LM scatters into the placeholders, where that is
+    # not the whole output (None: the whole output)
+    lm_embeds: object = None
 
 
 def _tiles(geom: str) -> int:
@@ -94,6 +97,43 @@ def _qwen2_vl_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
             [int(t * h * w) for t, h, w in grid.tolist()])
 
 
+def _idefics3_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
+    # HF's pixel_values / pixel_attention_mask are [1, sub-images, ...] for the request (its sub-images back to
+    # back, no padding within one request); vLLM's processor gives them flat with `num_patches` (sub-images per
+    # image), the one processor output derived here: from each geometry's split (rows * cols + 1, the registry's)
+    from harness.geometry_flags import parse_geometry
+    from vlm.arch import get_arch
+
+    n = [get_arch("idefics3").sub_images(parse_geometry(g)) for g in geoms]
+    px, mask = inputs["pixel_values"], inputs["pixel_attention_mask"]
+    assert px.shape[:2] == (1, sum(n)), (px.shape, n)
+    return {"pixel_values": px[0], "pixel_attention_mask": mask[0], "num_patches": torch.tensor(n)}, n
+
+
+def _gemma3_items(config, inputs: dict, geoms: list[str], embeds: list[int]):
+    # HF's pixel_values are every tower image of the request flat ([tiles, 3, S, S], pan-and-scan crops counted in
+    # the geometry's `tiles`); vLLM's processor gives them with `num_patches` (tower images per image), derived here
+    # from each geometry
+    from harness.geometry_flags import parse_geometry
+
+    n = [parse_geometry(g).tiles for g in geoms]
+    px = inputs["pixel_values"]
+    assert px.shape[0] == sum(n), (px.shape, n)
+    return {"pixel_values": px, "num_patches": torch.tensor(n)}, n
+
+
+def _qwen3_vl_lm_embeds(model, embeds: list[torch.Tensor]) -> list[torch.Tensor]:
+    # vLLM's Qwen3-VL embed_multimodal returns each image's merger output with the DeepStack mergers' outputs as
+    # extra columns ([n, out_hidden * (1 + levels)]); its LM splits them off before the scatter, in
+    # `_compute_deepstack_embeds` (called by embed_input_ids): that method of vLLM's, run here on a zero text
+    # embedding whose every position is an image's, gives the main embeddings @lm_image_embeds is judged on (the
+    # DeepStack columns are the deepstack_merger_list modules' outputs, judged as connector modules)
+    n = sum(e.shape[0] for e in embeds)
+    zeros = embeds[0].new_zeros(n, model.visual_dim)
+    _, main = model._compute_deepstack_embeds(zeros, list(embeds), torch.ones(n, dtype=torch.bool))
+    return [m.clone() for m in main]
+
+
 SPECS = {
     "llama4": Spec("llama4", "mllama4", "Mllama4MultiModalProcessor", _llama4_items),
     # vLLM reads vision_config.default_output_length (real checkpoints' config.json carry it; transformers 5.25's
@@ -112,6 +152,22 @@ SPECS = {
                              ("multi_modal_projector.", "model.multi_modal_projector."))),
     "qwen2_vl": Spec("qwen2_vl", "qwen2_vl", "Qwen2VLMultiModalProcessor", _qwen2_vl_items,
                      hf_prefix=(("visual.", "model.visual."),)),
+    # Qwen2.5-VL: Qwen2-VL's inputs (pixel_values flat, image_grid_thw) and its merger under visual.merger
+    "qwen2_5_vl": Spec("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLMultiModalProcessor", _qwen2_vl_items,
+                       hf_prefix=(("visual.", "model.visual."),)),
+    # Qwen3-VL: Qwen2-VL's inputs; DeepStack mergers (visual.deepstack_merger_list.*) are connector modules
+    "qwen3_vl": Spec("qwen3_vl", "qwen3_vl", "Qwen3VLMultiModalProcessor", _qwen2_vl_items,
+                     hf_prefix=(("visual.", "model.visual."),), lm_embeds=_qwen3_vl_lm_embeds),
+    "idefics3": Spec("idefics3", "idefics3", "Idefics3MultiModalProcessor", _idefics3_items),
+    # PaliGemma: one [3, S, S] image each, SigLIP rows (patches, no CLS) = connector rows: LLaVA's items; its SigLIP
+    # tower under vLLM's vision_model. level (layout.py renames the checkpoint)
+    "paligemma": Spec("paligemma", "paligemma", "PaliGemmaMultiModalProcessor", _llava_items,
+                      hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
+                                 ("multi_modal_projector.", "model.multi_modal_projector."))),
+    # Gemma 3: PaliGemma's SigLIP tower (the same rename); its projector holds no Linear (a weight matmul)
+    "gemma3": Spec("gemma3", "gemma3_mm", "Gemma3MultiModalProcessor", _gemma3_items,
+                   hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
+                              ("multi_modal_projector.", "model.multi_modal_projector."))),
 }
 
 
@@ -131,8 +187,10 @@ def request_items(s: Spec, config, inputs: dict, geoms: list[str], embeds: list[
     hf_inputs, units = s.items(config, inputs, geoms, embeds)
     units = [u if isinstance(u, dict) else {"tower": u, "connector": u} for u in units]
     proc = getattr(importlib.import_module(f"vllm.model_executor.models.{s.vllm_module}"), s.processor)
-    # the processor's fields method reads at most self.info.get_hf_config(); the processor itself needs a tokenizer
-    me = SimpleNamespace(info=SimpleNamespace(get_hf_config=lambda: config))
+    # the processor's fields method reads at most self.info.get_hf_config(); the processor itself needs a tokenizer,
+    # so an instance without __init__ (Qwen2.5-VL's method calls super(), which needs a real instance)
+    me = object.__new__(proc)
+    me.info = SimpleNamespace(get_hf_config=lambda: config)
     fields = proc._get_mm_fields_config(me, BatchFeature(hf_inputs), {})
     items = MultiModalKwargsItems.from_hf_inputs(BatchFeature(hf_inputs), fields)["image"]
     assert len(items) == len(geoms) == len(units), (len(items), geoms, units)

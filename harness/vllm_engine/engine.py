@@ -89,7 +89,39 @@ class MappingMismatch(VllmCannotRun):
     and fewer rows than entries by indexing rows past the layer's tensors (out-of-bounds reads and writes): refused."""
 
 
-def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | None = None):
+class UnwrappableTarget(VllmCannotRun):
+    """vLLM's LoRA manager refuses a module the adapters hold a LoRA for: no LoRA layer of vLLM's wraps its class
+    (PaliGemma's connector, a torch nn.Linear)."""
+
+
+def _unwrappable(model, err: str) -> str:
+    import re
+
+    m = re.search(r"LoRA target module (\S+) \((\w+)\)", err)
+    if m is None:
+        return err.split(" target_modules=")[0]
+    name, cls = m.groups()
+    mm = model.get_mm_mapping()
+    group = _group(mm, name)
+    return (f"vLLM's LoRAModelManager refuses to wrap {name} ({type(model.get_submodule(name)).__module__}."
+            f"{cls}), which the adapters hold a LoRA for: no vLLM LoRA layer takes that class, though the model "
+            f"declares tower/connector LoRA and names {name.split('.')[0]} its {group}; with vLLM's default "
+            f"(every supported module, --all-modules) the manager skips it with a warning and then refuses to load "
+            f"any adapter holding it")
+
+
+def _measured(rows: int, ims: list, units: dict | None, group: str | None) -> list[int] | None:
+    """A layer's rows split into the step's images in proportion to their units (None where they do not split)."""
+    if units is None or group not in ("tower", "connector"):
+        return None
+    u = [units[id(im)][group] for im in ims]
+    if not sum(u) or any(x * rows % sum(u) for x in u):
+        return None
+    return [x * rows // sum(u) for x in u]
+
+
+def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | None = None,
+               groups: dict[str, str] | None = None, units: dict | None = None):
     """Forward pre-hooks on vLLM's LoRA layers: the rows each receives against the entries of its punica wrapper's
     mapping (`indices_len[0]`). `seen` None (vLLM's CPU ops, which cannot run it): raise MappingMismatch that names
     the layer, both numbers and the count helper's values per image of the step (`step[0]`: (images, counts)),
@@ -104,8 +136,12 @@ def check_rows(modules: dict[str, torch.nn.Module], step: list, seen: list | Non
                 if seen is not None and rows > entries:
                     seen.append({"module": name, "rows": rows, "mapping_entries": entries})
                     return
-                per = "; ".join(f"request {im.request}: tower {t}, connector {c}" for im, (t, c) in
-                                zip(*step[0]))
+                ims, counts = step[0]
+                group = (groups or {}).get(name)
+                rows_per = _measured(rows, ims, units, group) or [None] * len(ims)
+                per = "; ".join(f"request {im.request}: tower {t}, connector {c}"
+                                + (f" (its {group} rows here: {r})" if r is not None else "")
+                                for im, (t, c), r in zip(ims, counts, rows_per))
                 if seen is not None:
                     raise MappingMismatch(
                         f"{name} receives {rows} rows under a mapping of {entries} entries: vLLM's Triton kernels "
@@ -173,7 +209,13 @@ def _per_request(parts: list[torch.Tensor], images: list[Image], n: int) -> dict
     return {i: t for i, t in ((i, torch.cat(v)) for i, v in by.items() if i < n) if t.shape[0]}  # no rows: no key
 
 
-def _lm_only(adapter: Path) -> bool:
+def _in_lm(key: str, lm: tuple[str, ...]) -> bool:
+    """A PEFT adapter tensor of the language model: its module under one of the registry arch's LM prefixes
+    (Idefics3's LM is model.text_model., not *.language_model.)."""
+    return key.removeprefix("base_model.model.").startswith(lm)
+
+
+def _lm_only(adapter: Path, lm: tuple[str, ...]) -> bool:
     """An adapter all of whose tensors lie in the language model. vLLM's --mm-encoder-only cannot load it (nothing
     is left after `lora_skip_prefixes`: an empty LoRAModel stops `_create_merged_loras_inplace` with
     StopIteration); the full model would load it and zero its slot in every tower / connector layer
@@ -181,10 +223,10 @@ def _lm_only(adapter: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
-        return all(".language_model." in k for k in f.keys())
+        return all(_in_lm(k, lm) for k in f.keys())
 
 
-def target_modules(model, folders: list[Path]) -> list[str]:
+def target_modules(model, folders: list[Path], lm: tuple[str, ...]) -> list[str]:
     """What a user passes as --lora-target-modules for these adapters' tower and connector: each module they hold
     a LoRA for outside the language model, under vLLM's name (the model's `hf_to_vllm_mapper`, as vLLM's adapter
     loading renames it), given whole (vLLM takes a full module name), or by its suffix where it is a packed part
@@ -200,7 +242,7 @@ def target_modules(model, folders: list[Path]) -> list[str]:
     for f in folders:
         with safe_open(str(f / "adapter_model.safetensors"), framework="pt") as st:
             for k in st.keys():
-                if ".lora_" not in k or ".language_model." in k:
+                if ".lora_" not in k or _in_lm(k, lm):
                     continue
                 name = k.split(".lora_")[0].removeprefix("base_model.model.")
                 vname = (mapper._map_name(name) if mapper is not None else name) or name
@@ -404,7 +446,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     config = arch.model_class().config_class.from_dict(raw)
     ckpt, folders, layout_notes = layout.for_vllm(m["arch"], ckpt, {n: b.folder / a["path"] for n, a in
                                                                      m["adapters"].items()}, work, rename_adapters)
-    lm_only = [n for n in sorted(m["adapters"]) if _lm_only(folders[n])]
+    lm_only = [n for n in sorted(m["adapters"]) if _lm_only(folders[n], arch.language_model)]
     names = [n for n in sorted(m["adapters"]) if n not in lm_only]
     ids = {name: k + 1 for k, name in enumerate(names)} | {name: 0 for name in lm_only}
     reqs = m["requests"]
@@ -413,21 +455,33 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
     slots = max(1, len(names)) if max_loras is None else max_loras
     if slots < len(names):
         raise EngineError(f"--max-loras {slots}: the batch uses {len(names)} adapters, each needs a slot")
-    vc = build.vllm_config(ckpt, m["dtype"], slots, rank,
-                           s.processor_kwargs(config) if s.processor_kwargs else None, None,
-                           s.hf_overrides(config) if s.hf_overrides else None)
+    try:
+        vc = build.vllm_config(ckpt, m["dtype"], slots, rank,
+                               s.processor_kwargs(config) if s.processor_kwargs else None, None,
+                               s.hf_overrides(config) if s.hf_overrides else None)
+    except ValueError as e:  # vLLM's config validation (pydantic): e.g. Gemma 3 refuses float16
+        import re
+
+        why = re.search(r"Value error, (.*?) \[type=", " ".join(str(e).split()))
+        raise EngineError(f"vLLM's ModelConfig refuses this {m['arch']} {m['dtype']} reference: "
+                          f"{why.group(1) if why else ' '.join(str(e).split())}") from None
     with build.vllm_context(vc):
         from vllm.lora.request import LoRARequest
 
         model = build.load_model(vc)
         # --lora-target-modules, read by the LoRA manager only (built next): named from the model's own mapper
-        targets = None if all_modules else target_modules(model, list(folders.values()))
+        targets = None if all_modules else target_modules(model, list(folders.values()), arch.language_model)
         vc.lora_config.target_modules = targets
         # the LM is not built (--mm-encoder-only), so vLLM's adapter check would refuse an adapter's LM tensors;
         # vLLM's own model-defined skip list (`lora_skip_prefixes`, read by `_load_adapter`) leaves them out
         model.lora_skip_prefixes = [f"{p.rstrip('.')}." for p in model.get_mm_mapping().language_model]
-        wm = build.lora_manager(model, vc, per_item=max([1] + [im.num_mm_embeds for im in images]),
-                                limit=max(r["images"] for r in reqs), punica=punica)
+        try:
+            wm = build.lora_manager(model, vc, per_item=max([1] + [im.num_mm_embeds for im in images]),
+                                    limit=max(r["images"] for r in reqs), punica=punica)
+        except ValueError as e:
+            if "could not be wrapped" not in str(e):
+                raise
+            raise UnwrappableTarget(_unwrappable(model, str(e))) from None
         mgr = wm._adapter_manager
         lora_requests = {ids[n]: LoRARequest(n, ids[n], str(folders[n].resolve()))
                          for n in names}
@@ -440,16 +494,29 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
                       archs.vllm_name(s, taken) if taken else None)
         step: list = [None]
         mismatches: list | None = [] if punica == "gpu" else None
-        checks = check_rows(mgr.modules, step, mismatches)
+        checks = check_rows(mgr.modules, step, mismatches, {n: _group(model.get_mm_mapping(), n) for n in mgr.modules},
+                            {id(im): u for im, u in zip(images, units)})
         try:
             embeds, counts = run_images(model, wm, images, lora_requests, per_image,
                                         on_counts=lambda ims, cs: step.__setitem__(0, (ims, cs)))
+        except ValueError as e:  # vLLM's adapter loading (LoRAModel.from_local_checkpoint), in set_active_adapters
+            if "expected target modules" not in str(e):
+                raise
+            raise UnwrappableTarget(f"vLLM refuses an adapter: {' '.join(str(e).split())} (a module vLLM's "
+                                    f"LoRAModelManager did not wrap: --all-modules without it)") from None
         finally:
             cap.remove()
             for h in checks:
                 h.remove()
     writer = BundleWriter(out, len(reqs))
-    measured = _write_modules(writer, s, model, mgr, cap, images, units, embeds, len(reqs), unwrapped)
+    # what vLLM's LM takes from embed_multimodal's output as the placeholders' embeddings, where it is not all of it
+    # (Qwen3-VL: DeepStack features ride along as extra columns; archs.Spec.lm_embeds)
+    lm_embeds = s.lm_embeds(model, embeds) if s.lm_embeds else embeds
+    lm_note = [] if not s.lm_embeds else [
+        "@lm_image_embeds: the part of embed_multimodal's output vLLM's LM scatters into the placeholders, split off "
+        "by the model's own method (Qwen3-VL: _compute_deepstack_embeds, called as embed_input_ids calls it, on a "
+        "zero text embedding; the DeepStack columns it splits off are the deepstack mergers' outputs)"]
+    measured = _write_modules(writer, s, model, mgr, cap, images, units, lm_embeds, len(reqs), unwrapped)
     helper = [{"request": im.request, "num_mm_embeds": im.num_mm_embeds, "embeddings": int(embeds[k].shape[0]),
                "tower": t, "connector": c,
                "measured_tower": measured.get("tower", [None] * len(images))[k],
@@ -471,7 +538,7 @@ def _run(ref: Path, out: Path, all_modules: bool, max_loras: int | None, per_ima
                            f"vLLM's model builds, first {uncaptured[0]!r}: a bug of this engine's capture (nothing "
                            f"written)")
     manifest = {"kind": "outputs", "reference": b.sha256, "groups": GROUPS,
-                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + [PUNICA_NOTES[punica]] + layout_notes},
+                "engine": {"name": NAME, "version": f"vllm {vllm.__version__}", "notes": NOTES + [PUNICA_NOTES[punica]] + layout_notes + lm_note},
                 "requests": reqs, "mm_lora_counts": helper, "lora_target_modules": targets, "max_loras": slots,
                 "per_image": per_image, "punica": punica,
                 "punica_wrappers": sorted({type(w).__name__ for w in mgr.punica_wrapper_mapping.values()}),

@@ -1,6 +1,6 @@
 """Checkpoint and adapter tensor names as vLLM 0.32 reads them, where transformers 5 saves another layout.
 
-LLaVA-NeXT and LLaVA: transformers 5's CLIP vision model has no `vision_model.` level, and its save keeps that (the
+LLaVA-NeXT, LLaVA, PaliGemma and Gemma 3 (SigLIP): transformers 5's CLIP vision model has no `vision_model.` level, and its save keeps that (the
 checkpoint holds `vision_tower.embeddings...`, a PEFT adapter `model.vision_tower.encoder...`); vLLM 0.32's
 CLIPVisionModel, like the published llava-hf checkpoints (saved by transformers 4), has `vision_model.`. Without
 the rename vLLM refuses the checkpoint ("no module or parameter named 'vision_tower.embeddings'") and loads such an
@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 # model_type -> (checkpoint key prefix, renamed), (adapter module prefix after base_model.model., renamed)
 _CLIP = (("vision_tower.", "vision_tower.vision_model."), ("model.vision_tower.", "model.vision_tower.vision_model."))
-RENAMES = {"llava_next": _CLIP, "llava": _CLIP}
+# PaliGemma's and Gemma 3's SigLIP towers: the same missing `vision_model.` level (vLLM's SiglipVisionModel has it)
+RENAMES = {"llava_next": _CLIP, "llava": _CLIP, "paligemma": _CLIP, "gemma3": _CLIP}
 
 
 def _rename(d: dict, old: str, new: str, strip: str = "") -> dict:

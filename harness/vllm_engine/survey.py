@@ -4,15 +4,17 @@ own process: `mmlora record` a reference bundle, `mmlora vllm-engine` it, `mmlor
 per case as it finishes, and the table as markdown under --out.
 
 Each case states the outcome this project has measured: `pass`, `diverges` (compare exit 1: vLLM disagrees with
-PEFT, a finding) or `vllm fails` (the engine's exit 1: vLLM's own path cannot run the reference, named). A vLLM
-finding is a row of the table, not a failure; the survey fails (exit 1) when an outcome is not the one stated
-(a vLLM release that changes what it does, a harness regression) or a step errs (a record that fails, an engine
-or compare that refuses: exit 2, a crash), so the nightly job turns red on a change, not on a known finding."""
+PEFT, a finding), `vllm fails` (the engine's exit 1: vLLM's own path cannot run the reference, named) or `engine
+refuses` (its exit 2: vLLM's configuration refuses the reference). A vLLM finding is a row of the table, not a
+failure; the survey fails (exit 1) when an outcome is not the one stated (a vLLM release that changes what it
+does, a harness regression) or a step errs (a record that fails, a compare that refuses, a crash), so the nightly
+job turns red on a change, not on a known finding."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,12 @@ class Case:
     geometries: tuple[str, ...] = ()  # --geometry items; () = the arch's default mixed batch
     flags: tuple[str, ...] = ()  # vllm-engine flags
     why: str = ""
+    # record with only these of the arch's generated adapters (`mmlora record --adapter NAME=DIR`, from a first
+    # default record); () = all of them
+    adapters: tuple[str, ...] = ()
+    # top-level config.json values over the tiny checkpoint's (recorded with --model from a first default record's
+    # checkpoint, edited); () = the tiny config
+    config: tuple[tuple[str, object], ...] = ()
     expect: str = "pass"  # one of OUTCOMES: what this project measured with the pinned vLLM
     # vLLM versions (prefixes of vllm.__version__) where the outcome is another: ((version, outcome), ...)
     expect_since: tuple[tuple[str, str], ...] = field(default=())
@@ -36,7 +44,8 @@ class Case:
         return next((o for v, o in self.expect_since if vllm_version.startswith(v)), self.expect)
 
 
-OUTCOMES = ("pass", "diverges", "vllm fails")
+# `engine refuses`: the engine's exit 2, where vLLM's own configuration refuses the reference (Gemma 3 at fp16)
+OUTCOMES = ("pass", "diverges", "vllm fails", "engine refuses")
 
 
 # Two punica wrappers: vLLM's CPU platform's (`cpu`, its torch ops: what the engine builds by default) and the one
@@ -46,6 +55,7 @@ OUTCOMES = ("pass", "diverges", "vllm fails")
 # shows that finding itself. Its CUDA kernels leave such rows alone: no spare slot with `gpu`.
 GPU = ("--punica", "gpu")
 FULL_BINS = ("patches=4x4", "patches=2x6", "patches=6x2")  # Gemma 4 grids that are multiples of the pooling kernel
+PALIGEMMA_TOWER = ("tower", "lm")  # PaliGemma's adapters without connector LoRA (vLLM's projector is an nn.Linear)
 CASES = (
     Case("llama4", flags=("--spare-slot",), why="tiled tower, CLS per tile, pixel-shuffle connector"),
     Case("llama4", why="every slot filled: vLLM 0.32's CPU ops give -1 rows the last slot", expect="diverges",
@@ -66,6 +76,22 @@ CASES = (
     Case("llava_next", flags=("--spare-slot",), why="CLIP tower cut at vision_feature_layer, anyres tiles"),
     Case("llava_next", "fp16", flags=GPU, why="vLLM's Triton kernels"),
     Case("llava", "fp16", flags=GPU, why="CLIP tower: CLS + patches, vLLM counts patches only", expect="diverges"),
+    Case("qwen2_5_vl", flags=("--spare-slot",), why="Qwen2-VL's inputs, windowed attention, gated MLP"),
+    Case("qwen2_5_vl", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("qwen3_vl", flags=("--spare-slot",), why="DeepStack mergers as connector modules"),
+    Case("qwen3_vl", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("idefics3", flags=("--spare-slot",), why="sub-images, pixel-shuffle connector, LM at model.text_model"),
+    Case("idefics3", "fp16", flags=GPU, why="vLLM's Triton kernels"),
+    Case("paligemma", flags=("--spare-slot",), why="the generated adapters hold connector LoRA",
+         expect="vllm fails"),
+    Case("paligemma", flags=("--spare-slot",), adapters=PALIGEMMA_TOWER,
+         why="tower LoRA only: vLLM cannot wrap the connector"),
+    Case("paligemma", "fp16", flags=GPU, adapters=PALIGEMMA_TOWER, why="vLLM's Triton kernels"),
+    Case("gemma3", flags=("--spare-slot",), why="SigLIP tower, 4x4 average pool (tiny: 8x8 patches to 4x4 tokens)",
+         expect="vllm fails"),
+    Case("gemma3", "fp16", flags=GPU, why="vLLM's float16 refusal", expect="engine refuses"),
+    Case("gemma3", flags=("--spare-slot",), config=(("mm_tokens_per_image", 4),),
+         why="the real checkpoints' 4x4 pool (8x8 patches to 2x2 tokens), which vLLM's helper assumes"),
 )
 
 
@@ -91,12 +117,35 @@ def _slots(ref: Path) -> str:
 def run_case(c: Case, work: Path) -> dict:
     t0 = time.monotonic()
     ref, got, cmp = work / "ref", work / "got", work / "cmp"
-    row = {"arch": c.arch, "dtype": c.dtype, "geometry": " ".join(c.geometries) or "default batch",
+    batch = " ".join(c.geometries) or "default batch"
+    if c.adapters:
+        batch += f" (adapters {', '.join(c.adapters)} only)"
+    if c.config:
+        batch += f" ({', '.join(f'{k}={v}' for k, v in c.config)})"
+    row = {"arch": c.arch, "dtype": c.dtype, "geometry": batch,
            "flags": " ".join(c.flags), "why": c.why}
-    argv = ["record", "--arch", c.arch, "--dtype", c.dtype, "--out", str(ref)]
+    argv = ["record", "--arch", c.arch, "--dtype", c.dtype]
     for g in c.geometries:
         argv += ["--geometry", g]
-    rc, err = _mmlora(*argv)
+    if c.config:
+        rc, err = _mmlora(*argv, "--out", str(work / "tiny"))
+        if rc != 0:
+            return {**row, "step": "record", "rc": rc, "outcome": "error",
+                    "verdict": f"record failed: {_last_line(err)}", "seconds": time.monotonic() - t0}
+        ckpt = work / "checkpoint"
+        shutil.copytree(work / "tiny" / "checkpoint", ckpt)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**cfg, **dict(c.config)}, indent=1))
+        argv += ["--model", str(ckpt)]
+    if c.adapters:
+        full = work / "all-adapters"
+        rc, err = _mmlora(*argv, "--out", str(full))
+        if rc != 0:
+            return {**row, "step": "record", "rc": rc, "outcome": "error",
+                    "verdict": f"record failed: {_last_line(err)}", "seconds": time.monotonic() - t0}
+        for n in c.adapters:
+            argv += ["--adapter", f"{n}={full / 'adapters' / n}"]
+    rc, err = _mmlora(*argv, "--out", str(ref))
     if rc != 0:
         return {**row, "step": "record", "rc": rc, "outcome": "error", "verdict": f"record failed: {_last_line(err)}",
                 "seconds": time.monotonic() - t0}
@@ -106,7 +155,8 @@ def run_case(c: Case, work: Path) -> dict:
     rc, err = _mmlora("vllm-engine", str(ref), "--out", str(got), *flags)
     if rc != 0:  # 1: vLLM's own path cannot run the reference (named); 2: the engine refused the reference
         what = "vLLM fails" if rc == 1 else "engine refused"
-        return {**row, "step": "vllm-engine", "rc": rc, "outcome": "vllm fails" if rc == 1 else "error",
+        return {**row, "step": "vllm-engine", "rc": rc,
+                "outcome": {1: "vllm fails", 2: "engine refuses"}.get(rc, "error"),
                 "verdict": f"{what}: {_last_line(err)}", "seconds": time.monotonic() - t0}
     rc, err = _mmlora("compare", str(ref), str(got), "--out", str(cmp))
     s = json.loads((cmp / "summary.json").read_text()) if (cmp / "summary.json").exists() else {}

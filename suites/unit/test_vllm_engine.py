@@ -14,6 +14,12 @@ What vLLM 0.32 does on CPU that these tests pin down (results, not harness bugs)
   module (the output bundle's not_produced, which must be the reference's unused_modules; compare leaves them NOT
   JUDGED and says so); every module vLLM runs matches the reference. A PEFT adapter saved under transformers 5's
   names (no `vision_model.`) loads in vLLM without an error and applies none of its tower LoRA: compare names it.
+- PaliGemma: its connector (multi_modal_projector.linear, a torch nn.Linear) cannot be wrapped by any vLLM LoRA
+  layer, so an adapter with connector LoRA is refused (exit 1, named); tower-only adapters agree with PEFT.
+- Gemma 3: the count helper maps num_mm_embeds * 16 tower entries per image whatever the pool ratio: 256 for the
+  tiny model's 64 rows (refused, naming each image's count and rows); at the real checkpoints' 4x4 pool
+  (mm_tokens_per_image=4) the tower agrees with PEFT.
+Qwen2.5-VL, Qwen3-VL (its DeepStack mergers as connector modules) and Idefics3 agree with PEFT.
 
 With `--punica gpu` (vLLM's PunicaWrapperGPU: its Triton kernels, interpreted here, on fp16 references): rows of
 no adapter are left alone (no spare slot needed); a mapping shorter than the rows runs, each image's last rows
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,22 +47,48 @@ GEMMA4 = ["patches=4x4", "patches=2x6", "patches=6x2"]
 
 
 def _vllm_or_skip():
-    need_vllm_models("gemma4_mm", "llava_next", "mllama4", "qwen2_vl")
+    need_vllm_models("gemma4_mm", "llava_next", "mllama4", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3",
+                     "paligemma", "gemma3_mm")
+
+
+class _Refs(dict):
+    """Reference bundles recorded on first use (a test run for one arch records that arch only)."""
+
+    GEOMS = {"gemma4": GEMMA4, "gemma4-odd": ["patches=3x5"]}
+
+    def __init__(self, root: Path, dtype: str):
+        super().__init__()
+        self.root, self.dtype = root, dtype
+
+    # a bundle recorded with some of another bundle's generated adapters only (mmlora record --adapter)
+    ADAPTERS = {"paligemma-tower": ("paligemma", ("tower", "lm"))}  # no connector LoRA: vLLM cannot wrap it
+
+    # a bundle of another's checkpoint with these top-level config.json values (mmlora record --model)
+    CONFIG = {"gemma3-pool4": ("gemma3", {"mm_tokens_per_image": 4})}  # the real checkpoints' 4x4 pool
+
+    def __missing__(self, arch: str) -> Path:
+        argv = ["record", "--arch", arch.split("-")[0], "--dtype", self.dtype, "--out", str(self.root / arch)]
+        for g in self.GEOMS.get(arch, []):
+            argv += ["--geometry", g]
+        if arch in self.CONFIG:
+            src, values = self.CONFIG[arch]
+            ckpt = self.root / f"{arch}-checkpoint"
+            shutil.copytree(self[src] / "checkpoint", ckpt)
+            cfg = json.loads((ckpt / "config.json").read_text())
+            (ckpt / "config.json").write_text(json.dumps({**cfg, **values}))
+            argv += ["--model", str(ckpt)]
+        if arch in self.ADAPTERS:
+            src, names = self.ADAPTERS[arch]
+            argv += [a for n in names for a in ("--adapter", f"{n}={self[src] / 'adapters' / n}")]
+        assert main(argv) == 0
+        self[arch] = self.root / arch
+        return self[arch]
 
 
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory):
     _vllm_or_skip()
-    root = tmp_path_factory.mktemp("vllm-engine")
-    out = {}
-    for arch, geoms in (("llama4", []), ("gemma4", GEMMA4), ("qwen2_vl", []), ("llava_next", []),
-                        ("gemma4-odd", ["patches=3x5"])):
-        argv = ["record", "--arch", arch.split("-")[0], "--dtype", "fp32", "--out", str(root / arch)]
-        for g in geoms:
-            argv += ["--geometry", g]
-        assert main(argv) == 0
-        out[arch] = root / arch
-    return out
+    return _Refs(tmp_path_factory.mktemp("vllm-engine"), "fp32")
 
 
 def _engine(ref: Path, got: Path, capsys, *flags: str) -> tuple[int, str]:
@@ -77,24 +110,91 @@ def _slots(ref: Path) -> str:
     return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
 
 
-@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ())])
+@pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ()),
+                                        ("qwen2_5_vl", ()), ("qwen3_vl", ()), ("idefics3", ()),
+                                        ("paligemma-tower", ()), ("gemma3-pool4", ())])
 def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_path, capsys, arch, flags):
     ref = refs[arch]
+    arch = arch.split("-")[0]
     rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), *flags)
     assert rc == 0, err
     m = json.loads((tmp_path / "got" / "manifest.json").read_text())
     assert m["groups"] == ["tower", "connector"] and m["engine"]["version"].startswith("vllm ")
     assert any("mm_lora_mappings" in n for n in m["engine"]["notes"])
     assert m["not_produced"] == []  # vLLM builds every module of these archs' towers and connectors
-    # the helper's counts are the rows vLLM's layers ran, image by image
-    assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] and c["connector"] == c["measured_connector"]
-                                       for c in m["mm_lora_counts"])
+    # the helper's counts are the rows vLLM's layers ran, image by image (a group with no LoRA layer measures none:
+    # PaliGemma's tower-only adapters wrap no connector module)
+    assert m["mm_lora_counts"] and all(c["tower"] == c["measured_tower"] for c in m["mm_lora_counts"])
+    # (Gemma 3's projector holds no Linear: no connector LoRA layer; its helper's connector count, 16 x the
+    # placeholders, is latent)
+    assert all(c["connector"] == c["measured_connector"] or (c["measured_connector"] is None and
+                                                             ref.name in ("paligemma-tower", "gemma3-pool4"))
+               for c in m["mm_lora_counts"])
     rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
     assert rc == 0, err
     a = s["archs"][arch]
     assert a["groups_not_judged"] == ["language_model"] and "NOT JUDGED: group 'language_model'" in err
     assert set(a["worst_margin"]) == {"e2e/tower", "e2e/connector"}
     assert all(v < 1 for v in a["worst_margin"].values()), a["worst_margin"]
+
+
+def test_paligemma_connector_lora_cannot_be_wrapped_by_vllm(refs, tmp_path, capsys):
+    """vLLM 0.32 declares tower/connector LoRA for PaliGemma and names multi_modal_projector its connector, but its
+    projector is a torch nn.Linear, which no vLLM LoRA layer wraps: an adapter with connector LoRA is refused, by
+    the manager when --lora-target-modules names it, at adapter loading under vLLM's default deployment."""
+    ref = refs["paligemma"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "UnwrappableTarget: vLLM's LoRAModelManager refuses to wrap multi_modal_projector.linear " \
+           "(torch.nn.modules.linear.Linear)" in err, err
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
+    assert rc == 1 and "expected target modules in" in err and "'multi_modal_projector.linear'" in err, err
+    assert not (tmp_path / "got").exists()
+
+
+def test_smallest_reproducer_vllm_paligemma_connector_is_a_torch_linear():
+    """vLLM's own classes, nothing of the harness: PaliGemma declares connector LoRA on multi_modal_projector, whose
+    Linear is torch's nn.Linear, which vLLM's LoRA layer selection (`from_layer`) hands back unwrapped."""
+    _vllm_or_skip()
+    from vllm.config import LoRAConfig
+    from vllm.lora.utils import from_layer
+    from vllm.model_executor.models.paligemma import (
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaMultiModalProjector,
+    )
+
+    assert PaliGemmaForConditionalGeneration.supports_tower_connector_lora
+    assert PaliGemmaForConditionalGeneration.get_mm_mapping(None).connector == ["multi_modal_projector"]
+    linear = PaliGemmaMultiModalProjector(8, 8).linear
+    assert type(linear) is torch.nn.Linear
+    assert from_layer(linear, 1, LoRAConfig(max_lora_rank=8, max_loras=1), []) is linear
+
+
+def test_gemma3_tower_count_is_fixed_at_the_real_pool_ratio(refs, tmp_path, capsys):
+    """vLLM 0.32's Gemma 3 helper maps num_mm_embeds * 16 tower entries per image (the real 64x64 patches pooled to
+    16x16), so the tiny model's images (8x8 patches pooled to 4x4: 16 placeholders, 64 tower rows) get 256 each:
+    the first tower LoRA layer runs 64 rows per image under 256 entries, refused naming both per image."""
+    ref = refs["gemma3"]
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "MappingMismatch: vision_tower.vision_model.encoder.layers.0.self_attn.qkv_proj receives" in err, err
+    assert "request 0: tower 256, connector 256 (its tower rows here: 64)" in err, err
+
+
+def test_smallest_reproducer_vllm_gemma3_tower_count_ignores_the_config():
+    """vLLM's own helper, nothing of the harness: at a Gemma 3 config whose tower runs 8 x 8 = 64 patches pooled to
+    4 x 4 = 16 tokens per image, the helper gives 256 tower entries (16 * 16, whatever the config)."""
+    _vllm_or_skip()
+    from transformers import Gemma3Config
+    from vllm.model_executor.models.gemma3_mm import Gemma3ForConditionalGeneration
+
+    cfg = Gemma3Config(vision_config={"image_size": 64, "patch_size": 8}, mm_tokens_per_image=16)
+    me = object.__new__(Gemma3ForConditionalGeneration)
+    me.config = cfg
+    rows = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    got = Gemma3ForConditionalGeneration.get_mm_lora_token_counts(me, modality="image", mm_kwargs=None,
+                                                                   num_mm_embeds=cfg.mm_tokens_per_image)
+    assert (rows, got) == (64, (256, 256))
 
 
 def test_cpu_rows_without_adapter_take_the_last_slot(refs, tmp_path, capsys):
@@ -251,12 +351,7 @@ def refs16(tmp_path_factory):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the engine builds vLLM's model on CPU, so --punica gpu runs vLLM's kernels in the Triton "
                     "interpreter (TRITON_INTERPRET=1, which nox sets only without CUDA)")
-    root = tmp_path_factory.mktemp("vllm-engine-fp16")
-    out = {}
-    for arch in ("llama4", "llava"):
-        assert main(["record", "--arch", arch, "--dtype", "fp16", "--out", str(root / arch)]) == 0
-        out[arch] = root / arch
-    return out
+    return _Refs(tmp_path_factory.mktemp("vllm-engine-fp16"), "fp16")
 
 
 def test_punica_gpu_refuses_what_the_interpreter_cannot_run(monkeypatch):

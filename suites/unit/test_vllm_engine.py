@@ -468,9 +468,9 @@ def test_smallest_reproducer_vllm_llava_tower_count_is_one_short_of_its_own_clip
     assert (rows, counts) == (577, (576, 576))
 
 
-def test_smallest_reproducer_vllm_kernels_give_rows_past_the_mapping_no_lora():
-    """vLLM's lora_shrink with its LoRAKernelMeta prepared from 4 entries (all slot 0) over 5 rows: rows 0-3 get
-    x @ A, row 4 nothing (where vLLM's CPU ops raise)."""
+def _kernels_with_mapping(entries: int):
+    """vLLM's LoRA kernels (CUDA, or the Triton interpreter) and a LoRAKernelMeta prepared from `entries` mapping
+    entries, all slot 0: (ops, device, meta)."""
     _vllm_or_skip()
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and no Triton interpreter")
@@ -479,7 +479,14 @@ def test_smallest_reproducer_vllm_kernels_give_rows_past_the_mapping_no_lora():
     ops = vllm_lora.load()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     meta = ops.LoRAKernelMeta.make(1, 8, dev)
-    meta.prepare_tensors(torch.zeros(4, dtype=torch.int32, device=dev))
+    meta.prepare_tensors(torch.zeros(entries, dtype=torch.int32, device=dev))
+    return ops, dev, meta
+
+
+def test_smallest_reproducer_vllm_kernels_give_rows_past_the_mapping_no_lora():
+    """vLLM's lora_shrink with its LoRAKernelMeta prepared from 4 entries (all slot 0) over 5 rows: rows 0-3 get
+    x @ A, row 4 nothing (where vLLM's CPU ops raise)."""
+    ops, dev, meta = _kernels_with_mapping(4)
     x = torch.ones(5, 16, dtype=torch.float16, device=dev)
     a = torch.ones(1, 16, 16, dtype=torch.float16, device=dev)  # [slots, rank, hidden]
     out = torch.full((1, 5, 16), 7.0, device=dev)
@@ -502,15 +509,7 @@ def test_smallest_reproducer_vllm_kernels_write_past_the_rows_of_a_longer_mappin
     """vLLM's lora_shrink / lora_expand with a LoRAKernelMeta prepared from 6 entries over a layer of 4 rows: both
     write rows 4 and 5, past the tensors they were given (each a view of a 6-row allocation here, so the writes land
     somewhere visible; in vLLM, wherever the allocator put the next tensor)."""
-    _vllm_or_skip()
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and no Triton interpreter")
-    from runtime import vllm_lora
-
-    ops = vllm_lora.load()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = ops.LoRAKernelMeta.make(1, 8, dev)
-    meta.prepare_tensors(torch.zeros(6, dtype=torch.int32, device=dev))
+    ops, dev, meta = _kernels_with_mapping(6)
     x = torch.ones(6, 16, dtype=torch.float16, device=dev)[:4]
     a = torch.ones(1, 16, 16, dtype=torch.float16, device=dev)
     b = torch.ones(1, 64, 16, dtype=torch.float16, device=dev)

@@ -49,6 +49,7 @@ def need_vllm_models(*modules: str, before=None) -> None:
     try:
         if before is not None:
             before()
+        importlib.import_module("vllm")  # with no module named, vLLM itself
         for m in modules:
             importlib.import_module(f"vllm.model_executor.models.{m}")
     except Exception as e:  # noqa: BLE001 - whatever stops the import is the reason

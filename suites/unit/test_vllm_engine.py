@@ -524,7 +524,7 @@ def test_max_lora_rank_is_the_adapters_largest_rounded_up_to_what_vllm_accepts(t
     """An r=4 adapter, and one whose rank_pattern raises a module to 24: vLLM's LoRAConfig accepts only
     1, 8, 16, 32, ... (its MaxLoRARanks), so the engine asks for 8 and 32 (read from the lora_A shapes, as vLLM's
     own check reads r and rank_pattern); the config's r alone made vLLM refuse both references."""
-    need_vllm_models()
+    _vllm_or_skip()
     from safetensors.torch import save_file
 
     from harness.vllm_engine.engine import max_lora_rank

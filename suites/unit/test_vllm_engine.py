@@ -540,3 +540,13 @@ def test_max_lora_rank_is_the_adapters_largest_rounded_up_to_what_vllm_accepts(t
     assert max_lora_rank([adapter("pattern", [8, 24]), adapter("r1", [1])]) == 32
     assert max_lora_rank([adapter("r1b", [1])]) == 1
 
+
+
+def test_vllm_refusing_gemma3_at_fp16_is_one_line_exit_2(refs16, tmp_path, capsys):
+    """vLLM's ModelConfig refuses Gemma 3 at float16 ("does not support float16"): the engine says so in one line,
+    exit 2 (vLLM's configuration refuses the reference; its Triton kernels, fp16-only in the interpreter, cannot be
+    run on Gemma 3 here), writing nothing."""
+    rc, err = _engine(refs16["gemma3"], tmp_path / "got", capsys, "--punica", "gpu")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "vLLM's ModelConfig refuses this gemma3 fp16 reference" in err and "float16" in err, err
+    assert not (tmp_path / "got").exists()

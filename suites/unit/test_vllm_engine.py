@@ -197,12 +197,24 @@ def test_smallest_reproducer_vllm_gemma3_tower_count_ignores_the_config():
     assert (rows, got) == (64, (256, 256))
 
 
-def test_cpu_rows_without_adapter_take_the_last_slot(refs, tmp_path, capsys):
-    """vLLM's CPU punica path with every slot filled: the requests without an adapter diverge from their first
-    row (they got the last slot's adapter); compare names the first such request."""
+def _cpu_ops_give_minus_one_the_last_slot() -> bool:
+    """vLLM 0.32's torch punica ops index the stacked weights with -1 (the last slot); 0.33's leave such rows
+    alone, as its CUDA kernels always did (measured with both wheels: the tests below hold each version to its
+    own behaviour, so the finding is not kept alive past its fix nor lost before it)."""
+    from importlib.metadata import version
+
+    return version("vllm").startswith("0.32")
+
+
+def test_cpu_rows_without_adapter_take_the_last_slot_on_032_only(refs, tmp_path, capsys):
+    """vLLM's CPU punica path with every slot filled: on 0.32 the requests without an adapter diverge from their
+    first row (they got the last slot's adapter) and compare names the first such request; on 0.33 they pass."""
     ref = refs["llama4"]
     assert _engine(ref, tmp_path / "got", capsys)[0] == 0
     rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
+    if not _cpu_ops_give_minus_one_the_last_slot():
+        assert rc == 0, err
+        return
     assert rc == 1, err
     first = s["archs"]["llama4"]["first_divergence"]["e2e"]
     reqs = json.loads((ref / "manifest.json").read_text())["requests"]
@@ -210,8 +222,9 @@ def test_cpu_rows_without_adapter_take_the_last_slot(refs, tmp_path, capsys):
     assert first["group"] == "tower" and first["request"] == no_adapter[0] and first["row"] == 0, first
 
 
-def test_smallest_reproducer_vllm_torch_ops_index_minus_one_is_the_last_slot():
-    """vLLM's own op, nothing of the harness: a row mapped to -1 (no LoRA) gets slot 1's A (the last)."""
+def test_smallest_reproducer_vllm_torch_ops_index_minus_one_is_the_last_slot_on_032_only():
+    """vLLM's own op, nothing of the harness: on 0.32 a row mapped to -1 (no LoRA) gets slot 1's A (the last);
+    on 0.33 it is left untouched, as CUDA's kernels leave it."""
     _vllm_or_skip()
     from vllm.lora.ops.torch_ops.lora_ops import bgmv_shrink
 
@@ -219,7 +232,7 @@ def test_smallest_reproducer_vllm_torch_ops_index_minus_one_is_the_last_slot():
     a = torch.stack([torch.zeros(1, 2, 4), torch.ones(1, 2, 4)])  # [slots, 1, rank, hidden]: slot 1 all ones
     out = torch.zeros(1, 2)
     bgmv_shrink(x, a, out, torch.tensor([-1]), 1.0)
-    assert out.tolist() == [[4.0, 4.0]]  # CUDA's kernels leave a -1 row untouched: [[0.0, 0.0]]
+    assert out.tolist() == ([[4.0, 4.0]] if _cpu_ops_give_minus_one_the_last_slot() else [[0.0, 0.0]])
 
 
 def test_gemma4_mixed_batch_outgrows_the_tower_wrapper(refs, tmp_path, capsys):

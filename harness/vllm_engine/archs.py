@@ -33,9 +33,9 @@ class Spec:
 
 
 def _tiles(geom: str) -> int:
-    name, _, value = geom.partition("=")
-    assert name == "tiles", geom
-    t = int(value)
+    from harness.geometry_flags import parse_geometry
+
+    t = parse_geometry(geom).tiles
     return t + 1 if t > 1 else 1  # the processor adds a global tile when it splits (rows.md, Llama 4)
 
 
@@ -134,6 +134,13 @@ def _qwen3_vl_lm_embeds(model, embeds: list[torch.Tensor]) -> list[torch.Tensor]
     return [m.clone() for m in main]
 
 
+# (vLLM prefix, HF prefix) of a CLIP / SigLIP tower under vLLM's `vision_model.` level (layout.py renames the
+# checkpoint to it) and its projector: LLaVA, LLaVA-NeXT, PaliGemma, Gemma 3
+_CLIP_TOWER = (("vision_tower.vision_model.", "model.vision_tower."),
+               ("multi_modal_projector.", "model.multi_modal_projector."))
+# the Qwen-VL family's tower and merger(s), all under visual.
+_QWEN_VISUAL = (("visual.", "model.visual."),)
+
 SPECS = {
     "llama4": Spec("llama4", "mllama4", "Mllama4MultiModalProcessor", _llama4_items),
     # vLLM reads vision_config.default_output_length (real checkpoints' config.json carry it; transformers 5.25's
@@ -144,30 +151,24 @@ SPECS = {
                    hf_overrides=lambda c: {"vision_config": {"default_output_length": _gemma4_budget(c)}},
                    processor_kwargs=lambda c: {"max_soft_tokens": _gemma4_budget(c)}),
     "llava_next": Spec("llava_next", "llava_next", "LlavaNextMultiModalProcessor", _llava_next_items,
-                       hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
-                                  ("multi_modal_projector.", "model.multi_modal_projector."))),
+                       hf_prefix=_CLIP_TOWER),
     # the same CLIP tower as LLaVA-NeXT's under vLLM's names (vision_model. level: layout.py renames the checkpoint)
-    "llava": Spec("llava", "llava", "LlavaMultiModalProcessor", _llava_items,
-                  hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
-                             ("multi_modal_projector.", "model.multi_modal_projector."))),
+    "llava": Spec("llava", "llava", "LlavaMultiModalProcessor", _llava_items, hf_prefix=_CLIP_TOWER),
     "qwen2_vl": Spec("qwen2_vl", "qwen2_vl", "Qwen2VLMultiModalProcessor", _qwen2_vl_items,
-                     hf_prefix=(("visual.", "model.visual."),)),
+                     hf_prefix=_QWEN_VISUAL),
     # Qwen2.5-VL: Qwen2-VL's inputs (pixel_values flat, image_grid_thw) and its merger under visual.merger
     "qwen2_5_vl": Spec("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLMultiModalProcessor", _qwen2_vl_items,
-                       hf_prefix=(("visual.", "model.visual."),)),
+                       hf_prefix=_QWEN_VISUAL),
     # Qwen3-VL: Qwen2-VL's inputs; DeepStack mergers (visual.deepstack_merger_list.*) are connector modules
     "qwen3_vl": Spec("qwen3_vl", "qwen3_vl", "Qwen3VLMultiModalProcessor", _qwen2_vl_items,
-                     hf_prefix=(("visual.", "model.visual."),), lm_embeds=_qwen3_vl_lm_embeds),
+                     hf_prefix=_QWEN_VISUAL, lm_embeds=_qwen3_vl_lm_embeds),
     "idefics3": Spec("idefics3", "idefics3", "Idefics3MultiModalProcessor", _idefics3_items),
     # PaliGemma: one [3, S, S] image each, SigLIP rows (patches, no CLS) = connector rows: LLaVA's items; its SigLIP
     # tower under vLLM's vision_model. level (layout.py renames the checkpoint)
     "paligemma": Spec("paligemma", "paligemma", "PaliGemmaMultiModalProcessor", _llava_items,
-                      hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
-                                 ("multi_modal_projector.", "model.multi_modal_projector."))),
+                      hf_prefix=_CLIP_TOWER),
     # Gemma 3: PaliGemma's SigLIP tower (the same rename); its projector holds no Linear (a weight matmul)
-    "gemma3": Spec("gemma3", "gemma3_mm", "Gemma3MultiModalProcessor", _gemma3_items,
-                   hf_prefix=(("vision_tower.vision_model.", "model.vision_tower."),
-                              ("multi_modal_projector.", "model.multi_modal_projector."))),
+    "gemma3": Spec("gemma3", "gemma3_mm", "Gemma3MultiModalProcessor", _gemma3_items, hf_prefix=_CLIP_TOWER),
 }
 
 

@@ -277,18 +277,28 @@ def _group(mm, vname: str) -> str:
     return "language_model"
 
 
-def _built(model, vname: str) -> bool:
-    """Whether vLLM's model has the module `vname` (HF's name in vLLM's layout), itself or as a part of one of its
-    packed modules (q_proj inside qkv_proj: the model's `packed_modules_mapping`)."""
+def _packed_owners(model, vname: str) -> list[tuple[str, list[str]]]:
+    """The packed modules of vLLM's model that hold `vname` (HF's name in vLLM's layout) as a part (q_proj inside
+    qkv_proj: the model's `packed_modules_mapping`), each as (its full name, its parts' full names)."""
     parent, _, leaf = vname.rpartition(".")
     packed = getattr(model, "packed_modules_mapping", None) or {}
-    for name in [vname] + [f"{parent}.{fused}" if parent else fused for fused, parts in packed.items() if leaf in parts]:
-        try:
-            model.get_submodule(name)
-            return True
-        except AttributeError:
-            continue
-    return False
+
+    def full(n: str) -> str:
+        return f"{parent}.{n}" if parent else n
+    return [(full(fused), [full(p) for p in parts]) for fused, parts in packed.items() if leaf in parts]
+
+
+def _submodule(model, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _built(model, vname: str) -> bool:
+    """Whether vLLM's model has the module `vname` (HF's name in vLLM's layout), itself or as a part of one of its
+    packed modules."""
+    return any(_submodule(model, n) is not None for n in [vname] + [o for o, _ in _packed_owners(model, vname)])
 
 
 def max_lora_rank(folders: list[Path]) -> int:
@@ -316,22 +326,17 @@ def max_lora_rank(folders: list[Path]) -> int:
 def _unwrapped(model, mgr, vnames: list[str]) -> dict[str, tuple[torch.nn.Module, list[str] | None]]:
     """Of these modules (vLLM's names), the ones vLLM's model builds but its LoRA manager did not wrap: vLLM module
     name -> (the module, the full names of its packed parts, or None). A packed part (q_proj) is found through its
-    packed module (qkv_proj, the model's `packed_modules_mapping`)."""
-    packed = getattr(model, "packed_modules_mapping", None) or {}
+    packed module (qkv_proj, `_packed_owners`)."""
     out: dict = {}
     for vname in vnames:
-        parent, _, leaf = vname.rpartition(".")
-        fused = next((f for f, parts in packed.items() if leaf in parts), None)
-        owner = f"{parent}.{fused}" if fused and parent else (fused or vname)
+        owners = _packed_owners(model, vname)
+        owner, parts = owners[0] if owners else (vname, None)
         if vname in mgr.modules or owner in mgr.modules or owner in out:
             continue
-        for name, parts in ((vname, None), (owner, [f"{parent}.{p}" if parent else p for p in packed.get(fused, ())]
-                                            if fused else None)):
-            try:
-                out[name] = (model.get_submodule(name), parts)
+        for name, p in ((vname, None), (owner, parts)):
+            if (module := _submodule(model, name)) is not None:
+                out[name] = (module, p)
                 break
-            except AttributeError:
-                continue
     return out
 
 

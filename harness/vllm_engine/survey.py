@@ -110,28 +110,37 @@ def _last_line(text: str) -> str:
     return line[:300]
 
 
-def _slots(ref: Path) -> str:
+def spare_slots(ref: Path) -> str:
+    """--max-loras one above the reference's adapters (`--spare-slot`): the last slot stays empty."""
     return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
 
 
-def run_case(c: Case, work: Path) -> dict:
-    t0 = time.monotonic()
-    ref, got, cmp = work / "ref", work / "got", work / "cmp"
+def _row(c: Case) -> dict:
+    """What every row of case `c` says of the case itself, whatever its outcome."""
     batch = " ".join(c.geometries) or "default batch"
     if c.adapters:
         batch += f" (adapters {', '.join(c.adapters)} only)"
     if c.config:
         batch += f" ({', '.join(f'{k}={v}' for k, v in c.config)})"
-    row = {"arch": c.arch, "dtype": c.dtype, "geometry": batch,
-           "flags": " ".join(c.flags), "why": c.why}
+    return {"arch": c.arch, "dtype": c.dtype, "geometry": batch, "flags": " ".join(c.flags), "why": c.why}
+
+
+def _record_failed(row: dict, rc: int, err: str, t0: float) -> dict:
+    return {**row, "step": "record", "rc": rc, "outcome": "error", "verdict": f"record failed: {_last_line(err)}",
+            "seconds": time.monotonic() - t0}
+
+
+def run_case(c: Case, work: Path) -> dict:
+    t0 = time.monotonic()
+    ref, got, cmp = work / "ref", work / "got", work / "cmp"
+    row = _row(c)
     argv = ["record", "--arch", c.arch, "--dtype", c.dtype]
     for g in c.geometries:
         argv += ["--geometry", g]
     if c.config:
         rc, err = _mmlora(*argv, "--out", str(work / "tiny"))
         if rc != 0:
-            return {**row, "step": "record", "rc": rc, "outcome": "error",
-                    "verdict": f"record failed: {_last_line(err)}", "seconds": time.monotonic() - t0}
+            return _record_failed(row, rc, err, t0)
         ckpt = work / "checkpoint"
         shutil.copytree(work / "tiny" / "checkpoint", ckpt)
         cfg = json.loads((ckpt / "config.json").read_text())
@@ -141,17 +150,15 @@ def run_case(c: Case, work: Path) -> dict:
         full = work / "all-adapters"
         rc, err = _mmlora(*argv, "--out", str(full))
         if rc != 0:
-            return {**row, "step": "record", "rc": rc, "outcome": "error",
-                    "verdict": f"record failed: {_last_line(err)}", "seconds": time.monotonic() - t0}
+            return _record_failed(row, rc, err, t0)
         for n in c.adapters:
             argv += ["--adapter", f"{n}={full / 'adapters' / n}"]
     rc, err = _mmlora(*argv, "--out", str(ref))
     if rc != 0:
-        return {**row, "step": "record", "rc": rc, "outcome": "error", "verdict": f"record failed: {_last_line(err)}",
-                "seconds": time.monotonic() - t0}
+        return _record_failed(row, rc, err, t0)
     flags = [f for f in c.flags if f != "--spare-slot"]
     if "--spare-slot" in c.flags:
-        flags += ["--max-loras", _slots(ref)]
+        flags += ["--max-loras", spare_slots(ref)]
     rc, err = _mmlora("vllm-engine", str(ref), "--out", str(got), *flags)
     if rc != 0:  # 1: vLLM's own path cannot run the reference (named); 2: the engine refused the reference
         what = "vLLM fails" if rc == 1 else "engine refused"
@@ -227,8 +234,7 @@ def main(argv=None) -> int:
             try:
                 r = run_case(c, Path(work))
             except Exception as e:  # noqa: BLE001 - one case's harness error is its row; the others still run
-                r = {"arch": c.arch, "dtype": c.dtype, "geometry": " ".join(c.geometries) or "default batch",
-                     "flags": " ".join(c.flags), "why": c.why, "step": "survey", "rc": None, "outcome": "error",
+                r = {**_row(c), "step": "survey", "rc": None, "outcome": "error",
                      "verdict": f"survey error: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
                      "seconds": time.monotonic() - start}
         r["expected"] = c.expected(vllm_version)

@@ -37,6 +37,7 @@ import pytest
 import torch
 
 from harness.cli import main
+from harness.vllm_engine.survey import spare_slots  # one slot above the adapters (module docstring)
 from suites.helpers import need_vllm_models
 
 pytestmark = pytest.mark.vllm_towers
@@ -105,18 +106,13 @@ def _compare(ref: Path, got: Path, out: Path, capsys) -> tuple[int, dict, str]:
     return rc, s, err
 
 
-def _slots(ref: Path) -> str:
-    """One slot above the adapters the engine loads: the last slot stays empty (see the module docstring)."""
-    return str(len(json.loads((ref / "manifest.json").read_text())["adapters"]) + 1)
-
-
 @pytest.mark.parametrize("arch,flags", [("llama4", ()), ("gemma4", ("--per-image",)), ("qwen2_vl", ()),
                                         ("qwen2_5_vl", ()), ("qwen3_vl", ()), ("idefics3", ()),
                                         ("paligemma-tower", ()), ("gemma3-pool4", ())])
 def test_the_honest_engine_agrees_with_peft_on_tower_and_connector(refs, tmp_path, capsys, arch, flags):
     ref = refs[arch]
     arch = arch.split("-")[0]
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), *flags)
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref), *flags)
     assert rc == 0, err
     m = json.loads((tmp_path / "got" / "manifest.json").read_text())
     assert m["groups"] == ["tower", "connector"] and m["engine"]["version"].startswith("vllm ")
@@ -143,11 +139,11 @@ def test_paligemma_connector_lora_cannot_be_wrapped_by_vllm(refs, tmp_path, caps
     projector is a torch nn.Linear, which no vLLM LoRA layer wraps: an adapter with connector LoRA is refused, by
     the manager when --lora-target-modules names it, at adapter loading under vLLM's default deployment."""
     ref = refs["paligemma"]
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref))
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "UnwrappableTarget: vLLM's LoRAModelManager refuses to wrap multi_modal_projector.linear " \
            "(torch.nn.modules.linear.Linear)" in err, err
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref), "--all-modules")
     assert rc == 1 and "expected target modules in" in err and "'multi_modal_projector.linear'" in err, err
     assert not (tmp_path / "got").exists()
 
@@ -175,7 +171,7 @@ def test_gemma3_tower_count_is_fixed_at_the_real_pool_ratio(refs, tmp_path, caps
     16x16), so the tiny model's images (8x8 patches pooled to 4x4: 16 placeholders, 64 tower rows) get 256 each:
     the first tower LoRA layer runs 64 rows per image under 256 entries, refused naming both per image."""
     ref = refs["gemma3"]
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref))
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "MappingMismatch: vision_tower.vision_model.encoder.layers.0.self_attn.qkv_proj receives" in err, err
     assert "request 0: tower 256, connector 256 (its tower rows here: 64)" in err, err
@@ -236,7 +232,7 @@ def test_smallest_reproducer_vllm_torch_ops_index_minus_one_is_the_last_slot_on_
 
 
 def test_gemma4_mixed_batch_outgrows_the_tower_wrapper(refs, tmp_path, capsys):
-    rc, err = _engine(refs["gemma4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["gemma4"]))
+    rc, err = _engine(refs["gemma4"], tmp_path / "got", capsys, "--max-loras", spare_slots(refs["gemma4"]))
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "tower punica wrapper LoRAModelManager sized holds 64" in err and "--per-image" in err, err
     assert not (tmp_path / "got").exists()
@@ -260,7 +256,7 @@ def _seed_helper(monkeypatch, how):
 
 def test_a_count_helper_one_row_short_per_image_is_named(refs, tmp_path, capsys, monkeypatch):
     _seed_helper(monkeypatch, lambda k, t: t - 1)
-    rc, err = _engine(refs["llama4"], tmp_path / "got", capsys, "--max-loras", _slots(refs["llama4"]))
+    rc, err = _engine(refs["llama4"], tmp_path / "got", capsys, "--max-loras", spare_slots(refs["llama4"]))
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     # the first tower LoRA layer (vLLM's fused qkv_proj of HF's q/k/v_proj) and the helper's count per image
     assert "MappingMismatch: vision_model.model.layers.0.self_attn.qkv_proj receives 306 rows, its mapping has " \
@@ -275,7 +271,7 @@ def test_a_count_helper_that_shifts_images_is_caught_by_compare(refs, tmp_path, 
     n = sum(r["images"] for r in counts["requests"])
     _seed_helper(monkeypatch, lambda k, t: t - 1 if k < n - 1 else t + n - 1)
     ref = refs["llama4"]
-    assert _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))[0] == 0
+    assert _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref))[0] == 0
     rc, s, err = _compare(ref, tmp_path / "got", tmp_path / "cmp", capsys)
     assert rc == 1, err
     first = s["archs"]["llama4"]["first_divergence"]["e2e"]
@@ -292,7 +288,7 @@ def _outs(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 def test_llava_next_last_tower_layer_is_not_built_and_the_rest_matches(refs, tmp_path, capsys):
     ref = refs["llava_next"]
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref))
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref))
     assert rc == 0, err
     m = json.loads((tmp_path / "got" / "manifest.json").read_text())
     last = json.loads((ref / "checkpoint" / "config.json").read_text())["vision_config"]["num_hidden_layers"] - 1
@@ -317,7 +313,7 @@ def test_llava_next_adapter_under_transformers5_names_applies_no_tower_lora(refs
     applies none of its tower LoRA: the modules it then does not wrap are captured plainly, and compare names the
     first tower module of the first request with an adapter there (before: listed as 'not built', unjudged)."""
     ref = refs["llava_next"]
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--adapters-as-saved")
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref), "--adapters-as-saved")
     assert rc == 0, err
     got = json.loads((tmp_path / "got" / "manifest.json").read_text())
     unused = json.loads((ref / "manifest.json").read_text())["unused_modules"]
@@ -341,7 +337,7 @@ def test_gemma4_odd_patch_grid_gives_fewer_embeddings_than_placeholders(refs, tm
     row stride the reference corrects, and gets 5 soft tokens where the prompt holds 6 placeholders; the
     connector's mapping (the helper: num_mm_embeds) has 6 entries for the 5 rows."""
     ref = refs["gemma4-odd"]
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--per-image")
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref), "--per-image")
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "MappingMismatch: embed_vision.embedding_projection receives 5 rows, its mapping has 6 entries" in err, err
 
@@ -350,7 +346,7 @@ def test_llama4_every_supported_module_wrapped_fails_at_the_patch_embedding(refs
     """vLLM's default deployment (no --lora-target-modules): Llama 4's patch embedding Linear is wrapped too and
     runs before CLS is added, 16 rows per tile under the tower mapping's 17."""
     ref = refs["llama4"]
-    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", _slots(ref), "--all-modules")
+    rc, err = _engine(ref, tmp_path / "got", capsys, "--max-loras", spare_slots(ref), "--all-modules")
     assert rc == 1 and "MappingMismatch: vision_model.patch_embedding.linear receives 288 rows, its mapping has " \
                        "306 entries" in err, err
 

@@ -202,8 +202,8 @@ def _record(arch_name: str, opts: Options, workdir: Path, out: Path, overwrite: 
         for w in warnings:
             _log(f"  {arch.model_type}: WARNING: {w}")
         bundle.finish_reference(writer, opts=opts, arch=arch, reqs=reqs, inputs=fed.entries(len(reqs)), ckpt=ckpt,
-                                folders=folders, device=device, model=ref_model, ratios=ratios, warnings=warnings, notes=notes, fixes=fixes,
-                                seconds=round(time.time() - t0, 2))
+                                folders=folders, device=device, model=ref_model, ratios=ratios, warnings=warnings,
+                                notes=notes, fixes=fixes, seconds=round(time.time() - t0, 2))
     return out, base
 
 

@@ -33,6 +33,6 @@ from harness.correctness.bundle.requests import recorded_requests
 from harness.correctness.bundle.sources import open_reference
 from harness.correctness.bundle.stage import Stage, captured
 
-__all__ = ["GROUPS", "HELD", "Bundle", "answered_groups", "BundleError", "InputRecord", "Key", "Kind", "Stage", "captured", "check_outputs",
-           "engine_of", "groups_left_out", "judged_modules", "not_produced", "finish_reference", "open_reference", "recorded_requests", "stream_outputs",
-           "write_reference"]
+__all__ = ["answered_groups", "Bundle", "BundleError", "captured", "check_outputs", "engine_of",
+           "finish_reference", "GROUPS", "groups_left_out", "HELD", "InputRecord", "judged_modules", "Key", "Kind",
+           "not_produced", "open_reference", "recorded_requests", "Stage", "stream_outputs", "write_reference"]
